@@ -1,0 +1,1 @@
+"""Experiment definitions and the entry point (`python -m experiments.run`)."""

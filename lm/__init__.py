@@ -1,0 +1,1 @@
+"""zerolm: Transformer training with ZeRO stages and tensor parallelism as config choices."""

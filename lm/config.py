@@ -1,0 +1,207 @@
+"""Config schema: every key has its one default here, and `validate` checks every value.
+
+Experiment modules start from `translation_defaults()` or `lm_defaults()` and change fields;
+the command line may override them (`--config.model.d_model=128`). The ConfigDicts are
+locked, so a misspelt key raises instead of being silently added.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+TASKS = ("translation", "lm")
+ACTIVATIONS = ("relu", "gelu", "swiglu")
+POSITIONS = ("sinusoidal", "learned", "rotary")
+NORMS = ("layernorm", "rmsnorm")
+REMAT = ("none", "full", "save_dots")
+DTYPES = ("auto", "float32", "bfloat16")
+OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "adafactor")
+SCHEDULES = ("constant", "rsqrt", "cosine", "linear")
+
+# Published Transformer sizes ("Attention is all you need", table 3) and GPT-2.
+TRANSFORMER_SIZES = {
+  "tiny": dict(d_model=64, num_heads=4, mlp_dim=256, enc_layers=2, dec_layers=2),
+  "base": dict(d_model=512, num_heads=8, mlp_dim=2048, enc_layers=6, dec_layers=6),
+  "big": dict(d_model=1024, num_heads=16, mlp_dim=4096, enc_layers=6, dec_layers=6),
+}
+GPT2_SIZES = {
+  "small": dict(d_model=768, num_heads=12, mlp_dim=3072, dec_layers=12),
+  "medium": dict(d_model=1024, num_heads=16, mlp_dim=4096, dec_layers=24),
+}
+
+
+class ConfigError(ValueError):
+  """A bad config value; the message names the field and the fix."""
+
+
+def _base() -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict()
+  cfg.task = "translation"
+  cfg.seed = 0
+  cfg.zero_stage = 0  # 0 DP, 1 +opt state sharded, 2 +grads, 3 +params (FSDP) over mesh.fsdp
+
+  cfg.model = ml_collections.ConfigDict(
+    dict(
+      vocab_size=8000,
+      d_model=512,
+      num_heads=8,
+      head_dim=0,  # 0 = d_model // num_heads
+      mlp_dim=2048,
+      enc_layers=6,  # ignored by the decoder-only LM
+      dec_layers=6,
+      activation="relu",
+      positions="sinusoidal",
+      max_len=512,  # table size for learned positions; longest sequence for rotary/sinusoidal
+      norm="layernorm",
+      use_bias=True,
+      tie_embeddings=True,  # one table for encoder input, decoder input and output logits
+      dropout_rate=0.1,
+      label_smoothing=0.1,
+      dtype="auto",  # compute dtype; auto = bfloat16 on TPU/GPU, float32 on CPU
+      param_dtype="float32",
+      remat="none",
+    )
+  )
+  cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1))
+  cfg.train = ml_collections.ConfigDict(
+    dict(
+      total_steps=1000,
+      global_batch_size=64,  # rows per step over all devices and microbatches
+      microbatches=1,
+      log_every=50,
+      eval_every=0,  # 0 = evaluate only at the end
+    )
+  )
+  cfg.optim = ml_collections.ConfigDict(
+    dict(
+      name="adamw",
+      learning_rate=1e-3,
+      schedule="rsqrt",
+      warmup_steps=1000,
+      end_fraction=0.0,  # final lr / peak lr for cosine and linear decay
+      b1=0.9,
+      b2=0.98,
+      eps=1e-9,
+      momentum=0.9,
+      weight_decay=0.0,
+      clip_norm=1.0,  # 0 = no clipping
+    )
+  )
+  cfg.data = ml_collections.ConfigDict(
+    dict(
+      source="synthetic:demo",
+      eval_source="",  # "" = the held-out split of `source`
+      direction="",  # translation direction, e.g. "en->de"
+      seq_len=64,
+      eval_examples=512,
+    )
+  )
+  return cfg
+
+
+def translation_defaults() -> ml_collections.ConfigDict:
+  cfg = _base()
+  cfg.lock()
+  return cfg
+
+
+def lm_defaults() -> ml_collections.ConfigDict:
+  cfg = _base()
+  cfg.task = "lm"
+  cfg.model.update(activation="gelu", positions="learned", dropout_rate=0.0, label_smoothing=0.0)
+  cfg.optim.update(schedule="cosine", warmup_steps=2000, b2=0.95, eps=1e-8, weight_decay=0.1)
+  cfg.lock()
+  return cfg
+
+
+def _fail(field: str, message: str):
+  raise ConfigError(f"config.{field}: {message}")
+
+
+def _check_choice(cfg, field: str, choices):
+  value = _lookup(cfg, field)
+  if value not in choices:
+    _fail(field, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _check_positive(cfg, field: str, allow_zero: bool = False):
+  value = _lookup(cfg, field)
+  if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+    bound = ">= 0" if allow_zero else "> 0"
+    _fail(field, f"{value!r} must be a number {bound}")
+
+
+def _lookup(cfg, field: str):
+  for part in field.split("."):
+    cfg = cfg[part]
+  return cfg
+
+
+def _check_known_keys(cfg, schema, prefix: str = ""):
+  for key in cfg.keys():
+    if key not in schema:
+      _fail(prefix + key, f"unknown field; known fields are {', '.join(sorted(schema.keys()))}")
+    if isinstance(schema[key], ml_collections.ConfigDict):
+      _check_known_keys(cfg[key], schema[key], prefix + key + ".")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError on the first bad value. Device-dependent checks live in mesh.py."""
+  _check_known_keys(cfg, _base())
+  _check_choice(cfg, "task", TASKS)
+  _check_choice(cfg, "zero_stage", (0, 1, 2, 3))
+  m = cfg.model
+  for field in ("vocab_size", "d_model", "num_heads", "mlp_dim", "dec_layers", "max_len"):
+    _check_positive(cfg, "model." + field)
+  for field in ("head_dim", "enc_layers"):
+    _check_positive(cfg, "model." + field, allow_zero=True)
+  if cfg.task == "translation" and m.enc_layers == 0:
+    _fail("model.enc_layers", "a translation model needs at least one encoder layer")
+  if m.head_dim == 0 and m.d_model % m.num_heads:
+    _fail(
+      "model.num_heads",
+      f"{m.num_heads} does not divide model.d_model={m.d_model}; "
+      "change one of them or set model.head_dim",
+    )
+  if m.positions == "rotary" and (m.head_dim or m.d_model // m.num_heads) % 2:
+    _fail("model.head_dim", "rotary positions need an even head dimension")
+  _check_choice(cfg, "model.activation", ACTIVATIONS)
+  _check_choice(cfg, "model.positions", POSITIONS)
+  _check_choice(cfg, "model.norm", NORMS)
+  _check_choice(cfg, "model.remat", REMAT)
+  _check_choice(cfg, "model.dtype", DTYPES)
+  _check_choice(cfg, "model.param_dtype", ("float32", "bfloat16"))
+  for field in ("dropout_rate", "label_smoothing"):
+    value = m[field]
+    if not 0.0 <= value < 1.0:
+      _fail("model." + field, f"{value!r} must lie in [0, 1)")
+  for axis in ("data", "fsdp", "tensor"):
+    value = cfg.mesh[axis]
+    if not isinstance(value, int) or (value < 1 and value != -1):
+      _fail("mesh." + axis, f"{value!r} must be a positive integer or -1 (fill)")
+  if [cfg.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) > 1:
+    _fail("mesh", "at most one of data, fsdp, tensor may be -1")
+  _check_positive(cfg, "mesh.dcn_data")
+  for field in ("total_steps", "global_batch_size", "microbatches", "log_every"):
+    _check_positive(cfg, "train." + field)
+  _check_positive(cfg, "train.eval_every", allow_zero=True)
+  if cfg.train.global_batch_size % cfg.train.microbatches:
+    _fail(
+      "train.global_batch_size",
+      f"{cfg.train.global_batch_size} is not divisible by "
+      f"train.microbatches={cfg.train.microbatches}",
+    )
+  _check_choice(cfg, "optim.name", OPTIMIZERS)
+  _check_choice(cfg, "optim.schedule", SCHEDULES)
+  _check_positive(cfg, "optim.learning_rate")
+  for field in ("warmup_steps", "weight_decay", "clip_norm", "end_fraction", "eps"):
+    _check_positive(cfg, "optim." + field, allow_zero=True)
+  for field in ("b1", "b2", "momentum"):
+    if not 0.0 <= cfg.optim[field] < 1.0:
+      _fail("optim." + field, f"{cfg.optim[field]!r} must lie in [0, 1)")
+  _check_positive(cfg, "data.seq_len")
+  _check_positive(cfg, "data.eval_examples")
+  if m.positions == "learned" and cfg.data.seq_len > m.max_len:
+    _fail("data.seq_len", f"{cfg.data.seq_len} exceeds model.max_len={m.max_len}")
+  if not cfg.data.source:
+    _fail("data.source", "empty; name a source such as 'synthetic:demo'")

@@ -1,0 +1,122 @@
+"""The demo task: an artificial language pair generated in-process, deterministically.
+
+English-like source sentences (subject-verb-object, adjectives before nouns) map to a target
+language with a word mapping, subject-object-verb order, adjectives after the noun that agree
+with it in number, a postposed definite article, an object-case marker and verb agreement with
+the subject. Learning it needs reordering, agreement and lexical translation, not copying.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NOUNS = (
+  "cat dog bird fish horse child woman man king queen farmer teacher doctor river "
+  "tree house boat city garden window apple letter song book"
+).split()
+ADJECTIVES = "big small red old young happy quiet green dark bright cold brave".split()
+VERBS = "see like help find carry paint watch follow call visit hear need".split()
+ADVERBS = "today often quickly slowly again there".split()
+
+_SYLLABLES = "ka lo mi nu pe ra si to vu ze ba do fi gu he ja ko le mo ni".split()
+
+
+def _invented_word(index: int, salt: int) -> str:
+  """A deterministic made-up target word for source word `index` of a category."""
+  rng = np.random.RandomState(1000 * salt + index)
+  return "".join(rng.choice(_SYLLABLES, size=2 + index % 2))
+
+
+def _lexicon(words, salt):
+  out, used = {}, set()
+  for i, w in enumerate(words):
+    t, bump = _invented_word(i, salt), 0
+    while t in used:  # keep the mapping one-to-one
+      bump += 1
+      t = _invented_word(i + 100 * bump, salt)
+    used.add(t)
+    out[w] = t
+  return out
+
+
+NOUN_T = _lexicon(NOUNS, 1)
+ADJ_T = _lexicon(ADJECTIVES, 2)
+VERB_T = _lexicon(VERBS, 3)
+ADV_T = _lexicon(ADVERBS, 4)
+PLURAL, DEFINITE, OBJECT_CASE = "-ne", "-ta", "-o"
+
+
+def _noun_phrase(rng):
+  return dict(
+    noun=rng.choice(NOUNS),
+    plural=bool(rng.rand() < 0.4),
+    definite=bool(rng.rand() < 0.5),
+    adjectives=list(rng.choice(ADJECTIVES, size=rng.randint(0, 3), replace=False)),
+  )
+
+
+def _source_np(p) -> list[str]:
+  words = [*p["adjectives"], p["noun"] + ("s" if p["plural"] else "")]
+  det = "the" if p["definite"] else ("some" if p["plural"] else "a")
+  if det == "a" and words[0][0] in "aeiou":
+    det = "an"
+  return [det, *words]
+
+
+def _target_np(p, is_object: bool) -> list[str]:
+  number = [PLURAL] if p["plural"] else []
+  words = [NOUN_T[p["noun"]], *number]
+  for adj in reversed(p["adjectives"]):  # after the noun, agreeing in number
+    words += [ADJ_T[adj], *number]
+  if p["definite"]:
+    words.append(DEFINITE)
+  if is_object:
+    words.append(OBJECT_CASE)
+  return words
+
+
+def sentence_pair(rng: np.random.RandomState) -> tuple[str, str]:
+  subject, obj = _noun_phrase(rng), _noun_phrase(rng)
+  verb = rng.choice(VERBS)
+  adverb = [rng.choice(ADVERBS)] if rng.rand() < 0.3 else []
+  source_verb = verb if subject["plural"] else verb + "s"
+  source = [*_source_np(subject), source_verb, *_source_np(obj), *adverb]
+  target_verb = [VERB_T[verb]] + ([PLURAL] if subject["plural"] else [])
+  target = [
+    *_target_np(subject, False),
+    *_target_np(obj, True),
+    *[ADV_T[a] for a in adverb],
+    *target_verb,
+  ]
+  return " ".join(source), " ".join(target)
+
+
+def demo_pairs(num: int, seed: int) -> list[tuple[str, str]]:
+  rng = np.random.RandomState(seed)
+  return [sentence_pair(rng) for _ in range(num)]
+
+
+def demo_words() -> list[str]:
+  """Every word either side can produce: the demo's whole word-level vocabulary."""
+  source = [
+    "the",
+    "a",
+    "an",
+    "some",
+    *ADJECTIVES,
+    *ADVERBS,
+    *VERBS,
+    *(v + "s" for v in VERBS),
+    *NOUNS,
+    *(n + "s" for n in NOUNS),
+  ]
+  target = [
+    PLURAL,
+    DEFINITE,
+    OBJECT_CASE,
+    *NOUN_T.values(),
+    *ADJ_T.values(),
+    *VERB_T.values(),
+    *ADV_T.values(),
+  ]
+  return sorted(set(source + target))

@@ -1,0 +1,1 @@
+"""Transformer models (flax.nnx) and their loss."""

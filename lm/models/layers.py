@@ -1,0 +1,170 @@
+"""Transformer building blocks in flax.nnx. Every parameter carries logical axis names.
+
+Dropout takes an explicit key (None = deterministic) so that the train step's randomness is
+a pure function of (seed, step): a resumed run draws the same masks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm.parallel.sharding import constrain
+
+
+def _param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
+
+
+def _fan_in_init(fan_in: int):
+  return jax.nn.initializers.normal(stddev=1.0 / math.sqrt(fan_in))
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Norm(nnx.Module):
+  """Pre-norm LayerNorm or RMSNorm over 'embed'; statistics in float32."""
+
+  def __init__(self, d_model: int, kind: str, param_dtype, rngs: nnx.Rngs):
+    self.kind = kind
+    self.scale = _param(rngs, jax.nn.initializers.ones, (d_model,), ("embed",), param_dtype)
+    if kind == "layernorm":
+      self.bias = _param(rngs, jax.nn.initializers.zeros, (d_model,), ("embed",), param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    if self.kind == "layernorm":
+      x32 = x32 - x32.mean(-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + 1e-6)
+    y = y * self.scale[...]
+    if self.kind == "layernorm":
+      y = y + self.bias[...]
+    return y.astype(x.dtype)
+
+
+def sinusoidal(positions: jax.Array, d_model: int) -> jax.Array:
+  """[batch, length] integer positions -> [batch, length, d_model] (Vaswani et al.)."""
+  half = d_model // 2
+  freq = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+  angle = positions[..., None].astype(jnp.float32) * freq
+  return jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], axis=-1)
+
+
+def rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
+  """Rotary embedding on [batch, length, heads, kv] by [batch, length] positions."""
+  half = x.shape[-1] // 2
+  freq = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angle = positions[..., None, None].astype(jnp.float32) * freq  # [b, l, 1, half]
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention; heads shard over 'tensor' (Megatron column/row split)."""
+
+  def __init__(self, cfg, rngs: nnx.Rngs):
+    d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
+    self.use_rotary = cfg.positions == "rotary"
+    init_in, init_out = _fan_in_init(d), _fan_in_init(h * k)
+    self.query = _param(rngs, init_in, (d, h, k), ("embed", "heads", "kv"), cfg.param_dtype)
+    self.key = _param(rngs, init_in, (d, h, k), ("embed", "heads", "kv"), cfg.param_dtype)
+    self.value = _param(rngs, init_in, (d, h, k), ("embed", "heads", "kv"), cfg.param_dtype)
+    self.out = _param(rngs, init_out, (h, k, d), ("heads", "kv", "embed"), cfg.param_dtype)
+    self.use_bias = cfg.use_bias
+    if cfg.use_bias:
+      zeros = jax.nn.initializers.zeros
+      for name in ("query_bias", "key_bias", "value_bias"):
+        setattr(self, name, _param(rngs, zeros, (h, k), ("heads", "kv"), cfg.param_dtype))
+      self.out_bias = _param(rngs, zeros, (d,), ("embed",), cfg.param_dtype)
+
+  def project(self, x: jax.Array, name: str) -> jax.Array:
+    """[batch, length, embed] -> [batch, length, heads, kv]."""
+    y = jnp.einsum("ble,ehk->blhk", x, getattr(self, name)[...].astype(x.dtype))
+    if self.use_bias:
+      y = y + getattr(self, name + "_bias")[...].astype(x.dtype)
+    return constrain(y, ("batch", "length", "heads", "kv"))
+
+  def attend(self, q, k, v, mask) -> jax.Array:
+    """q [b, t, h, kv], k/v [b, s, h, kv], mask [b, 1, t, s] -> [b, t, embed]."""
+    y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    out = jnp.einsum("blhk,hke->ble", y, self.out[...].astype(y.dtype))
+    if self.use_bias:
+      out = out + self.out_bias[...].astype(out.dtype)
+    return constrain(out, ("batch", "length", "embed"))
+
+  def __call__(self, x, kv_input, mask, q_positions=None, kv_positions=None) -> jax.Array:
+    q, k, v = (
+      self.project(x, "query"),
+      self.project(kv_input, "key"),
+      self.project(kv_input, "value"),
+    )
+    if self.use_rotary:
+      q, k = rotary(q, q_positions), rotary(k, kv_positions)
+    return self.attend(q, k, v, mask)
+
+
+class Mlp(nnx.Module):
+  """Position-wise feed-forward; 'mlp' shards over 'tensor'."""
+
+  def __init__(self, cfg, rngs: nnx.Rngs):
+    d, f = cfg.d_model, cfg.mlp_dim
+    self.activation = cfg.activation
+    self.use_bias = cfg.use_bias
+    self.wi = _param(rngs, _fan_in_init(d), (d, f), ("embed", "mlp"), cfg.param_dtype)
+    if cfg.activation == "swiglu":
+      self.wi_gate = _param(rngs, _fan_in_init(d), (d, f), ("embed", "mlp"), cfg.param_dtype)
+    self.wo = _param(rngs, _fan_in_init(f), (f, d), ("mlp", "embed"), cfg.param_dtype)
+    if cfg.use_bias:
+      self.wi_bias = _param(rngs, jax.nn.initializers.zeros, (f,), ("mlp",), cfg.param_dtype)
+      self.wo_bias = _param(rngs, jax.nn.initializers.zeros, (d,), ("embed",), cfg.param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = x @ self.wi[...].astype(x.dtype)  # [b, l, mlp]
+    if self.use_bias:
+      h = h + self.wi_bias[...].astype(x.dtype)
+    if self.activation == "swiglu":
+      h = jax.nn.silu(x @ self.wi_gate[...].astype(x.dtype)) * h
+    elif self.activation == "gelu":
+      h = jax.nn.gelu(h)
+    else:
+      h = jax.nn.relu(h)
+    h = constrain(h, ("batch", "length", "mlp"))
+    y = h @ self.wo[...].astype(x.dtype)
+    if self.use_bias:
+      y = y + self.wo_bias[...].astype(x.dtype)
+    return constrain(y, ("batch", "length", "embed"))
+
+
+class Embedding(nnx.Module):
+  """Token table [vocab, embed]; with tying it also produces the output logits."""
+
+  def __init__(self, vocab: int, d_model: int, param_dtype, rngs: nnx.Rngs):
+    init = _fan_in_init(d_model)
+    self.table = _param(rngs, init, (vocab, d_model), ("vocab", "embed"), param_dtype)
+
+  def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
+    return jnp.take(self.table[...], tokens, axis=0).astype(dtype)  # [b, l, embed]
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum("ble,ve->blv", x, self.table[...].astype(x.dtype))
+
+
+def attention_mask(q_segments, kv_segments, causal: bool) -> jax.Array:
+  """[b, 1, t, s] boolean: same non-padding segment (packing), and causal if asked.
+
+  Segment id 0 marks padding; packed examples in one row carry ids 1, 2, ...
+  """
+  mask = (q_segments[:, :, None] == kv_segments[:, None, :]) & (kv_segments[:, None, :] > 0)
+  if causal:
+    t, s = q_segments.shape[1], kv_segments.shape[1]
+    mask = mask & (jnp.arange(t)[:, None] >= jnp.arange(s)[None, :])
+  return mask[:, None]

@@ -1,0 +1,290 @@
+"""EncoderDecoder (translation) and Decoder (language model) from the same layers.
+
+Layers are stacked on a leading 'layers' axis and run with `lax.scan`, so compile time does
+not grow with depth; under ZeRO-3 each scan iteration gathers just its own layer.
+Batches are dicts of [batch, length] int32 arrays: `inputs`, `targets` and, for packing,
+`*_segmentation` (0 = padding) and `*_position` (restarting at every packed example).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from lm.models.layers import Attention, Embedding, Mlp, Norm, attention_mask, dropout, sinusoidal
+from lm.parallel.sharding import constrain, gather_layer
+
+BOS_ID = 2
+
+REMAT_POLICIES = {
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDims:
+  """cfg.model resolved for one run: concrete dtypes, head_dim and the padded vocab."""
+
+  vocab_size: int
+  d_model: int
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  enc_layers: int
+  dec_layers: int
+  activation: str
+  positions: str
+  max_len: int
+  norm: str
+  use_bias: bool
+  tie_embeddings: bool
+  dropout_rate: float
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+  remat: str
+
+  @classmethod
+  def from_config(cls, model_cfg, vocab_size: int | None = None, platform: str | None = None):
+    m = model_cfg
+    dtype = m.dtype
+    if dtype == "auto":
+      platform = platform or jax.default_backend()
+      dtype = "float32" if platform == "cpu" else "bfloat16"
+    return cls(
+      vocab_size=vocab_size or m.vocab_size,
+      d_model=m.d_model,
+      num_heads=m.num_heads,
+      head_dim=m.head_dim or m.d_model // m.num_heads,
+      mlp_dim=m.mlp_dim,
+      enc_layers=m.enc_layers,
+      dec_layers=m.dec_layers,
+      activation=m.activation,
+      positions=m.positions,
+      max_len=m.max_len,
+      norm=m.norm,
+      use_bias=m.use_bias,
+      tie_embeddings=m.tie_embeddings,
+      dropout_rate=m.dropout_rate,
+      dtype=jnp.dtype(dtype),
+      param_dtype=jnp.dtype(m.param_dtype),
+      remat=m.remat,
+    )
+
+
+class EncoderLayer(nnx.Module):
+  def __init__(self, dims: ModelDims, rngs: nnx.Rngs):
+    self.attn_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
+    self.attn = Attention(dims, rngs)
+    self.mlp_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
+    self.mlp = Mlp(dims, rngs)
+    self.rate = dims.dropout_rate
+
+  def __call__(self, x, key, *, mask, positions):
+    k1, k2 = jax.random.split(key) if key is not None else (None, None)
+    h = self.attn_norm(x)
+    x = x + dropout(self.attn(h, h, mask, positions, positions), self.rate, k1)
+    return x + dropout(self.mlp(self.mlp_norm(x)), self.rate, k2)
+
+
+class DecoderLayer(nnx.Module):
+  """Causal self-attention, cross-attention (encoder-decoder only), MLP."""
+
+  def __init__(self, dims: ModelDims, cross_attention: bool, rngs: nnx.Rngs):
+    self.self_attn_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
+    self.self_attn = Attention(dims, rngs)
+    if cross_attention:
+      self.cross_attn_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
+      self.cross_attn = Attention(dims, rngs)
+    self.has_cross = cross_attention
+    self.mlp_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
+    self.mlp = Mlp(dims, rngs)
+    self.rate = dims.dropout_rate
+
+  def __call__(self, x, key, *, mask, positions, encoded=None, cross_mask=None):
+    k1, k2, k3 = jax.random.split(key, 3) if key is not None else (None,) * 3
+    h = self.self_attn_norm(x)
+    x = x + dropout(self.self_attn(h, h, mask, positions, positions), self.rate, k1)
+    if self.has_cross:
+      h = self.cross_attn_norm(x)
+      # Rotary is for self-attention only: source and target positions are not comparable.
+      x = x + dropout(
+        self.cross_attn.attend(
+          self.cross_attn.project(h, "query"),
+          self.cross_attn.project(encoded, "key"),
+          self.cross_attn.project(encoded, "value"),
+          cross_mask,
+        ),
+        self.rate,
+        k2,
+      )
+    return x + dropout(self.mlp(self.mlp_norm(x)), self.rate, k3)
+
+
+def logical_names(state) -> dict:
+  """Pure dict of logical-name tuples for a State (or Module) of annotated Params."""
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(state, nnx.Param)))
+  return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+class LayerStack(nnx.Module):
+  """`num_layers` copies of a layer with parameters stacked on a leading 'layers' axis."""
+
+  def __init__(self, make_layer, num_layers: int, remat: str, rngs: nnx.Rngs):
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(rngs):
+      return make_layer(rngs)
+
+    self.layers = create(rngs)
+    self.num_layers = num_layers
+    self.remat = remat
+
+  def __call__(self, x: jax.Array, key: jax.Array | None, **kwargs) -> jax.Array:
+    graphdef, state = nnx.split(self.layers)
+    params = nnx.to_pure_dict(state)
+    per_layer_names = jax.tree.map(
+      lambda n: n[1:], logical_names(state), is_leaf=lambda x: isinstance(x, tuple)
+    )
+    keys = jax.random.split(key, self.num_layers) if key is not None else None
+
+    def body(x, scanned):
+      layer_params, layer_key = scanned
+      layer = nnx.merge(graphdef, gather_layer(layer_params, per_layer_names))
+      x = layer(x, layer_key, **kwargs)
+      return constrain(x, ("batch", "length", "embed")), None
+
+    if self.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, (params, keys))
+    return x
+
+
+def shift_right(targets: jax.Array, positions: jax.Array) -> jax.Array:
+  """Decoder inputs: previous token, and BOS at the start of every (packed) segment."""
+  previous = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+  return jnp.where(positions == 0, BOS_ID, previous)
+
+
+def default_segments_and_positions(tokens: jax.Array):
+  """Unpacked rows: one segment per row (0 on padding) and positions 0, 1, ..."""
+  segments = (tokens > 0).astype(jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  return segments, positions
+
+
+class _Model(nnx.Module):
+  """Shared parts: token embedding, positions, output projection."""
+
+  def _init_io(self, dims: ModelDims, rngs: nnx.Rngs):
+    self.dims = dims
+    self.embed = Embedding(dims.vocab_size, dims.d_model, dims.param_dtype, rngs)
+    if dims.positions == "learned":
+      init = jax.nn.initializers.normal(stddev=0.02)
+      self.pos_table = nnx.Param(
+        init(rngs.params(), (dims.max_len, dims.d_model), dims.param_dtype),
+        out_sharding=("length", "embed"),
+      )
+    if not dims.tie_embeddings:
+      init = jax.nn.initializers.normal(stddev=dims.d_model**-0.5)
+      self.output = nnx.Param(
+        init(rngs.params(), (dims.d_model, dims.vocab_size), dims.param_dtype),
+        out_sharding=("embed", "vocab"),
+      )
+
+  def embed_tokens(self, tokens, positions) -> jax.Array:
+    d = self.dims
+    x = self.embed(tokens, d.dtype)
+    if d.positions == "sinusoidal":
+      x = x * jnp.asarray(d.d_model**0.5, d.dtype) + sinusoidal(positions, d.d_model).astype(
+        d.dtype
+      )
+    elif d.positions == "learned":
+      x = x + jnp.take(self.pos_table[...], positions, axis=0).astype(d.dtype)
+    return constrain(x, ("batch", "length", "embed"))
+
+  def logits(self, x) -> jax.Array:
+    if self.dims.tie_embeddings:
+      out = self.embed.attend(x)
+    else:
+      out = x @ self.output[...].astype(x.dtype)
+    return constrain(out.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+def _split_key(key, n):
+  return jax.random.split(key, n) if key is not None else (None,) * n
+
+
+class EncoderDecoder(_Model):
+  def __init__(self, dims: ModelDims, rngs: nnx.Rngs):
+    self._init_io(dims, rngs)
+    self.encoder = LayerStack(lambda r: EncoderLayer(dims, r), dims.enc_layers, dims.remat, rngs)
+    self.encoder_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
+    self.decoder = LayerStack(
+      lambda r: DecoderLayer(dims, True, r), dims.dec_layers, dims.remat, rngs
+    )
+    self.decoder_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
+
+  def encode(self, inputs, segments, positions, key=None) -> jax.Array:
+    k_embed, k_layers = _split_key(key, 2)
+    x = dropout(self.embed_tokens(inputs, positions), self.dims.dropout_rate, k_embed)
+    mask = attention_mask(segments, segments, causal=False)
+    x = self.encoder(x, k_layers, mask=mask, positions=positions)
+    return self.encoder_norm(x)
+
+  def decode(self, encoded, input_segments, decoder_inputs, segments, positions, key=None):
+    k_embed, k_layers = _split_key(key, 2)
+    x = dropout(self.embed_tokens(decoder_inputs, positions), self.dims.dropout_rate, k_embed)
+    x = self.decoder(
+      x,
+      k_layers,
+      mask=attention_mask(segments, segments, causal=True),
+      positions=positions,
+      encoded=encoded,
+      cross_mask=attention_mask(segments, input_segments, causal=False),
+    )
+    return self.logits(self.decoder_norm(x))
+
+  def __call__(self, batch: dict, dropout_key=None) -> jax.Array:
+    k_enc, k_dec = _split_key(dropout_key, 2)
+    in_seg, in_pos = _segments_and_positions(batch, "inputs")
+    tgt_seg, tgt_pos = _segments_and_positions(batch, "targets")
+    encoded = self.encode(batch["inputs"], in_seg, in_pos, k_enc)
+    decoder_inputs = shift_right(batch["targets"], tgt_pos)
+    return self.decode(encoded, in_seg, decoder_inputs, tgt_seg, tgt_pos, k_dec)
+
+
+class Decoder(_Model):
+  """Decoder-only language model over `targets`."""
+
+  def __init__(self, dims: ModelDims, rngs: nnx.Rngs):
+    self._init_io(dims, rngs)
+    self.decoder = LayerStack(
+      lambda r: DecoderLayer(dims, False, r), dims.dec_layers, dims.remat, rngs
+    )
+    self.decoder_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
+
+  def __call__(self, batch: dict, dropout_key=None) -> jax.Array:
+    k_embed, k_layers = _split_key(dropout_key, 2)
+    segments, positions = _segments_and_positions(batch, "targets")
+    tokens = shift_right(batch["targets"], positions)
+    x = dropout(self.embed_tokens(tokens, positions), self.dims.dropout_rate, k_embed)
+    mask = attention_mask(segments, segments, causal=True)
+    x = self.decoder(x, k_layers, mask=mask, positions=positions)
+    return self.logits(self.decoder_norm(x))
+
+
+def _segments_and_positions(batch: dict, name: str):
+  if name + "_segmentation" in batch:
+    return batch[name + "_segmentation"], batch[name + "_position"]
+  return default_segments_and_positions(batch[name])
+
+
+def build_model(task: str, dims: ModelDims, seed: int) -> nnx.Module:
+  """The model for a task; call inside `nnx.use_eager_sharding(False)` or a jitted init."""
+  model_cls = EncoderDecoder if task == "translation" else Decoder
+  return model_cls(dims, nnx.Rngs(params=seed))

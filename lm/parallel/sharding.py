@@ -1,0 +1,170 @@
+"""Logical axis names -> mesh axes, and what each ZeRO stage shards over `fsdp`.
+
+The model names every dimension logically ('embed', 'heads', ...). This module alone turns
+names into PartitionSpecs. ZeRO decides only whether a tensor kind maps 'embed' (or, where
+'embed' does not divide, another free dimension) to 'fsdp'.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+# logical axis -> mesh axes. ZeRO decides only whether 'embed' maps to 'fsdp'.
+RULES = (
+  ("batch", ("data", "fsdp")),
+  ("vocab", "tensor"),
+  ("heads", "tensor"),
+  ("mlp", "tensor"),
+  ("embed", None),
+  ("kv", None),
+  ("length", None),
+  ("layers", None),
+)
+_RULES = dict(RULES)
+
+# Which tensor kinds each stage shards over fsdp.
+STAGE_SHARDS = {
+  0: frozenset(),
+  1: frozenset({"opt_state"}),
+  2: frozenset({"opt_state", "grads"}),
+  3: frozenset({"opt_state", "grads", "params"}),
+}
+
+
+def _axis_size(mesh, axes) -> int:
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else axes
+  size = 1
+  for a in axes:
+    size *= mesh.shape[a]
+  return size
+
+
+def spec_for(
+  names: Sequence[str | None], shape: Sequence[int], mesh, shard_over_fsdp: bool
+) -> PartitionSpec:
+  """PartitionSpec for one tensor; dims that an axis does not divide stay replicated."""
+  axes = [_RULES.get(n) if n else None for n in names]
+  axes = [a if shape[i] % _axis_size(mesh, a) == 0 else None for i, a in enumerate(axes)]
+  if shard_over_fsdp and mesh.shape["fsdp"] > 1:
+    fsdp = mesh.shape["fsdp"]
+    # 'embed' first; otherwise the largest free dim that fsdp divides (never 'layers':
+    # the layer scan slices that dim). Small tensors may stay replicated.
+    candidates = [i for i, n in enumerate(names) if n == "embed"]
+    candidates += sorted(
+      (i for i, n in enumerate(names) if n not in ("embed", "layers")),
+      key=lambda i: -shape[i],
+    )
+    for i in candidates:
+      if axes[i] is None and shape[i] % fsdp == 0:
+        axes[i] = "fsdp"
+        break
+  return PartitionSpec(*axes)
+
+
+def named_shardings(logical, shapes, mesh, shard_over_fsdp: bool):
+  """NamedShardings for a tree of logical-name tuples and a matching tree of shapes."""
+  return jax.tree.map(
+    lambda names, s: NamedSharding(mesh, spec_for(names, s.shape, mesh, shard_over_fsdp)),
+    logical,
+    shapes,
+    is_leaf=lambda x: isinstance(x, tuple),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class StateShardings:
+  """Where each kind of training state lives for one ZeRO stage."""
+
+  params: object
+  grads: object  # the gradient accumulator over microbatches
+  update: object  # per-parameter layout of the optimizer update (the opt-state sharding)
+  opt_state: object
+  batch: NamedSharding
+  replicated: NamedSharding
+
+
+def stage_shardings(logical, shapes, mesh, zero_stage: int, opt_state_fn) -> StateShardings:
+  """Shardings of params, grads and optimizer state; `opt_state_fn(param_shardings)` maps
+  the opt-state sharding of each parameter onto the optimizer's state tree."""
+  shards = STAGE_SHARDS[zero_stage]
+
+  def kind(name):
+    return named_shardings(logical, shapes, mesh, name in shards)
+
+  return StateShardings(
+    params=kind("params"),
+    grads=kind("grads"),
+    update=kind("opt_state"),
+    opt_state=opt_state_fn(kind("opt_state")),
+    batch=NamedSharding(mesh, PartitionSpec(_RULES["batch"])),
+    replicated=NamedSharding(mesh, PartitionSpec()),
+  )
+
+
+# Set while tracing the train step: how parameters are stored, so that the layer scan can
+# gather one layer at a time (ZeRO-3) and reduce-scatter its gradient on the way back.
+_PARAMS_SHARDED = contextvars.ContextVar("params_sharded_over_fsdp", default=False)
+
+
+@contextlib.contextmanager
+def params_sharded_over_fsdp(value: bool):
+  token = _PARAMS_SHARDED.set(value)
+  try:
+    yield
+  finally:
+    _PARAMS_SHARDED.reset(token)
+
+
+def _current_mesh():
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty or "fsdp" not in mesh.axis_names else mesh
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Activation sharding constraint by logical names; a no-op outside a mesh."""
+  mesh = _current_mesh()
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, spec_for(names, x.shape, mesh, False))
+
+
+def gather_layer(params, logical):
+  """One layer's parameters, all-gathered over fsdp for compute under ZeRO-3.
+
+  The custom VJP constrains the gradient back to the sharded layout, so the backward pass
+  reduce-scatters each layer's gradient instead of all-reducing it.
+  """
+  mesh = _current_mesh()
+  if mesh is None or not _PARAMS_SHARDED.get():
+    return params
+
+  def specs(shard):
+    return jax.tree.map(
+      lambda n, x: spec_for(n, x.shape, mesh, shard),
+      logical,
+      params,
+      is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+  gathered, sharded = specs(False), specs(True)
+
+  @jax.custom_vjp
+  def gather(p):
+    return jax.lax.with_sharding_constraint(p, gathered)
+
+  def fwd(p):
+    return gather(p), None
+
+  def bwd(_, g):
+    return (jax.lax.with_sharding_constraint(g, sharded),)
+
+  gather.defvjp(fwd, bwd)
+  return gather(params)

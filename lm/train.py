@@ -1,0 +1,231 @@
+"""Training: sharded state, the jitted train step, and the loop.
+
+`Run.build(cfg)` lays model, gradients and optimizer state out on the mesh for the ZeRO
+stage; `train_step` is one pure function of (state, batch) jitted with explicit in/out
+shardings and a donated state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from lm import config as lmc
+from lm import optim
+from lm.models.loss import cross_entropy_sums
+from lm.models.transformer import ModelDims, build_model, logical_names
+from lm.parallel import mesh as lm_mesh
+from lm.parallel import sharding
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar
+  params: Any  # nested dict of arrays, the model's nnx.Param values
+  opt_state: Any
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything one training run compiles against, derived from the config alone."""
+
+  cfg: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  dims: ModelDims
+  graphdef: Any
+  logical: dict  # logical axis names per parameter
+  abstract_params: dict  # ShapeDtypeStructs
+  tx: optax.GradientTransformation
+  lr_schedule: optax.Schedule
+  shardings: sharding.StateShardings
+  state_shardings: TrainState
+
+  @classmethod
+  def build(cls, cfg: ml_collections.ConfigDict, devices=None, vocab_size: int | None = None):
+    """Validates the config against the devices and derives every sharding; compiles nothing."""
+    lmc.validate(cfg)
+    mesh = lm_mesh.make_mesh(cfg.mesh, devices)
+    lm_mesh.check_divisibility(cfg, mesh)
+    vocab = lm_mesh.padded_vocab_size(vocab_size or cfg.model.vocab_size, mesh)
+    platform = mesh.devices.flat[0].platform
+    dims = ModelDims.from_config(cfg.model, vocab_size=vocab, platform=platform)
+    with nnx.use_eager_sharding(False):
+      abstract_model = nnx.eval_shape(lambda: build_model(cfg.task, dims, cfg.seed))
+    graphdef, state = nnx.split(abstract_model, nnx.Param)
+    logical = logical_names(state)
+    abstract_params = nnx.to_pure_dict(state)
+    lr = optim.schedule(cfg.optim, cfg.train.total_steps)
+    tx = optim.optimizer(cfg.optim, cfg.train.total_steps)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+
+    def opt_state_shardings(per_param):
+      # Param-shaped subtrees (Adam's m and v) follow the parameter; the rest (counts,
+      # factored Adafactor statistics) is small and replicated.
+      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      return optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract_opt,
+        per_param,
+        transform_non_params=lambda _: replicated,
+      )
+
+    shardings = sharding.stage_shardings(
+      logical, abstract_params, mesh, cfg.zero_stage, opt_state_shardings
+    )
+    state_shardings = TrainState(
+      step=shardings.replicated, params=shardings.params, opt_state=shardings.opt_state
+    )
+    return cls(
+      cfg, mesh, dims, graphdef, logical, abstract_params, tx, lr, shardings, state_shardings
+    )
+
+  def init_state(self) -> TrainState:
+    """Initialized directly into its shardings: no device holds more than its share."""
+
+    def init():
+      with nnx.use_eager_sharding(False):
+        model = build_model(self.cfg.task, self.dims, self.cfg.seed)
+      params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+      return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+
+    with jax.set_mesh(self.mesh):
+      return jax.jit(init, out_shardings=self.state_shardings)()
+
+  def shard_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows -> one global array per key, split over (data, fsdp)."""
+    return {
+      k: jax.make_array_from_process_local_data(self.shardings.batch, v)
+      for k, v in local_batch.items()
+    }
+
+  def loss_sums(self, params, batch, dropout_key):
+    """(loss sum, (target tokens, correct tokens)) of one batch."""
+    model = nnx.merge(self.graphdef, params)
+    logits = model(batch, dropout_key)  # [batch, length, vocab] float32
+    weights = (batch["targets"] > 0).astype(jnp.float32)
+    loss, tokens, correct = cross_entropy_sums(
+      logits, batch["targets"], weights, self.cfg.model.label_smoothing
+    )
+    return loss, (tokens, correct)
+
+  def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    """Forward, loss, gradient (accumulated over microbatches) and update."""
+    k = self.cfg.train.microbatches
+    dropout_key = jax.random.fold_in(jax.random.key(self.cfg.seed), state.step)
+    grad_fn = jax.value_and_grad(self.loss_sums, has_aux=True)
+    batch_spec = self.shardings.batch.spec
+
+    def microbatch(b):  # [B, L] -> [k, B/k, L]: row j*k+i goes to microbatch i; no traffic
+      b = b.reshape(b.shape[0] // k, k, *b.shape[1:]).swapaxes(0, 1)
+      return jax.lax.with_sharding_constraint(b, jax.sharding.PartitionSpec(None, *batch_spec))
+
+    def accumulate(carry, scanned):
+      grads, loss, tokens, correct = carry
+      mb, i = scanned
+      (mb_loss, (mb_tokens, mb_correct)), mb_grads = grad_fn(
+        state.params, mb, jax.random.fold_in(dropout_key, i)
+      )
+      # ZeRO-2: each microbatch's gradient is reduce-scattered as soon as it exists.
+      grads = jax.lax.with_sharding_constraint(
+        jax.tree.map(jnp.add, grads, mb_grads), self.shardings.grads
+      )
+      return (grads, loss + mb_loss, tokens + mb_tokens, correct + mb_correct), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    init = (jax.lax.with_sharding_constraint(zeros, self.shardings.grads), 0.0, 0.0, 0.0)
+    scanned = (jax.tree.map(microbatch, batch), jnp.arange(k))
+    with sharding.params_sharded_over_fsdp(self.cfg.zero_stage == 3):
+      (grads, loss, tokens, correct), _ = jax.lax.scan(accumulate, init, scanned)
+    # ZeRO-1: one reduce-scatter per step, to the optimizer state's layout.
+    grads = jax.lax.with_sharding_constraint(
+      jax.tree.map(lambda g: g / jnp.maximum(tokens, 1.0), grads), self.shardings.update
+    )
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+      "loss": loss / jnp.maximum(tokens, 1.0),
+      "accuracy": correct / jnp.maximum(tokens, 1.0),
+      "grad_norm": optax.tree.norm(grads),
+      "learning_rate": self.lr_schedule(state.step),
+      "tokens": tokens,
+    }
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  def jit_train_step(self):
+    return jax.jit(
+      self.train_step,
+      in_shardings=(self.state_shardings, self.shardings.batch),
+      out_shardings=(self.state_shardings, self.shardings.replicated),
+      donate_argnums=0,
+    )
+
+  def abstract_batch(self, global_batch: int | None = None) -> dict:
+    rows = global_batch or self.cfg.train.global_batch_size
+    shape = (rows, self.cfg.data.seq_len)
+    keys = ("targets",) if self.cfg.task == "lm" else ("inputs", "targets")
+    return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.shardings.batch) for k in keys}
+
+  def abstract_state(self) -> TrainState:
+    shapes = jax.eval_shape(
+      lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.tx.init(p)), self.abstract_params
+    )
+    return jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      shapes,
+      self.state_shardings,
+    )
+
+  def compile_train_step(self):
+    """The jitted step lowered and compiled once, against abstract inputs."""
+    with jax.set_mesh(self.mesh):
+      return self.jit_train_step().lower(self.abstract_state(), self.abstract_batch()).compile()
+
+
+def param_count(params) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The training loop; returns the final evaluation metrics."""
+  from lm import evaluate, metrics  # noqa: PLC0415 (keeps `Run` importable without I/O deps)
+  from lm.data import pipeline  # noqa: PLC0415
+
+  lmc.validate(cfg)
+  data = pipeline.load(cfg)
+  run = Run.build(cfg, vocab_size=max(cfg.model.vocab_size, data.tokenizer.vocab_size))
+  log = metrics.Logger(workdir, cfg)
+  log.info(
+    f"mesh {dict(run.mesh.shape)}, zero_stage {cfg.zero_stage}, "
+    f"{param_count(run.abstract_params) / 1e6:.2f}M params, vocab {run.dims.vocab_size}, "
+    f"dtype {run.dims.dtype.name}"
+  )
+  state = run.init_state()
+  started = time.time()
+  step_fn = run.compile_train_step()
+  log.info(f"train step compiled in {time.time() - started:.1f}s")
+  batches = pipeline.train_batches(data.train, cfg.train.global_batch_size, cfg.seed)
+  meter = metrics.Throughput(cfg.train.total_steps)
+  pending = []
+  for step in range(int(state.step), cfg.train.total_steps):
+    state, step_metrics = step_fn(state, run.shard_batch(next(batches)))
+    pending.append(step_metrics)
+    last = step + 1 == cfg.train.total_steps
+    if (step + 1) % cfg.train.log_every == 0 or last:
+      log.scalars(step + 1, meter.summarize(step + 1, jax.device_get(pending)))
+      pending = []
+    if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not last:
+      log.scalars(step + 1, evaluate.evaluate(run, state.params, data))
+  results = evaluate.evaluate(run, state.params, data)
+  log.scalars(cfg.train.total_steps, results)
+  evaluate.show_examples(run, state.params, data, log)
+  log.close()
+  return results

@@ -1,0 +1,118 @@
+"""Masks, positions and parameter counts of both model families."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import gpt2, wmt_ende
+from lm.models.loss import cross_entropy_sums
+from lm.models.transformer import ModelDims, build_model
+from lm.train import Run, param_count
+from tests.helpers import tiny_config
+
+
+def _model(task, **kw):
+  cfg = tiny_config(task, **kw)
+  dims = ModelDims.from_config(cfg.model, platform="cpu")
+  with nnx.use_eager_sharding(False):
+    return build_model(task, dims, seed=0)
+
+
+def _tokens(seed, shape=(2, 12), low=4, high=64):
+  return jnp.asarray(np.random.RandomState(seed).randint(low, high, size=shape), jnp.int32)
+
+
+@pytest.mark.parametrize("task", ["translation", "lm"])
+@pytest.mark.parametrize("positions", ["sinusoidal", "learned", "rotary"])
+def test_logits_do_not_depend_on_later_tokens(task, positions):
+  model = _model(task, positions=positions)
+  targets = _tokens(0)
+  changed = targets.at[:, 7:].set(_tokens(1)[:, 7:])
+  batch = {"targets": targets, "inputs": _tokens(2)}
+  a = model(batch)
+  b = model({**batch, "targets": changed})
+  # Decoder input t is target t-1 (shift right), so logits up to t=7 see targets < 7 only.
+  np.testing.assert_allclose(a[:, :8], b[:, :8], atol=1e-5)
+  assert np.abs(np.asarray(a[:, 8:] - b[:, 8:])).max() > 1e-3
+
+
+def _packed(first, second):
+  """Two examples packed in one row: segment ids 1 and 2, positions restart at 0."""
+  n1, n2 = first.shape[1], second.shape[1]
+  tokens = jnp.concatenate([first, second], axis=1)
+  segments = jnp.asarray([[1] * n1 + [2] * n2], jnp.int32)
+  positions = jnp.asarray([list(range(n1)) + list(range(n2))], jnp.int32)
+  return tokens, segments, positions
+
+
+@pytest.mark.parametrize("task", ["translation", "lm"])
+def test_packed_segments_do_not_see_each_other(task):
+  model = _model(task, positions="rotary" if task == "lm" else "sinusoidal")
+  t1, t2, s1, s2 = _tokens(3, (1, 5)), _tokens(4, (1, 7)), _tokens(5, (1, 6)), _tokens(6, (1, 4))
+  targets, tseg, tpos = _packed(t1, t2)
+  inputs, iseg, ipos = _packed(s1, s2)
+  packed = model(
+    {
+      "targets": targets,
+      "targets_segmentation": tseg,
+      "targets_position": tpos,
+      "inputs": inputs,
+      "inputs_segmentation": iseg,
+      "inputs_position": ipos,
+    }
+  )
+  alone1 = model({"targets": t1, "inputs": s1})
+  alone2 = model({"targets": t2, "inputs": s2})
+  np.testing.assert_allclose(packed[:, :5], alone1, atol=1e-5)
+  np.testing.assert_allclose(packed[:, 5:], alone2, atol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["translation", "lm"])
+def test_padding_does_not_change_the_loss(task):
+  model = _model(task)
+  targets, inputs = _tokens(7, (2, 9)), _tokens(8, (2, 6))
+  padded = {
+    "targets": jnp.pad(targets, ((0, 0), (0, 5))),
+    "inputs": jnp.pad(inputs, ((0, 0), (0, 3))),
+  }
+
+  def loss(batch):
+    weights = (batch["targets"] > 0).astype(jnp.float32)
+    total, count, _ = cross_entropy_sums(model(batch), batch["targets"], weights)
+    return total / count
+
+  np.testing.assert_allclose(loss({"targets": targets, "inputs": inputs}), loss(padded), rtol=1e-6)
+
+
+def analytic_param_count(m, task: str) -> int:
+  """Parameters of the architecture, from its formula (independent of the model code)."""
+  d, h, f, v = m.d_model, m.num_heads, m.mlp_dim, m.vocab_size
+  k = m.head_dim or d // h
+  bias = m.use_bias
+  attention = 4 * d * h * k + (3 * h * k + d if bias else 0)
+  mlp = (3 if m.activation == "swiglu" else 2) * d * f + (f + d if bias else 0)
+  norm = 2 * d if m.norm == "layernorm" else d
+  encoder_layer = attention + mlp + 2 * norm
+  decoder_layer = attention * (2 if task == "translation" else 1) + mlp
+  decoder_layer += norm * (3 if task == "translation" else 2)
+  total = v * d + (0 if m.tie_embeddings else d * v)
+  total += m.max_len * d if m.positions == "learned" else 0
+  total += m.dec_layers * decoder_layer + norm
+  if task == "translation":
+    total += m.enc_layers * encoder_layer + norm
+  return total
+
+
+@pytest.mark.parametrize(
+  "module, variant, published",
+  [(wmt_ende, "base", 65e6), (wmt_ende, "big", 213e6), (gpt2, "small", 124e6)],
+)
+def test_parameter_count_matches_formula_and_paper(module, variant, published):
+  cfg = module.get_config(variant)
+  cfg.mesh.update(data=1, fsdp=1, tensor=1)
+  run = Run.build(cfg, devices=jax.devices()[:1])
+  count = param_count(run.abstract_params)
+  assert count == analytic_param_count(cfg.model, cfg.task)
+  assert abs(count - published) / published < 0.05, count
