@@ -91,7 +91,7 @@ def analytic_param_count(m, task: str) -> int:
   d, h, f, v = m.d_model, m.num_heads, m.mlp_dim, m.vocab_size
   k = m.head_dim or d // h
   bias = m.use_bias
-  attention = 4 * d * h * k + (3 * h * k + d if bias else 0)
+  attention = 4 * d * h * k + (2 * h * k + d if bias else 0)  # no key bias
   mlp = (3 if m.activation == "swiglu" else 2) * d * f + (f + d if bias else 0)
   norm = 2 * d if m.norm == "layernorm" else d
   encoder_layer = attention + mlp + 2 * norm

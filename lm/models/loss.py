@@ -10,14 +10,16 @@ def cross_entropy_sums(logits, targets, weights, label_smoothing: float = 0.0):
   """Returns (sum of per-token losses, sum of weights, number of correct tokens).
 
   The smoothed target puts 1 - eps on the label and eps / V on every class (the label
-  included). This is optax.smooth_labels + softmax_cross_entropy, written without the
-  [batch, length, vocab] one-hot, which costs as much memory as the logits.
+  included): loss = logsumexp - (1 - eps) * logit[label] - eps * mean(logits). This equals
+  optax.smooth_labels + softmax_cross_entropy without materializing the [batch, length, vocab]
+  one-hot or log-probabilities, which cost as much memory and bandwidth as the logits.
   logits [b, l, vocab] float32; targets, weights [b, l].
   """
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-  loss = nll
+  label_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  loss = log_z - label_logit
   if label_smoothing:
-    loss = (1.0 - label_smoothing) * nll - label_smoothing * log_probs.mean(axis=-1)
-  correct = (logits.argmax(-1) == targets) * weights
+    loss = loss - label_smoothing * (logits.mean(axis=-1) - label_logit)
+  # Correct when the label's logit is the maximum (ties count as correct).
+  correct = (label_logit >= jax.lax.stop_gradient(logits.max(axis=-1))) * weights
   return (loss * weights).sum(), weights.sum(), correct.sum()

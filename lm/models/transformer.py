@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from lm.models.layers import Attention, Embedding, Mlp, Norm, attention_mask, dropout, sinusoidal
-from lm.parallel.sharding import constrain, gather_layer
+from lm.parallel.sharding import constrain, gather_layer, params_are_sharded
 
 BOS_ID = 2
 
@@ -160,6 +160,10 @@ class LayerStack(nnx.Module):
 
     if self.remat != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    elif params_are_sharded():
+      # ZeRO-3: keep matmul outputs but not the gathered weights, so the backward pass
+      # gathers each layer again instead of holding every gathered layer at once.
+      body = jax.checkpoint(body, policy=REMAT_POLICIES["save_dots"], prevent_cse=False)
     x, _ = jax.lax.scan(body, x, (params, keys))
     return x
 

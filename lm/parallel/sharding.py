@@ -155,6 +155,8 @@ def gather_layer(params, logical):
     )
 
   gathered, sharded = specs(False), specs(True)
+  if mesh.shape["fsdp"] == 1:
+    return params
 
   @jax.custom_vjp
   def gather(p):
@@ -168,3 +170,8 @@ def gather_layer(params, logical):
 
   gather.defvjp(fwd, bwd)
   return gather(params)
+
+
+def params_are_sharded() -> bool:
+  """True while tracing a step whose parameters live sharded over fsdp (ZeRO-3)."""
+  return _PARAMS_SHARDED.get() and _current_mesh() is not None

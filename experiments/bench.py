@@ -1,0 +1,202 @@
+"""Compiles the real train step and reports its time, FLOPs, memory and communication.
+
+  python -m experiments.bench --config=experiments/speed.py --steps=10
+  python -m experiments.bench --config=experiments/demo.py --host_devices=8 --sweep --json=b.json
+
+Per device: bytes of params, optimizer state and gradients next to the DESIGN.md formula;
+`memory_analysis()` argument / output / temp bytes; collective bytes per step by kind from the
+compiled HLO (ops in loops counted per iteration); compile seconds; step time; tokens/s; model
+FLOPs per step (analytic and XLA's `cost_analysis()`); achieved FLOP/s over a matmul peak
+measured in the same process. JSON keys are listed in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/<module>.py[:variant]")
+_JSON = flags.DEFINE_string("json", None, "Write the results here as JSON.")
+_SWEEP = flags.DEFINE_bool("sweep", False, "ZeRO stages 0-3 over the meshes in --meshes.")
+_MESHES = flags.DEFINE_string("meshes", "1x8x1,2x4x1,2x2x2", "data x fsdp x tensor, for --sweep")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after one warm-up step.")
+_HOST_DEVICES = flags.DEFINE_integer("host_devices", 0, "Simulate this many CPU devices.")
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
+  """FLOP/s of a large float32 matmul on one device: the roof for the ratio we report."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    a = f(a) * 1e-3
+  a.block_until_ready()
+  return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def model_flops(cfg, num_params_by_part: dict[str, int]) -> float:
+  """Analytic training FLOPs per step: 6 x matmul params x tokens + attention scores."""
+  m, rows, length = cfg.model, cfg.train.global_batch_size, cfg.data.seq_len
+  tokens = rows * length
+  d = m.num_heads * (m.head_dim or m.d_model // m.num_heads)
+  # Parameters used in matmuls: everything but norms, biases and position tables.
+  matmul = num_params_by_part["matmul"]
+  attention_layers = m.dec_layers * (2 if cfg.task == "translation" else 1)
+  attention_layers += m.enc_layers if cfg.task == "translation" else 0
+  scores = attention_layers * 2 * 2 * rows * length * length * d  # QK^T and AV, forward
+  return 6.0 * matmul * tokens + 3.0 * scores
+
+
+def _param_parts(run) -> dict[str, int]:
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  matmul = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(run.abstract_params):
+    name = str(path[-1].key)
+    if name in ("scale", "bias", "pos_table") or name.endswith("_bias"):
+      continue
+    matmul += int(np.prod(leaf.shape))
+  return {"matmul": matmul}
+
+
+def bench_one(cfg, steps: int, peak: float) -> dict:
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from lm.parallel import report  # noqa: PLC0415
+  from lm.train import Run, param_count  # noqa: PLC0415
+
+  run = Run.build(cfg)
+  n_params = param_count(run.abstract_params)
+  fsdp = run.mesh.shape["fsdp"]
+  start = time.perf_counter()
+  compiled = run.compile_train_step()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  traffic = report.collective_traffic(compiled.as_text(), run.mesh.size)
+  abstract = run.abstract_state()
+  measured = {
+    "params": report.sharded_bytes(abstract.params, run.shardings.params),
+    "grads": report.sharded_bytes(run.abstract_params, run.shardings.grads),
+    "opt_state": report.sharded_bytes(abstract.opt_state, run.shardings.opt_state),
+  }
+  state = run.init_state()
+  rng = np.random.RandomState(0)
+  shape = (cfg.train.global_batch_size, cfg.data.seq_len)
+  keys = ("targets",) if cfg.task == "lm" else ("inputs", "targets")
+  batch = run.shard_batch(
+    {k: rng.randint(4, cfg.model.vocab_size, shape).astype(np.int32) for k in keys}
+  )
+  times = []
+  for _ in range(steps + 1):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t0)
+  step_s = statistics.median(times[1:])
+  flops = model_flops(cfg, _param_parts(run))
+  tokens = cfg.train.global_batch_size * cfg.data.seq_len * (1 if cfg.task == "lm" else 2)
+  return {
+    "mesh": dict(run.mesh.shape),
+    "zero_stage": cfg.zero_stage,
+    "microbatches": cfg.train.microbatches,
+    "num_params": n_params,
+    "bytes_measured": measured,
+    "bytes_formula": report.formula_bytes(n_params, cfg.zero_stage, fsdp),
+    "memory_analysis": {
+      "argument": memory.argument_size_in_bytes,
+      "output": memory.output_size_in_bytes,
+      "temp": memory.temp_size_in_bytes,
+      "alias": memory.alias_size_in_bytes,
+    },
+    "collectives": traffic,
+    "gradient_bytes": 4 * n_params,
+    "compile_seconds": compile_s,
+    "step_seconds": step_s,
+    "tokens_per_second": tokens / step_s,
+    "model_flops_per_step": flops,
+    "xla_flops_per_step": float(cost.get("flops", 0.0)) * run.mesh.size,
+    "achieved_flops_per_second_per_device": flops / step_s / run.mesh.size,
+    "matmul_peak_flops_per_second": peak,
+    "fraction_of_peak": flops / step_s / run.mesh.size / peak,
+  }
+
+
+def _mb(x: float) -> str:
+  return f"{x / 2**20:8.2f}"
+
+
+def print_table(results: list[dict]) -> None:
+  print(
+    "mesh(d,f,t) stage | params MB (formula) | opt MB (formula) | grads MB (formula) | "
+    "arg MB | temp MB | all-reduce MB | all-gather MB | reduce-scatter MB | all-to-all MB | "
+    "compile s | step s | tokens/s | frac peak"
+  )
+  for r in results:
+    m, b, f, c = r["mesh"], r["bytes_measured"], r["bytes_formula"], r["collectives"]
+    print(
+      f"{m['data']},{m['fsdp']},{m['tensor']:<6} {r['zero_stage']:>3} |"
+      f"{_mb(b['params'])} ({_mb(f['params'])}) |{_mb(b['opt_state'])} ({_mb(f['opt_state'])})"
+      f" |{_mb(b['grads'])} ({_mb(f['grads'])}) |{_mb(r['memory_analysis']['argument'])} |"
+      f"{_mb(r['memory_analysis']['temp'])} |"
+      + " |".join(
+        _mb(c[k]["bandwidth_bytes"])
+        for k in ("all-reduce", "all-gather", "reduce-scatter", "all-to-all")
+      )
+      + f" | {r['compile_seconds']:6.1f} | {r['step_seconds']:.3f} | "
+      f"{r['tokens_per_second']:9.0f} | {r['fraction_of_peak']:.2f}"
+    )
+
+
+def main(argv):
+  del argv
+  if _HOST_DEVICES.value:
+    os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "")
+      + f" --xla_force_host_platform_device_count={_HOST_DEVICES.value}"
+    )
+  from lm.config import ConfigError  # noqa: PLC0415
+
+  cfg = _CONFIG.value
+  try:
+    peak = matmul_peak_flops()
+    print(f"matmul peak (float32, one device): {peak / 1e9:.1f} GFLOP/s")
+    configs = [cfg]
+    if _SWEEP.value:
+      configs = []
+      for mesh in _MESHES.value.split(","):
+        data, fsdp, tensor = (int(x) for x in mesh.split("x"))
+        for stage in range(4):
+          c = cfg.copy_and_resolve_references()
+          c.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+          c.zero_stage = stage
+          configs.append(c)
+    results = []
+    for c in configs:
+      results.append(bench_one(c, _STEPS.value, peak))
+      print_table(results[-1:])
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print("\nsummary (MB per device; collectives as bandwidth bytes per device per step)")
+  print_table(results)
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
