@@ -115,7 +115,7 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
     "microbatches": cfg.train.microbatches,
     "num_params": n_params,
     "bytes_measured": measured,
-    "bytes_formula": report.formula_bytes(n_params, cfg.zero_stage, fsdp),
+    "bytes_formula": report.formula_bytes(n_params, cfg.zero_stage, fsdp, run.mesh.shape["tensor"]),
     "memory_analysis": {
       "argument": memory.argument_size_in_bytes,
       "output": memory.output_size_in_bytes,

