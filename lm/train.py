@@ -205,8 +205,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
   lmc.validate(cfg)
   data = pipeline.load(cfg)
-  run = Run.build(cfg, vocab_size=max(cfg.model.vocab_size, data.tokenizer.vocab_size))
+  vocab = max(cfg.model.vocab_size, data.tokenizer.vocab_size)
+  run = Run.build(cfg, vocab_size=vocab)
   log = metrics.Logger(workdir, cfg)
+  if run.dims.vocab_size != vocab:
+    log.info(f"vocab padded from {vocab} to {run.dims.vocab_size} so that mesh.tensor divides it")
   log.info(
     f"mesh {dict(run.mesh.shape)}, zero_stage {cfg.zero_stage}, "
     f"{param_count(run.abstract_params) / 1e6:.2f}M params, vocab {run.dims.vocab_size}, "

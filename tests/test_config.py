@@ -83,3 +83,11 @@ def test_runner_rejects_misspelt_override(tmp_path):
   )
   assert result.returncode != 0
   assert "d_modle" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_vocab_is_padded_to_a_multiple_of_the_tensor_axis():
+  cfg = tiny_config(vocab_size=62)
+  cfg.mesh.update(data=1, fsdp=2, tensor=4)
+  run = Run.build(cfg, devices=jax.devices())
+  assert run.dims.vocab_size == 64
+  assert run.abstract_params["embed"]["table"].shape == (64, cfg.model.d_model)
