@@ -70,7 +70,6 @@ class Throughput:
   def __init__(self, total_steps: int):
     self.total_steps = total_steps
     self.last_time = time.time()
-    self.last_step = None
 
   def summarize(self, step: int, interval: list[dict]) -> dict:
     now = time.time()
