@@ -44,30 +44,30 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
   return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
-def model_flops(cfg, num_params_by_part: dict[str, int]) -> float:
+def model_flops(cfg, matmul_params: int) -> float:
   """Analytic training FLOPs per step: 6 x matmul params x tokens + attention scores."""
   m, rows, length = cfg.model, cfg.train.global_batch_size, cfg.data.seq_len
   tokens = rows * length
   d = m.num_heads * (m.head_dim or m.d_model // m.num_heads)
-  # Parameters used in matmuls: everything but norms, biases and position tables.
-  matmul = num_params_by_part["matmul"]
   attention_layers = m.dec_layers * (2 if cfg.task == "translation" else 1)
   attention_layers += m.enc_layers if cfg.task == "translation" else 0
   scores = attention_layers * 2 * 2 * rows * length * length * d  # QK^T and AV, forward
-  return 6.0 * matmul * tokens + 3.0 * scores
+  return 6.0 * matmul_params * tokens + 3.0 * scores
 
 
-def _param_parts(run) -> dict[str, int]:
+def matmul_param_count(params) -> int:
+  """Parameters used in matmuls: all but norms and biases (optim's no-decay set) and the
+  position table, which is only gathered."""
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
-  matmul = 0
-  for path, leaf in jax.tree_util.tree_leaves_with_path(run.abstract_params):
-    name = str(path[-1].key)
-    if name in ("scale", "bias", "pos_table") or name.endswith("_bias"):
-      continue
-    matmul += int(np.prod(leaf.shape))
-  return {"matmul": matmul}
+  from lm import optim  # noqa: PLC0415
+
+  counted = {k: v for k, v in params.items() if k != "pos_table"}
+  sizes = jax.tree.map(
+    lambda x, use: int(np.prod(x.shape)) * use, counted, optim.decay_mask(counted)
+  )
+  return sum(jax.tree.leaves(sizes))
 
 
 def bench_one(cfg, steps: int, peak: float) -> dict:
@@ -107,7 +107,7 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times[1:])
-  flops = model_flops(cfg, _param_parts(run))
+  flops = model_flops(cfg, matmul_param_count(run.abstract_params))
   tokens = cfg.train.global_batch_size * cfg.data.seq_len * (1 if cfg.task == "lm" else 2)
   return {
     "mesh": dict(run.mesh.shape),

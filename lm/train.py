@@ -128,15 +128,11 @@ class Run:
       b = b.reshape(b.shape[0] // k, k, *b.shape[1:]).swapaxes(0, 1)
       return jax.lax.with_sharding_constraint(b, jax.sharding.PartitionSpec(None, *batch_spec))
 
-    # Pin the stored layout inside the loop; otherwise GSPMD may pull the update's sharded
-    # layout (ZeRO-1/2) into the microbatch loop and all-gather parameters every iteration.
-    params = jax.lax.with_sharding_constraint(state.params, self.shardings.params)
-
     def accumulate(carry, scanned):
       grads, loss, tokens, correct = carry
       mb, i = scanned
       (mb_loss, (mb_tokens, mb_correct)), mb_grads = grad_fn(
-        params, mb, jax.random.fold_in(dropout_key, i)
+        state.params, mb, jax.random.fold_in(dropout_key, i)
       )
       # ZeRO-2: each microbatch's gradient is reduce-scattered as soon as it exists.
       grads = jax.lax.with_sharding_constraint(

@@ -30,14 +30,9 @@ _DTYPE_BYTES = {
 }
 
 
-def shard_bytes(tree, device=None) -> int:
-  """Bytes of a tree of arrays held by one device (the first device by default)."""
-  total = 0
-  for leaf in jax.tree.leaves(tree):
-    shards = leaf.addressable_shards
-    shard = next((s for s in shards if device is None or s.device == device), shards[0])
-    total += shard.data.nbytes
-  return total
+def shard_bytes(tree) -> int:
+  """Bytes of a tree of arrays held by the first addressable device."""
+  return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(tree))
 
 
 def sharded_bytes(abstract_tree, shardings) -> int:
@@ -93,14 +88,13 @@ def collective_traffic(hlo_text: str, num_devices: int) -> dict[str, dict[str, f
   XLA's known trip counts. Bandwidth: all-reduce 2S(N-1)/N; all-gather S(N-1)/N with S the
   gathered size; reduce-scatter S(N-1)/N with S the unscattered size.
   """
-  computations, calls, ops = {}, collections.defaultdict(list), collections.defaultdict(list)
+  calls, ops = collections.defaultdict(list), collections.defaultdict(list)
   current = None
   entry = None
   for line in hlo_text.splitlines():
     header = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
     if header and not line.startswith(" "):
       current = header.group(2)
-      computations[current] = True
       if header.group(1):
         entry = current
       continue

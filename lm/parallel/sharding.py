@@ -153,9 +153,9 @@ def gather_layer(params, logical):
   The custom VJP constrains the gradient back to the sharded layout, so the backward pass
   reduce-scatters each layer's gradient instead of all-reducing it.
   """
-  mesh = _current_mesh()
-  if mesh is None or not _PARAMS_SHARDED.get():
+  if not params_are_sharded():
     return params
+  mesh = _current_mesh()
 
   def specs(shard):
     return jax.tree.map(
@@ -166,8 +166,6 @@ def gather_layer(params, logical):
     )
 
   gathered, sharded = specs(False), specs(True)
-  if mesh.shape["fsdp"] == 1:
-    return params
 
   @jax.custom_vjp
   def gather(p):
@@ -184,5 +182,6 @@ def gather_layer(params, logical):
 
 
 def params_are_sharded() -> bool:
-  """True while tracing a step whose parameters live sharded over fsdp (ZeRO-3)."""
-  return _PARAMS_SHARDED.get() and _current_mesh() is not None
+  """True while tracing a step whose parameters live sharded over fsdp > 1 (ZeRO-3)."""
+  mesh = _current_mesh()
+  return _PARAMS_SHARDED.get() and mesh is not None and mesh.shape["fsdp"] > 1
