@@ -27,6 +27,12 @@ _SWEEP = flags.DEFINE_bool("sweep", False, "ZeRO stages 0-3 over the meshes in -
 _MESHES = flags.DEFINE_string("meshes", "1x8x1,2x4x1,2x2x2", "data x fsdp x tensor, for --sweep")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after one warm-up step.")
 _HOST_DEVICES = flags.DEFINE_integer("host_devices", 0, "Simulate this many CPU devices.")
+_PIPELINE = flags.DEFINE_integer(
+  "pipeline", 0, "Instead of the step: time this many batches of the config's input pipeline."
+)
+_MOCK_TFDS = flags.DEFINE_integer(
+  "mock_tfds", 0, "With --pipeline: feed tfds sources from tfds.testing.mock_data (N examples)."
+)
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
@@ -96,9 +102,18 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
   state = run.init_state()
   rng = np.random.RandomState(0)
   shape = (cfg.train.global_batch_size, cfg.data.seq_len)
-  keys = ("targets",) if cfg.task == "lm" else ("inputs", "targets")
+  full_rows = {  # one example filling each row
+    "": lambda: rng.randint(4, cfg.model.vocab_size, shape).astype(np.int32),
+    "_segment_ids": lambda: np.ones(shape, np.int32),
+    "_positions": lambda: np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape),
+  }
   batch = run.shard_batch(
-    {k: rng.randint(4, cfg.model.vocab_size, shape).astype(np.int32) for k in keys}
+    {
+      side + part: make()
+      for side in ("inputs", "targets")
+      for part, make in full_rows.items()
+      if side + part in run.abstract_batch()
+    }
   )
   times = []
   for _ in range(steps + 1):
@@ -132,6 +147,38 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
     "achieved_flops_per_second_per_device": flops / step_s / run.mesh.size,
     "matmul_peak_flops_per_second": peak,
     "fraction_of_peak": flops / step_s / run.mesh.size / peak,
+  }
+
+
+def pipeline_throughput(cfg, batches: int) -> dict:
+  """Tokens/s of the input pipeline alone (this process's share), after its first batch."""
+  import tempfile  # noqa: PLC0415
+
+  from lm.data import pipeline  # noqa: PLC0415
+
+  with tempfile.TemporaryDirectory() as workdir:
+    start = time.perf_counter()
+    data = pipeline.load(cfg, workdir)
+    load_s = time.perf_counter() - start
+    iterator = pipeline.TrainIterator(data)
+    start = time.perf_counter()
+    next(iterator)
+    first_s = time.perf_counter() - start
+    tokens, start = 0, time.perf_counter()
+    for _ in range(batches):
+      batch = next(iterator)
+      tokens += sum(int((batch[k] > 0).sum()) for k in ("inputs", "targets") if k in batch)
+    seconds = time.perf_counter() - start
+  return {
+    "load_seconds": load_s,
+    "first_batch_seconds": first_s,
+    "batches_per_second": batches / seconds,
+    "tokens_per_second": tokens / seconds,
+    "padding_fraction": 1
+    - tokens
+    / (
+      batches * len(batch["targets"]) * cfg.data.seq_len * (2 if cfg.task == "translation" else 1)
+    ),
   }
 
 
@@ -171,6 +218,16 @@ def main(argv):
   from lm.config import ConfigError  # noqa: PLC0415
 
   cfg = _CONFIG.value
+  if _PIPELINE.value:
+    import contextlib  # noqa: PLC0415
+
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+
+    mock = tfds.testing.mock_data(num_examples=_MOCK_TFDS.value) if _MOCK_TFDS.value else None
+    with mock or contextlib.nullcontext():
+      result = pipeline_throughput(cfg, _PIPELINE.value)
+    print(json.dumps(result, indent=2))
+    return
   try:
     peak = matmul_peak_flops()
     print(f"matmul peak (float32, one device): {peak / 1e9:.1f} GFLOP/s")

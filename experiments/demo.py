@@ -11,7 +11,7 @@ from lm import config as lmc
 def get_config(variant: str = "default"):
   cfg = lmc.translation_defaults()
   cfg.data.source = "synthetic:demo"
-  cfg.data.seq_len = 32
+  cfg.data.update(seq_len=32, spm_model_type="word", tokenizer_sample=20_000)
   cfg.model.update(
     vocab_size=256,
     d_model=128,

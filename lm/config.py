@@ -89,11 +89,20 @@ def _base() -> ml_collections.ConfigDict:
   )
   cfg.data = ml_collections.ConfigDict(
     dict(
-      source="synthetic:demo",
-      eval_source="",  # "" = the held-out split of `source`
-      direction="",  # translation direction, e.g. "en->de"
+      source="synthetic:demo",  # tfds:NAME[/CONFIG][:SPLIT], tsv:GLOB, text:, jsonl:, synthetic:
+      eval_source="",  # "" = hold out the first eval_examples examples of `source`
+      direction="",  # translation direction for tfds/jsonl records, e.g. "en->de"
+      fields="",  # jsonl keys: "src_key,tgt_key" (translation) or "text_key" (LM)
+      tfds_data_dir="",  # "" = TFDS_DATA_DIR or ~/tensorflow_datasets
       seq_len=64,
-      eval_examples=512,
+      pack=True,  # several examples per row, with segment ids and positions
+      too_long="truncate",  # or "drop": examples longer than seq_len
+      eval_examples=512,  # at most this many held-out examples
+      tokenizer="",  # an existing SentencePiece model; "" = train one into WORKDIR
+      spm_model_type="unigram",  # unigram, bpe, word, char
+      tokenizer_sample=200_000,  # training examples sampled to train the tokenizer
+      prefetch=4,  # batches prepared ahead by a background thread; 0 = none
+      workers=0,  # > 0: grain worker processes build batches (for hosts with many cores)
     )
   )
   return cfg
@@ -199,8 +208,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for field in ("b1", "b2", "momentum"):
     if not 0.0 <= cfg.optim[field] < 1.0:
       _fail("optim." + field, f"{cfg.optim[field]!r} must lie in [0, 1)")
-  _check_positive(cfg, "data.seq_len")
-  _check_positive(cfg, "data.eval_examples")
+  for field in ("seq_len", "eval_examples", "tokenizer_sample"):
+    _check_positive(cfg, "data." + field)
+  _check_positive(cfg, "data.prefetch", allow_zero=True)
+  _check_positive(cfg, "data.workers", allow_zero=True)
+  _check_choice(cfg, "data.too_long", ("truncate", "drop"))
+  _check_choice(cfg, "data.spm_model_type", ("unigram", "bpe", "word", "char"))
   if m.positions == "learned" and cfg.data.seq_len > m.max_len:
     _fail("data.seq_len", f"{cfg.data.seq_len} exceeds model.max_len={m.max_len}")
   if not cfg.data.source:

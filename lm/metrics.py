@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -70,6 +71,14 @@ class Throughput:
   def __init__(self, total_steps: int):
     self.total_steps = total_steps
     self.last_time = time.time()
+    self.input_seconds = 0.0
+
+  @contextlib.contextmanager
+  def waiting_for_input(self):
+    """Times the wait for the next batch, reported as a fraction of step time."""
+    started = time.time()
+    yield
+    self.input_seconds += time.time() - started
 
   def summarize(self, step: int, interval: list[dict]) -> dict:
     now = time.time()
@@ -78,6 +87,7 @@ class Throughput:
     tokens = sum(float(m["tokens"]) for m in interval)
     seconds_per_step = elapsed / max(steps, 1)
     eta = int(seconds_per_step * (self.total_steps - step))
+    input_fraction, self.input_seconds = self.input_seconds / max(elapsed, 1e-9), 0.0
     return {
       "loss": float(np.mean([m["loss"] for m in interval])),
       "accuracy": float(np.mean([m["accuracy"] for m in interval])),
@@ -85,5 +95,6 @@ class Throughput:
       "grad_norm": float(interval[-1]["grad_norm"]),
       "tokens_per_second": tokens / max(elapsed, 1e-9),
       "seconds_per_step": seconds_per_step,
+      "input_wait_fraction": input_fraction,
       "eta": f"{eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}",
     }

@@ -168,10 +168,10 @@ class Run:
       donate_argnums=0,
     )
 
-  def abstract_batch(self, global_batch: int | None = None) -> dict:
+  def abstract_batch(self, global_batch: int | None = None, packed: bool | None = None) -> dict:
     rows = global_batch or self.cfg.train.global_batch_size
     shape = (rows, self.cfg.data.seq_len)
-    keys = ("targets",) if self.cfg.task == "lm" else ("inputs", "targets")
+    keys = batch_keys(self.cfg.task, self.cfg.data.pack if packed is None else packed)
     return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.shardings.batch) for k in keys}
 
   def abstract_state(self) -> TrainState:
@@ -190,6 +190,14 @@ class Run:
       return self.jit_train_step().lower(self.abstract_state(), self.abstract_batch()).compile()
 
 
+def batch_keys(task: str, packed: bool) -> tuple[str, ...]:
+  """The [batch, seq_len] int32 arrays of a training batch."""
+  sides = ("targets",) if task == "lm" else ("inputs", "targets")
+  if not packed:
+    return sides
+  return tuple(side + part for side in sides for part in ("", "_segment_ids", "_positions"))
+
+
 def param_count(params) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
@@ -200,10 +208,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   from lm.data import pipeline  # noqa: PLC0415
 
   lmc.validate(cfg)
-  data = pipeline.load(cfg)
+  log = metrics.Logger(workdir, cfg)
+  data = pipeline.load(cfg, workdir, log.info)
   vocab = max(cfg.model.vocab_size, data.tokenizer.vocab_size)
   run = Run.build(cfg, vocab_size=vocab)
-  log = metrics.Logger(workdir, cfg)
   if run.dims.vocab_size != vocab:
     log.info(f"vocab padded from {vocab} to {run.dims.vocab_size} so that mesh.tensor divides it")
   log.info(
@@ -215,15 +223,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   started = time.time()
   step_fn = run.compile_train_step()
   log.info(f"train step compiled in {time.time() - started:.1f}s")
-  batches = pipeline.train_batches(data.train, cfg.train.global_batch_size, cfg.seed)
+  batches = pipeline.TrainIterator(data)
   meter = metrics.Throughput(cfg.train.total_steps)
   pending = []
   for step in range(int(state.step), cfg.train.total_steps):
-    state, step_metrics = step_fn(state, run.shard_batch(next(batches)))
+    with meter.waiting_for_input():
+      batch = next(batches)
+    state, step_metrics = step_fn(state, run.shard_batch(batch))
     pending.append(step_metrics)
     last = step + 1 == cfg.train.total_steps
     if (step + 1) % cfg.train.log_every == 0 or last:
-      log.scalars(step + 1, meter.summarize(step + 1, jax.device_get(pending)))
+      summary = meter.summarize(step + 1, jax.device_get(pending))
+      summary["skipped_examples"] = data.skipped_at_load + batches.skipped.value
+      log.scalars(step + 1, summary)
       pending = []
     if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not last:
       log.scalars(step + 1, evaluate.evaluate(run, state.params, data))

@@ -56,11 +56,11 @@ def test_packed_segments_do_not_see_each_other(task):
   packed = model(
     {
       "targets": targets,
-      "targets_segmentation": tseg,
-      "targets_position": tpos,
+      "targets_segment_ids": tseg,
+      "targets_positions": tpos,
       "inputs": inputs,
-      "inputs_segmentation": iseg,
-      "inputs_position": ipos,
+      "inputs_segment_ids": iseg,
+      "inputs_positions": ipos,
     }
   )
   alone1 = model({"targets": t1, "inputs": s1})

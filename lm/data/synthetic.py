@@ -91,32 +91,14 @@ def sentence_pair(rng: np.random.RandomState) -> tuple[str, str]:
   return " ".join(source), " ".join(target)
 
 
-def demo_pairs(num: int, seed: int) -> list[tuple[str, str]]:
-  rng = np.random.RandomState(seed)
-  return [sentence_pair(rng) for _ in range(num)]
+class DemoSource:
+  """Random-access pairs: pair i is a pure function of (seed, i), so nothing is held in memory."""
 
+  def __init__(self, size: int, seed: int):
+    self.size, self.seed = size, seed
 
-def demo_words() -> list[str]:
-  """Every word either side can produce: the demo's whole word-level vocabulary."""
-  source = [
-    "the",
-    "a",
-    "an",
-    "some",
-    *ADJECTIVES,
-    *ADVERBS,
-    *VERBS,
-    *(v + "s" for v in VERBS),
-    *NOUNS,
-    *(n + "s" for n in NOUNS),
-  ]
-  target = [
-    PLURAL,
-    DEFINITE,
-    OBJECT_CASE,
-    *NOUN_T.values(),
-    *ADJ_T.values(),
-    *VERB_T.values(),
-    *ADV_T.values(),
-  ]
-  return sorted(set(source + target))
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, index: int) -> tuple[str, str]:
+    return sentence_pair(np.random.RandomState([self.seed, int(index)]))

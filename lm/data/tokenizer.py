@@ -1,32 +1,109 @@
-"""Tokenizers with the project's fixed special ids: pad=0, unk=1, bos=2, eos=3."""
+"""SentencePiece tokenizer with the project's fixed special ids: pad=0, unk=1, bos=2, eos=3.
+
+Trained on a random sample of the training data (both sides for translation: one shared
+vocabulary) and cached as WORKDIR/tokenizer.model; process 0 trains and writes it atomically,
+the other processes wait for the file.
+"""
 
 from __future__ import annotations
 
+import io
+import os
+import time
+from collections.abc import Iterable
+
+import jax
+import numpy as np
+import sentencepiece as spm
+
+from lm.config import ConfigError
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
+TOKENIZER_FILE = "tokenizer.model"
+WAIT_SECONDS = 1800
 
 
-class WordTokenizer:
-  """Whitespace words over a closed vocabulary (the generated demo language)."""
+class Tokenizer:
+  def __init__(self, model_proto: bytes):
+    self.model_proto = model_proto
+    self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    special = (self.sp.pad_id(), self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id())
+    if special != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+      raise ConfigError(
+        f"config.data.tokenizer: special ids (pad, unk, bos, eos) are {special}; "
+        "train it with pad_id=0 unk_id=1 bos_id=2 eos_id=3"
+      )
 
-  def __init__(self, words: list[str]):
-    self.pieces = list(SPECIALS) + list(words)
-    self.ids = {w: i for i, w in enumerate(self.pieces)}
+  @classmethod
+  def load(cls, path: str) -> Tokenizer:
+    with open(path, "rb") as f:
+      return cls(f.read())
 
   @property
   def vocab_size(self) -> int:
-    return len(self.pieces)
+    return self.sp.vocab_size()
 
   def encode(self, text: str) -> list[int]:
-    return [self.ids.get(w, UNK_ID) for w in text.split()]
+    return self.sp.encode(text)
 
   def decode(self, ids) -> str:
     """Stops at EOS; a sequence without EOS keeps all its tokens."""
-    words = []
-    for i in ids:
-      i = int(i)
-      if i == EOS_ID:
-        break
-      if i > EOS_ID:
-        words.append(self.pieces[i] if i < len(self.pieces) else SPECIALS[UNK_ID])
-    return " ".join(words)
+    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    if EOS_ID in ids:
+      ids = ids[: ids.index(EOS_ID)]
+    return self.sp.decode([i for i in ids if i > EOS_ID])
+
+
+def train(texts: Iterable[str], vocab_size: int, model_type: str) -> Tokenizer:
+  proto = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(texts),
+    model_writer=proto,
+    vocab_size=vocab_size,
+    model_type=model_type,
+    pad_id=PAD_ID,
+    unk_id=UNK_ID,
+    bos_id=BOS_ID,
+    eos_id=EOS_ID,
+    character_coverage=1.0 if model_type == "word" else 0.9995,
+    hard_vocab_limit=False,  # a small corpus may have fewer pieces than asked for
+    input_sentence_size=2_000_000,
+    shuffle_input_sentence=True,
+    minloglevel=2,
+  )
+  return Tokenizer(proto.getvalue())
+
+
+def load_or_train(data_cfg, vocab_size: int, workdir: str, sample_texts, log=print) -> Tokenizer:
+  """`data.tokenizer` if set; else WORKDIR/tokenizer.model, trained by process 0 if absent.
+
+  `sample_texts()` returns the training texts; it is called only when training is needed.
+  """
+  if data_cfg.tokenizer:
+    if not os.path.exists(data_cfg.tokenizer):
+      raise ConfigError(f"config.data.tokenizer: {data_cfg.tokenizer!r} does not exist")
+    return Tokenizer.load(data_cfg.tokenizer)
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  if os.path.exists(path):
+    log(f"tokenizer: reusing {path}")
+    return Tokenizer.load(path)
+  if jax.process_index() == 0:
+    started = time.time()
+    tokenizer = train(sample_texts(), vocab_size, data_cfg.spm_model_type)
+    os.makedirs(workdir, exist_ok=True)
+    partial = f"{path}.tmp{os.getpid()}"
+    with open(partial, "wb") as f:
+      f.write(tokenizer.model_proto)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(partial, path)  # atomic: readers see no file or the whole file
+    log(
+      f"tokenizer: trained {tokenizer.vocab_size} pieces in {time.time() - started:.1f}s -> {path}"
+    )
+    return tokenizer
+  deadline = time.time() + WAIT_SECONDS
+  while not os.path.exists(path):
+    if time.time() > deadline:
+      raise RuntimeError(f"process 0 wrote no {path} in {WAIT_SECONDS}s")
+    time.sleep(0.5)
+  return Tokenizer.load(path)

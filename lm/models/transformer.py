@@ -3,7 +3,7 @@
 Layers are stacked on a leading 'layers' axis and run with `lax.scan`, so compile time does
 not grow with depth; under ZeRO-3 each scan iteration gathers just its own layer.
 Batches are dicts of [batch, length] int32 arrays: `inputs`, `targets` and, for packing,
-`*_segmentation` (0 = padding) and `*_position` (restarting at every packed example).
+`*_segment_ids` (0 = padding) and `*_positions` (restarting at every packed example).
 """
 
 from __future__ import annotations
@@ -283,8 +283,8 @@ class Decoder(_Model):
 
 
 def _segments_and_positions(batch: dict, name: str):
-  if name + "_segmentation" in batch:
-    return batch[name + "_segmentation"], batch[name + "_position"]
+  if name + "_segment_ids" in batch:
+    return batch[name + "_segment_ids"], batch[name + "_positions"]
   return default_segments_and_positions(batch[name])
 
 

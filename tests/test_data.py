@@ -1,0 +1,241 @@
+"""The input pipeline: sources, tokenizer, packing, per-process shares, exact resume."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments import lm1b, wmt_ende
+from lm import train as lm_train
+from lm.config import ConfigError
+from lm.data import pipeline, sources
+from lm.data import tokenizer as tok
+from lm.train import Run
+from tests.helpers import tiny_config
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+def _sentence(rng, n):
+  return " ".join(rng.choice(WORDS, size=n))
+
+
+def _write_tsv(path, rows=300, seed=0):
+  """Reversal pairs (learnable) plus one malformed line of each kind; returns the bad count."""
+  rng = np.random.RandomState(seed)
+  lines = []
+  for _ in range(rows):
+    words = _sentence(rng, rng.randint(2, 7))
+    lines.append(f"{words}\t{' '.join(reversed(words.split()))}\n".encode())
+  bad = [
+    b"no tab on this line\n",
+    b"empty target\t\n",
+    b"\t empty source\n",
+    b"two\ttabs\there\n",
+    b"bad utf8 \xff\xfe\tbeta\n",
+    b"\n",
+  ]
+  for i, line in enumerate(bad):
+    lines.insert(7 + 31 * i, line)
+  path.write_bytes(b"".join(lines))
+  return len(bad)
+
+
+def _data_config(task, source, tmp_path, **data):
+  cfg = tiny_config(task)
+  cfg.data.update(source=source, eval_examples=16, spm_model_type="word", prefetch=0)
+  cfg.data.update(data)
+  cfg.mesh.update(data=2, fsdp=-1)  # train() uses every device
+  return cfg
+
+
+def _metrics(workdir):
+  return [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+
+
+def test_tsv_trains_translation_and_counts_malformed_lines(tmp_path):
+  path = tmp_path / "pairs.tsv"
+  bad = _write_tsv(path)
+  cfg = _data_config("translation", f"tsv:{path}", tmp_path)
+  cfg.train.update(total_steps=40, log_every=10, global_batch_size=16)
+  results = lm_train.train(cfg, str(tmp_path / "run"))
+  lines = [m for m in _metrics(tmp_path / "run") if "loss" in m]
+  assert all(m["skipped_examples"] == bad for m in lines)
+  assert lines[-1]["loss"] < 0.6 * lines[0]["loss"]
+  assert np.isfinite(results["eval_loss"])
+
+
+def test_text_file_trains_an_lm(tmp_path):
+  rng = np.random.RandomState(1)
+  path = tmp_path / "docs.txt"
+  # Each document counts up through the words: predictable after its first word.
+  docs = [" ".join(WORDS[s : s + rng.randint(3, 8)]) for s in rng.randint(0, 5, size=200)]
+  path.write_text("\n".join(docs) + "\n\n")  # a trailing empty line: skipped
+  cfg = _data_config("lm", f"text:{tmp_path}/*.txt", tmp_path)
+  cfg.train.update(total_steps=30, log_every=10, global_batch_size=16)
+  lm_train.train(cfg, str(tmp_path / "run"))
+  lines = [m for m in _metrics(tmp_path / "run") if "loss" in m]
+  assert lines[-1]["skipped_examples"] == 1
+  assert lines[-1]["loss"] < 0.6 * lines[0]["loss"]
+
+
+def test_jsonl_records_and_errors(tmp_path):
+  path = tmp_path / "data.jsonl"
+  path.write_text('{"de": "hallo welt", "en": "hello world"}\n{"de": "x"}\nnot json\n')
+  cfg = _data_config("translation", f"jsonl:{path}", tmp_path, direction="en->de")
+  source = sources.open_source(cfg.data.source, cfg.data, cfg.task, 0)
+  assert len(source) == 1 and source.skipped == 2
+  assert source[0] == {"inputs": "hello world", "targets": "hallo welt"}
+  cfg.data.fields = "de"
+  with pytest.raises(ConfigError, match="config.data.fields"):
+    sources.open_source(cfg.data.source, cfg.data, cfg.task, 0)
+
+
+@pytest.mark.parametrize(
+  "source,message",
+  [
+    ("tsv:/nonexistent/*.tsv", "no file matches '/nonexistent/\\*.tsv'"),
+    ("parquet:x", "unknown kind 'parquet'"),
+    ("tsv", "must read KIND:ARG"),
+    ("text:{tmp}/empty.txt", "has no usable example"),
+    ("tfds:wmt14_translate/de-en:train", "tfds build wmt14_translate/de-en"),
+  ],
+)
+def test_bad_sources_fail_in_one_line(tmp_path, source, message):
+  (tmp_path / "empty.txt").write_text("\n\n")
+  cfg = _data_config("translation", source.format(tmp=tmp_path), tmp_path, direction="en->de")
+  cfg.task = "lm" if source.startswith("text") else "translation"
+  cfg.data.tfds_data_dir = str(tmp_path / "tfds")
+  with pytest.raises(ConfigError, match=message) as error:
+    pipeline.load(cfg, str(tmp_path / "run"))
+  assert "\n" not in str(error.value) and str(error.value).startswith("config.data.")
+
+
+@pytest.mark.parametrize("module,variant", [(wmt_ende, "base"), (lm1b, "base")])
+def test_tfds_mock_data_feeds_the_real_configs(tmp_path, module, variant):
+  cfg = module.get_config(variant)
+  cfg.model.update(tiny_config(cfg.task).model)
+  cfg.model.update(vocab_size=128)
+  cfg.mesh.update(data=2, fsdp=2, tensor=2)
+  cfg.data.update(seq_len=16, eval_examples=8, tokenizer_sample=64, workers=0)
+  cfg.train.update(total_steps=3, log_every=1, global_batch_size=8, eval_every=0)
+  with tfds.testing.mock_data(num_examples=64):
+    results = lm_train.train(cfg, str(tmp_path))
+  lines = [m for m in _metrics(tmp_path) if "loss" in m]
+  assert [m["step"] for m in lines] == [1, 2, 3]
+  assert all(np.isfinite(m["loss"]) and m["tokens_per_second"] > 0 for m in lines)
+  assert np.isfinite(results["eval_loss"]) and (tmp_path / "tokenizer.model").exists()
+
+
+def _demo_data(tmp_path, **data):
+  cfg = tiny_config("translation")
+  cfg.data.update(
+    source="synthetic:demo", spm_model_type="word", tokenizer_sample=2000, eval_examples=8
+  )
+  cfg.data.update(data)
+  return cfg, pipeline.load(cfg, str(tmp_path))
+
+
+def test_packing_keeps_every_token_and_the_loss_of_the_unpacked_examples(tmp_path):
+  cfg, data = _demo_data(tmp_path, seq_len=24, prefetch=0)
+  batch = next(pipeline.TrainIterator(data))
+  assert set(batch) == set(lm_train.batch_keys("translation", packed=True))
+  examples = []
+  for side in ("inputs", "targets"):
+    seg, pos, ids = (batch[side + s] for s in ("_segment_ids", "_positions", ""))
+    assert ((ids > 0) == (seg > 0)).all()
+    for row in range(len(ids)):
+      for s in range(1, seg[row].max() + 1):
+        where = np.flatnonzero(seg[row] == s)
+        assert (where == np.arange(where[0], where[0] + len(where))).all()  # contiguous
+        np.testing.assert_array_equal(pos[row, where], np.arange(len(where)))
+        assert ids[row, where[-1]] == tok.EOS_ID  # every segment ends whole
+  # The unpacked examples, in order: segment s of row r on each side.
+  for row in range(len(batch["targets"])):
+    for s in range(1, batch["targets_segment_ids"][row].max() + 1):
+      examples.append(
+        {
+          side: batch[side][row][batch[side + "_segment_ids"][row] == s]
+          for side in ("inputs", "targets")
+        }
+      )
+  assert len(examples) > len(batch["targets"])  # several examples per row
+  tokens = sum((e["targets"] > 0).sum() for e in examples)
+  assert tokens == (batch["targets"] > 0).sum()
+
+  run = Run.build(cfg, devices=jax.devices()[:1], vocab_size=data.tokenizer.vocab_size)
+  params = run.init_state().params
+  loss_sums = jax.jit(lambda b: run.loss_sums(params, b, None))
+  with jax.set_mesh(run.mesh):
+    packed_loss, (packed_tokens, _) = loss_sums(run.shard_batch(batch))
+    rows = {
+      k: np.stack([np.pad(e[k], (0, cfg.data.seq_len - len(e[k]))) for e in examples])
+      for k in ("inputs", "targets")
+    }
+    total = loss_sums(rows)[0]
+  np.testing.assert_allclose(float(packed_loss), total, rtol=2e-5)
+  assert float(packed_tokens) == tokens
+
+
+def _line_ids(batch):
+  return [int(row[0]) for row in batch["targets"]]
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+def test_process_shares_are_disjoint_and_cover_the_data(tmp_path, processes):
+  path = tmp_path / "docs.txt"
+  path.write_text("".join(f"w{i}\n" for i in range(101)))
+  cfg = _data_config("lm", f"text:{path}", tmp_path, pack=False, spm_model_type="word")
+  cfg.data.eval_source = f"text:{path}"  # keep all 101 lines for training
+  cfg.train.global_batch_size = 4
+  cfg.model.vocab_size = 128  # a piece per line
+  data = pipeline.load(cfg, str(tmp_path / "run"))
+  seen = []
+  for p in range(processes):
+    share_size = len(range(p, 101, processes))
+    it = pipeline.TrainIterator(data, process_index=p, process_count=processes)
+    rows = []
+    while len(rows) < share_size:
+      rows += [data.tokenizer.decode(r) for r in next(it)["targets"]]
+    share = rows[:share_size]  # exactly one epoch of this process's share
+    assert len(set(share)) == share_size
+    seen.append(set(share))
+  assert set().union(*seen) == {f"w{i}" for i in range(101)}
+  assert sum(len(s) for s in seen) == 101
+
+
+@pytest.mark.parametrize("prefetch,workers", [(0, 0), (3, 0), (0, 2)])
+def test_iterator_state_resumes_exactly(tmp_path, prefetch, workers):
+  _, data = _demo_data(tmp_path, prefetch=prefetch, workers=workers)
+  uninterrupted = pipeline.TrainIterator(data)
+  for _ in range(5):
+    next(uninterrupted)
+  state = json.loads(json.dumps(uninterrupted.get_state()))  # what a checkpoint stores
+  expected = [next(uninterrupted) for _ in range(4)]
+  resumed = pipeline.TrainIterator(data)
+  resumed.set_state(state)
+  for want in expected:
+    got = next(resumed)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_tokenizer_round_trips_and_is_cached(tmp_path):
+  texts = ["Hello, world!", "Grüße aus Köln — 2026.", "a b c"] * 50
+  data_cfg = tiny_config().data
+  data_cfg.spm_model_type = "unigram"
+  first = tok.load_or_train(data_cfg, 64, str(tmp_path), lambda: iter(texts))
+  for text in set(texts):
+    ids = first.encode(text)
+    assert tok.UNK_ID not in ids and min(ids) > tok.EOS_ID
+    assert first.decode(ids + [tok.EOS_ID, 7, 8]) == text  # stops at EOS
+    assert first.decode([tok.PAD_ID] + ids) == text
+
+  def must_not_train():
+    raise AssertionError("retrained a cached tokenizer")
+
+  messages = []
+  second = tok.load_or_train(data_cfg, 64, str(tmp_path), must_not_train, messages.append)
+  assert second.model_proto == first.model_proto and "reusing" in messages[0]
