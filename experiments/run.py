@@ -15,8 +15,17 @@ from lm.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/<module>.py[:variant]")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs, metrics and checkpoints.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train"], "What to do with the config.")
-flags.mark_flags_as_required(["config", "workdir"])
+_MODE = flags.DEFINE_enum(
+  "mode",
+  "train",
+  ["train", "export"],
+  "train (resumes from WORKDIR's latest checkpoint) | export (its parameters to --output).",
+)
+_OUTPUT = flags.DEFINE_string("output", None, "export: the directory to write.")
+_EXPORT_DTYPE = flags.DEFINE_enum(
+  "export_dtype", "float32", ["float32", "bfloat16"], "export: parameter dtype."
+)
+flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
@@ -24,10 +33,21 @@ def main(argv):
   from lm import train  # noqa: PLC0415 (flags parse before jax initializes)
 
   try:
-    train.train(_CONFIG.value, _WORKDIR.value)
+    if _MODE.value == "train":
+      if _CONFIG.value is None:
+        raise ConfigError("--config: required to train; e.g. --config=experiments/demo.py")
+      train.train(_CONFIG.value, _WORKDIR.value)
+    elif _MODE.value == "export":
+      if not _OUTPUT.value:
+        raise ConfigError("--output: required with --mode=export; name a new directory")
+      step = train.export(_WORKDIR.value, _OUTPUT.value, _EXPORT_DTYPE.value)
+      print(f"exported step {step} of {_WORKDIR.value} to {_OUTPUT.value}")
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except train.TrainingHalted as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 def parse_flags(argv):

@@ -17,6 +17,7 @@ REMAT = ("none", "full", "save_dots")
 DTYPES = ("auto", "float32", "bfloat16")
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "adafactor")
 SCHEDULES = ("constant", "rsqrt", "cosine", "linear")
+EVAL_METRICS = ("eval_loss", "eval_perplexity", "eval_accuracy", "bleu")
 
 # Published Transformer sizes ("Attention is all you need", table 3) and GPT-2.
 TRANSFORMER_SIZES = {
@@ -70,6 +71,14 @@ def _base() -> ml_collections.ConfigDict:
       microbatches=1,
       log_every=50,
       eval_every=0,  # 0 = evaluate only at the end
+      on_nan="skip",  # non-finite loss or grad norm: "skip" the update (counted) or "halt"
+    )
+  )
+  cfg.checkpoint = ml_collections.ConfigDict(
+    dict(
+      every=1000,  # steps between async saves; 0 = only at the end and on SIGTERM
+      keep=3,  # most recent checkpoints kept
+      best_metric="",  # also keep the best by this eval metric, e.g. "eval_loss" or "bleu"
     )
   )
   cfg.optim = ml_collections.ConfigDict(
@@ -194,6 +203,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for field in ("total_steps", "global_batch_size", "microbatches", "log_every"):
     _check_positive(cfg, "train." + field)
   _check_positive(cfg, "train.eval_every", allow_zero=True)
+  _check_choice(cfg, "train.on_nan", ("skip", "halt"))
+  _check_positive(cfg, "checkpoint.every", allow_zero=True)
+  _check_positive(cfg, "checkpoint.keep")
+  _check_choice(cfg, "checkpoint.best_metric", ("", *EVAL_METRICS))
+  if cfg.checkpoint.best_metric and not cfg.train.eval_every:
+    _fail("checkpoint.best_metric", "needs periodic evaluation; set train.eval_every")
   if cfg.train.global_batch_size % cfg.train.microbatches:
     _fail(
       "train.global_batch_size",

@@ -8,6 +8,9 @@ shardings and a donated state.
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -31,6 +34,11 @@ class TrainState:
   step: jax.Array  # int32 scalar
   params: Any  # nested dict of arrays, the model's nnx.Param values
   opt_state: Any
+  skipped_steps: jax.Array  # int32 scalar: updates skipped for a non-finite loss or gradient
+
+  @classmethod
+  def create(cls, params, opt_state):
+    return cls(jnp.zeros((), jnp.int32), params, opt_state, jnp.zeros((), jnp.int32))
 
 
 @dataclasses.dataclass
@@ -82,7 +90,10 @@ class Run:
       logical, abstract_params, mesh, cfg.zero_stage, opt_state_shardings
     )
     state_shardings = TrainState(
-      step=shardings.replicated, params=shardings.params, opt_state=shardings.opt_state
+      step=shardings.replicated,
+      params=shardings.params,
+      opt_state=shardings.opt_state,
+      skipped_steps=shardings.replicated,
     )
     return cls(
       cfg, mesh, dims, graphdef, logical, abstract_params, tx, lr, shardings, state_shardings
@@ -95,7 +106,7 @@ class Run:
       with nnx.use_eager_sharding(False):
         model = build_model(self.cfg.task, self.dims, self.cfg.seed)
       params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-      return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+      return TrainState.create(params, self.tx.init(params))
 
     with jax.set_mesh(self.mesh):
       return jax.jit(init, out_shardings=self.state_shardings)()
@@ -149,16 +160,26 @@ class Run:
     grads = jax.lax.with_sharding_constraint(
       jax.tree.map(lambda g: g / jnp.maximum(tokens, 1.0), grads), self.shardings.update
     )
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # A non-finite loss or gradient leaves params and optimizer state as they were.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(
+      lambda new, old: jnp.where(finite, new, old),
+      (params, opt_state),
+      (state.params, state.opt_state),
+    )
     metrics = {
       "loss": loss / jnp.maximum(tokens, 1.0),
       "accuracy": correct / jnp.maximum(tokens, 1.0),
-      "grad_norm": optax.tree.norm(grads),
+      "grad_norm": grad_norm,
       "learning_rate": self.lr_schedule(state.step),
       "tokens": tokens,
+      "finite": finite,
     }
-    return TrainState(state.step + 1, params, opt_state), metrics
+    skipped = state.skipped_steps + (~finite).astype(jnp.int32)
+    return TrainState(state.step + 1, params, opt_state, skipped), metrics
 
   def jit_train_step(self):
     return jax.jit(
@@ -175,9 +196,7 @@ class Run:
     return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.shardings.batch) for k in keys}
 
   def abstract_state(self) -> TrainState:
-    shapes = jax.eval_shape(
-      lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.tx.init(p)), self.abstract_params
-    )
+    shapes = jax.eval_shape(lambda p: TrainState.create(p, self.tx.init(p)), self.abstract_params)
     return jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
       shapes,
@@ -202,45 +221,145 @@ def param_count(params) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
+def model_vocab(cfg, tokenizer) -> int:
+  """Rows of the embedding before mesh padding: the config's size or the tokenizer's if larger."""
+  return max(cfg.model.vocab_size, tokenizer.vocab_size)
+
+
+def restore_latest(workdir: str, devices=None):
+  """(run, params, tokenizer, step) of the workdir's latest checkpoint, for inference.
+
+  The model comes from the checkpoint's own config; the mesh fills the given devices.
+  """
+  from lm import checkpoint  # noqa: PLC0415
+
+  checkpoints = checkpoint.Checkpointer(workdir)
+  step = checkpoints.latest_step()
+  if step is None:
+    raise lmc.ConfigError(f"--workdir: no checkpoint in {checkpoints.directory}; train first")
+  meta = checkpoints.meta(step)
+  cfg, tokenizer = checkpoint.meta_config(meta), checkpoint.meta_tokenizer(meta)
+  cfg.mesh.update(data=1, fsdp=-1, tensor=1, dcn_data=1)
+  run = Run.build(cfg, devices, vocab_size=model_vocab(cfg, tokenizer))
+  state = checkpoints.restore(step, run.abstract_state())
+  checkpoints.close()
+  return run, state.params, tokenizer, step
+
+
+def export(workdir: str, output: str, dtype: str = "float32") -> int:
+  """Writes the latest checkpoint's parameters (+ config, tokenizer) to `output`; its step."""
+  from lm import checkpoint  # noqa: PLC0415
+
+  run, params, tokenizer, step = restore_latest(workdir)
+  checkpoint.export(output, params, run.cfg, tokenizer, dtype)
+  return step
+
+
+class TrainingHalted(RuntimeError):
+  """train.on_nan=halt met a non-finite loss or gradient norm."""
+
+
+class StopSignals:
+  """SIGTERM / SIGINT: the first asks the loop to save and stop; a second exits at once."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is not None:
+      os._exit(128 + signum)
+    self.received = signum
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():  # handlers live in the main thread
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-  """The training loop; returns the final evaluation metrics."""
-  from lm import evaluate, metrics  # noqa: PLC0415 (keeps `Run` importable without I/O deps)
+  """The training loop, resumed from the workdir's latest checkpoint if there is one.
+
+  Returns the final evaluation metrics, or {"stopped_at": step} after a stop signal.
+  """
+  from lm import checkpoint, evaluate, metrics  # noqa: PLC0415 (keeps `Run` free of I/O deps)
   from lm.data import pipeline  # noqa: PLC0415
 
   lmc.validate(cfg)
   log = metrics.Logger(workdir, cfg)
   data = pipeline.load(cfg, workdir, log.info)
-  vocab = max(cfg.model.vocab_size, data.tokenizer.vocab_size)
-  run = Run.build(cfg, vocab_size=vocab)
+  run = Run.build(cfg, vocab_size=model_vocab(cfg, data.tokenizer))
+  vocab = model_vocab(cfg, data.tokenizer)
   if run.dims.vocab_size != vocab:
-    log.info(f"vocab padded from {vocab} to {run.dims.vocab_size} so that mesh.tensor divides it")
+    log.info(
+      f"vocab padded from {vocab} to {run.dims.vocab_size} (a multiple of 128 and mesh.tensor)"
+    )
   log.info(
     f"mesh {dict(run.mesh.shape)}, zero_stage {cfg.zero_stage}, "
     f"{param_count(run.abstract_params) / 1e6:.2f}M params, vocab {run.dims.vocab_size}, "
     f"dtype {run.dims.dtype.name}"
   )
-  state = run.init_state()
+  batches = pipeline.TrainIterator(data)
+  checkpoints = checkpoint.Checkpointer(workdir, cfg)
+  latest = checkpoints.latest_step()
+  if latest is None:
+    state = run.init_state()
+  else:
+    state = checkpoints.restore(latest, run.abstract_state(), batches)
+    log.info(f"resumed from step {latest} ({checkpoints.path(latest)})")
   started = time.time()
   step_fn = run.compile_train_step()
   log.info(f"train step compiled in {time.time() - started:.1f}s")
-  batches = pipeline.TrainIterator(data)
-  meter = metrics.Throughput(cfg.train.total_steps)
-  pending = []
-  for step in range(int(state.step), cfg.train.total_steps):
-    with meter.waiting_for_input():
-      batch = next(batches)
-    state, step_metrics = step_fn(state, run.shard_batch(batch))
-    pending.append(step_metrics)
-    last = step + 1 == cfg.train.total_steps
-    if (step + 1) % cfg.train.log_every == 0 or last:
-      summary = meter.summarize(step + 1, jax.device_get(pending))
-      summary["skipped_examples"] = data.skipped_at_load + batches.skipped.value
-      log.scalars(step + 1, summary)
-      pending = []
-    if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not last:
-      log.scalars(step + 1, evaluate.evaluate(run, state.params, data))
-  results = evaluate.evaluate(run, state.params, data)
-  log.scalars(cfg.train.total_steps, results)
-  evaluate.show_examples(run, state.params, data, log)
+  total = cfg.train.total_steps
+  meter = metrics.Throughput(total)
+  pending, last_good, results = [], latest, {}
+  with StopSignals() as stop:
+    for step in range(int(state.step) + 1, total + 1):
+      with meter.waiting_for_input():
+        batch = next(batches)
+      state, step_metrics = step_fn(state, run.shard_batch(batch))
+      pending.append(step_metrics)
+      if cfg.train.on_nan == "halt" and not bool(step_metrics["finite"]):
+        checkpoints.wait()
+        raise TrainingHalted(
+          f"step {step}: non-finite loss or gradient norm (train.on_nan=halt); the latest "
+          f"checkpoint is the last good one: step {last_good} in {checkpoints.directory}"
+        )
+      if step % cfg.train.log_every == 0 or step == total:
+        summary = meter.summarize(step, jax.device_get(pending))
+        summary["skipped_examples"] = data.skipped_at_load + batches.skipped.value
+        summary["skipped_steps"] = int(state.skipped_steps)
+        log.scalars(step, summary)
+        pending = []
+      evaluated = None
+      if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
+        evaluated = evaluate.evaluate(run, state.params, data)
+        log.scalars(step, evaluated)
+      every = cfg.checkpoint.every
+      periodic = (every and step % every == 0) or (evaluated and cfg.checkpoint.best_metric)
+      if (periodic and step != total) or stop.received:  # the final save carries the results
+        checkpoints.save(step, state, batches, data.tokenizer, evaluated)
+        last_good = step
+      if stop.received:
+        checkpoints.wait()
+        name = signal.Signals(stop.received).name
+        log.info(f"{name}: stopped after step {step}; checkpoint {checkpoints.path(step)} saved")
+        results = {"stopped_at": step}
+        break
+    else:
+      results = evaluate.evaluate(run, state.params, data)
+      log.scalars(total, results)
+      if checkpoints.latest_step() != total:
+        checkpoints.save(total, state, batches, data.tokenizer, results)
+      evaluate.show_examples(run, state.params, data, log)
+      checkpoints.wait()
+  checkpoints.close()
   log.close()
   return results

@@ -73,7 +73,14 @@ def check_divisibility(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     )
 
 
+VOCAB_MULTIPLE = 128
+
+
 def padded_vocab_size(vocab_size: int, mesh: jax.sharding.Mesh) -> int:
-  """The vocab rounded up so that the tensor axis divides it."""
-  tensor = mesh.shape["tensor"]
-  return -(-vocab_size // tensor) * tensor
+  """The vocab rounded up to a multiple of 128 (and of the tensor axis).
+
+  A fixed multiple rather than the tensor size alone keeps checkpoints restorable on any
+  mesh with tensor <= 128, and suits TPU/GPU tiles.
+  """
+  multiple = math.lcm(VOCAB_MULTIPLE, mesh.shape["tensor"])
+  return -(-vocab_size // multiple) * multiple

@@ -1,0 +1,158 @@
+"""Checkpoints on orbax: train state + data-iterator state + config + tokenizer, saved async.
+
+Layout: WORKDIR/checkpoints/<step>/{state, data, meta}. orbax writes each step into a temporary
+directory and renames it when every item is committed, so a step directory that exists is
+whole; a killed save leaves only a temporary directory, which is never restored and is cleaned
+up on the next start. `state` restores into any abstract target (a tree of ShapeDtypeStructs
+with shardings): another mesh or ZeRO stage reads just its own shards. `data` holds one JSON
+file per process (grain's handler), so each process resumes its own share.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_policy
+
+from lm.data import tokenizer as tok
+
+CHECKPOINT_DIR = "checkpoints"
+LOWER_IS_BETTER = ("eval_loss", "eval_perplexity")
+
+
+def _meta(cfg: ml_collections.ConfigDict, tokenizer: tok.Tokenizer) -> dict:
+  return {
+    "config": json.loads(cfg.to_json_best_effort()),
+    "tokenizer": base64.b64encode(tokenizer.model_proto).decode("ascii"),
+  }
+
+
+def meta_config(meta: dict) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(meta["config"])
+
+
+def meta_tokenizer(meta: dict) -> tok.Tokenizer:
+  return tok.Tokenizer(base64.b64decode(meta["tokenizer"]))
+
+
+class _IteratorItem:
+  """What grain's orbax handler expects of a non-grain iterator: bytes state, start_prefetch."""
+
+  def __init__(self, iterator):
+    self.iterator = iterator
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.iterator.get_state()).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.iterator.set_state(json.loads(state))
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+class Checkpointer:
+  """One run's CheckpointManager: periodic async saves, the latest `keep`, optionally the best."""
+
+  def __init__(self, workdir: str, cfg: ml_collections.ConfigDict | None = None):
+    """With no config: read-only use (restore, export) that keeps whatever is there."""
+    c = cfg.checkpoint if cfg is not None else ml_collections.ConfigDict({"best_metric": ""})
+    policies = [keep_policy.LatestN(n=c.keep if cfg is not None else None)]
+    if c.best_metric:
+      policies.append(
+        keep_policy.BestN(
+          get_metric_fn=lambda metrics: metrics[c.best_metric],
+          reverse=c.best_metric in LOWER_IS_BETTER,
+          n=1,
+          keep_checkpoints_without_metrics=False,
+        )
+      )
+    options = ocp.CheckpointManagerOptions(
+      preservation_policy=keep_policy.AnyPreservationPolicy(policies),
+      cleanup_tmp_directories=True,
+      enable_async_checkpointing=True,
+    )
+    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    self.manager = ocp.CheckpointManager(
+      self.directory,
+      options=options,
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+      },
+    )
+    self.cfg = cfg
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def save(self, step: int, state, iterator, tokenizer, metrics: dict | None = None) -> None:
+    """Starts an async save; the previous one is finished first (orbax does that)."""
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(_IteratorItem(iterator)),
+        meta=ocp.args.JsonSave(_meta(self.cfg, tokenizer)),
+      ),
+      metrics=metrics,
+      force=True,
+    )
+
+  def restore(self, step: int, abstract_state, iterator=None) -> Any:
+    """The state at `step` laid out as `abstract_state` says; an iterator is set in place."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(_IteratorItem(iterator))
+    return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+
+  def meta(self, step: int) -> dict:
+    return load_meta(self.path(step))
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def export(directory: str, params, cfg, tokenizer: tok.Tokenizer, dtype: str = "float32") -> None:
+  """Parameters only (optionally cast), with the config and tokenizer: what decoding loads."""
+  if dtype != "float32":
+    params = jax.tree.map(lambda x: x.astype(dtype) if x.dtype == np.float32 else x, params)
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    checkpointer.save(
+      os.path.abspath(directory),
+      args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(_meta(cfg, tokenizer))
+      ),
+      force=True,
+    )
+
+
+def load_meta(directory: str) -> dict:
+  """The config and tokenizer of an export (or of one checkpoint step's directory)."""
+  with open(os.path.join(directory, "meta", "metadata")) as f:
+    return json.load(f)
+
+
+def load_export(directory: str, abstract_params) -> Any:
+  """Parameters of an export, laid out (and cast) as `abstract_params` says."""
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    restored = checkpointer.restore(
+      os.path.abspath(directory),
+      args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)),
+    )
+  return restored.params

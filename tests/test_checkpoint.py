@@ -1,0 +1,229 @@
+"""Checkpoints: exact resume after SIGTERM, resharding restore, SIGKILL during saves, NaN policy,
+export."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import demo
+from lm import checkpoint, evaluate
+from lm import train as lm_train
+from lm.data import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(total_steps=12, **overrides):
+  cfg = demo.get_config("tiny")
+  cfg.model.update(d_model=32, num_heads=2, mlp_dim=64, dropout_rate=0.1)  # dropout on
+  cfg.data.update(eval_examples=16, prefetch=2, tokenizer_sample=2000)
+  cfg.train.update(total_steps=total_steps, log_every=1, global_batch_size=16)
+  cfg.checkpoint.every = 0
+  cfg.mesh.update(data=1, fsdp=8, tensor=1)
+  cfg.update(overrides)
+  return cfg
+
+
+def _losses(workdir) -> dict:
+  """step -> training loss, the last line of each step winning (a resumed run appends)."""
+  out = {}
+  for line in open(os.path.join(workdir, "metrics.jsonl")):
+    row = json.loads(line)
+    if "loss" in row:
+      out[row["step"]] = row["loss"]
+  return out
+
+
+def _final_params(workdir, cfg):
+  checkpoints = checkpoint.Checkpointer(str(workdir))
+  step = checkpoints.latest_step()
+  data = pipeline.load(cfg, str(workdir))
+  run = lm_train.Run.build(cfg, vocab_size=lm_train.model_vocab(cfg, data.tokenizer))
+  state = checkpoints.restore(step, run.abstract_state())
+  checkpoints.close()
+  return step, jax.device_get(state.params)
+
+
+def _sigterm_when(workdir, step):
+  """Sends this process SIGTERM once metrics.jsonl shows `step`."""
+
+  def watch():
+    path = os.path.join(workdir, "metrics.jsonl")
+    while not (os.path.exists(path) and any(s >= step for s in _losses(workdir))):
+      time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  thread = threading.Thread(target=watch, daemon=True)
+  thread.start()
+  return thread
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("full")
+  cfg = _config(zero_stage=3)
+  lm_train.train(cfg, str(workdir))
+  return workdir, _losses(workdir), _final_params(workdir, cfg)
+
+
+@pytest.mark.parametrize("resume_mesh,resume_stage", [(None, None), ((2, 4, 1), 1)])
+def test_sigterm_then_resume_matches_the_uninterrupted_run(
+  tmp_path, uninterrupted, resume_mesh, resume_stage
+):
+  _, full_losses, (full_step, full_params) = uninterrupted
+  cfg = _config(zero_stage=3)
+  watcher = _sigterm_when(str(tmp_path), 4)
+  result = lm_train.train(cfg, str(tmp_path))
+  watcher.join()
+  stopped = result["stopped_at"]
+  assert 4 <= stopped < cfg.train.total_steps
+  assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == stopped
+
+  resumed_cfg = _config(zero_stage=3)
+  if resume_mesh:
+    resumed_cfg.mesh.update(data=resume_mesh[0], fsdp=resume_mesh[1], tensor=resume_mesh[2])
+    resumed_cfg.zero_stage = resume_stage
+  lm_train.train(resumed_cfg, str(tmp_path))
+  losses = _losses(tmp_path)
+  step, params = _final_params(tmp_path, resumed_cfg)
+  assert step == full_step == cfg.train.total_steps
+  after = [s for s in full_losses if s > stopped]
+  if resume_mesh is None:  # same mesh and stage: bitwise
+    assert [losses[s] for s in after] == [full_losses[s] for s in after]
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(full_params)):
+      np.testing.assert_array_equal(a, b)
+  else:  # another mesh and stage: other reduction orders, equal within fp32 tolerance
+    np.testing.assert_allclose(
+      [losses[s] for s in after], [full_losses[s] for s in after], rtol=1e-5
+    )
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(full_params)):
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max() + 5e-6)
+
+
+def test_sigkill_during_saves_never_leaves_a_partial_checkpoint(tmp_path):
+  rng = random.Random(0)
+  command = [
+    sys.executable,
+    "-m",
+    "experiments.run",
+    "--config=experiments/demo.py:tiny",
+    f"--workdir={tmp_path}",
+    "--config.train.total_steps=100000",
+    "--config.checkpoint.every=1",
+    "--config.checkpoint.keep=2",
+    "--config.model.d_model=32",
+    "--config.model.num_heads=2",
+    "--config.model.mlp_dim=64",
+    "--config.mesh.fsdp=2",
+  ]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  checkpoints_dir = tmp_path / "checkpoints"
+  previous = 0
+  for _ in range(5):
+    proc = subprocess.Popen(
+      command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 120
+    # Wait for this process to commit a new step, then kill it at a random moment of its saves.
+    while time.time() < deadline and proc.poll() is None:
+      steps = (
+        [int(p) for p in os.listdir(checkpoints_dir) if p.isdigit()]
+        if checkpoints_dir.exists()
+        else []
+      )
+      if steps and max(steps) > previous:
+        break
+      time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    time.sleep(rng.uniform(0.0, 1.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    checkpoints = checkpoint.Checkpointer(str(tmp_path))
+    latest = checkpoints.latest_step()
+    assert latest is not None and latest > previous
+    meta = checkpoints.meta(latest)
+    cfg = checkpoint.meta_config(meta)
+    run = lm_train.Run.build(
+      cfg, jax.devices()[:2], vocab_size=lm_train.model_vocab(cfg, checkpoint.meta_tokenizer(meta))
+    )
+    state = checkpoints.restore(latest, run.abstract_state())
+    checkpoints.close()
+    assert int(state.step) == latest
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
+    previous = latest
+
+
+def _poison(monkeypatch, steps):
+  """Training batches at these steps (1-based) carry an out-of-range token: loss becomes NaN."""
+  original = pipeline.TrainIterator.__next__
+  count = {"n": 0}
+
+  def poisoned(self):
+    batch = original(self)
+    count["n"] += 1
+    if count["n"] in steps:
+      batch = dict(batch)
+      batch["targets"] = batch["targets"].copy()
+      batch["targets"][0, 0] = 10**6
+    return batch
+
+  monkeypatch.setattr(pipeline.TrainIterator, "__next__", poisoned)
+
+
+def test_on_nan_skip_skips_and_counts(tmp_path, monkeypatch):
+  _poison(monkeypatch, {3, 5})
+  cfg = _config(total_steps=8)
+  results = lm_train.train(cfg, str(tmp_path))
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  by_step = {r["step"]: r for r in rows if "loss" in r}
+  assert not np.isfinite(by_step[3]["loss"]) and not np.isfinite(by_step[5]["loss"])
+  assert by_step[8]["skipped_steps"] == 2 and by_step[4]["skipped_steps"] == 1
+  assert np.isfinite(by_step[8]["loss"]) and np.isfinite(results["eval_loss"])
+  _, params = _final_params(tmp_path, cfg)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_on_nan_halt_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  _poison(monkeypatch, {5})
+  cfg = _config(total_steps=8)
+  cfg.train.on_nan = "halt"
+  cfg.checkpoint.every = 2
+  with pytest.raises(lm_train.TrainingHalted, match="step 5: non-finite.*last good one: step 4"):
+    lm_train.train(cfg, str(tmp_path))
+  assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == 4
+
+
+def test_export_reloads_with_the_training_loss(tmp_path):
+  cfg = _config(total_steps=6)
+  workdir, out = tmp_path / "run", tmp_path / "export"
+  lm_train.train(cfg, str(workdir))
+  run, params, tokenizer, step = lm_train.restore_latest(str(workdir))
+  assert lm_train.export(str(workdir), str(out)) == step == 6
+  data = pipeline.load(cfg, str(workdir))
+  reference = evaluate.evaluate(run, params, data)
+  exported = checkpoint.load_export(str(out), run.abstract_state().params)
+  assert evaluate.evaluate(run, exported, data)["eval_loss"] == reference["eval_loss"]
+  meta = checkpoint.load_meta(str(out))
+  assert checkpoint.meta_tokenizer(meta).model_proto == tokenizer.model_proto
+  assert checkpoint.meta_config(meta).model.d_model == cfg.model.d_model
+
+  lm_train.export(str(workdir), str(tmp_path / "bf16"), "bfloat16")
+  abstract_bf16 = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, jax.numpy.bfloat16, sharding=x.sharding),
+    run.abstract_state().params,
+  )
+  halved = checkpoint.load_export(str(tmp_path / "bf16"), abstract_bf16)
+  assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(halved))
+  as_f32 = jax.tree.map(lambda x: x.astype(np.float32), halved)
+  loss_bf16 = evaluate.evaluate(run, as_f32, data)["eval_loss"]
+  np.testing.assert_allclose(loss_bf16, reference["eval_loss"], rtol=1e-2)
