@@ -74,6 +74,22 @@ def _base() -> ml_collections.ConfigDict:
       on_nan="skip",  # non-finite loss or grad norm: "skip" the update (counted) or "halt"
     )
   )
+  cfg.decode = ml_collections.ConfigDict(
+    dict(
+      beam_size=4,  # translation; 1 = greedy
+      alpha=0.6,  # length penalty ((5 + len) / 6) ** alpha
+      max_len=256,  # hard cap on generated tokens
+      max_len_a=1.5,  # translation stops at max_len_a * source tokens + max_len_b
+      max_len_b=10,
+      temperature=0.0,  # LM continuation: 0 = greedy, > 0 samples with top_k / top_p
+      top_k=0,
+      top_p=1.0,
+      seed=0,
+      batch_size=64,
+      bleu=True,  # translation evals decode the held-out set and report sacreBLEU
+      examples=4,  # translations / continuations shown at each evaluation
+    )
+  )
   cfg.checkpoint = ml_collections.ConfigDict(
     dict(
       every=1000,  # steps between async saves; 0 = only at the end and on SIGTERM
@@ -204,6 +220,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _check_positive(cfg, "train." + field)
   _check_positive(cfg, "train.eval_every", allow_zero=True)
   _check_choice(cfg, "train.on_nan", ("skip", "halt"))
+  for field in ("beam_size", "max_len", "batch_size"):
+    _check_positive(cfg, "decode." + field)
+  for field in ("alpha", "max_len_a", "max_len_b", "temperature", "top_k", "examples"):
+    _check_positive(cfg, "decode." + field, allow_zero=True)
+  if not 0.0 < cfg.decode.top_p <= 1.0:
+    _fail("decode.top_p", f"{cfg.decode.top_p!r} must lie in (0, 1]")
   _check_positive(cfg, "checkpoint.every", allow_zero=True)
   _check_positive(cfg, "checkpoint.keep")
   _check_choice(cfg, "checkpoint.best_metric", ("", *EVAL_METRICS))

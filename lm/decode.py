@@ -1,34 +1,275 @@
-"""Autoregressive decoding."""
+"""Incremental decoding with a KV cache: greedy, beam search, sampling; batched text in/out.
+
+The model keeps per-layer self-attention keys/values ([layers, batch, max_len, heads, kv]),
+written one position per step; an encoder-decoder computes the source's cross-attention keys
+and values once. Everything runs under the training mesh's shardings (batch over data/fsdp,
+heads over tensor, parameters gathered per layer under ZeRO-3) with the same jitted code.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import sys
+from collections.abc import Callable, Iterable
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from lm.data.tokenizer import EOS_ID, PAD_ID
-from lm.models.transformer import default_segments_and_positions, shift_right
+from lm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from lm.parallel import sharding
+
+NEG_INF = -1e30  # finite, so that sums and differences of masked scores stay well defined
 
 
-def greedy_translate(graphdef, params, inputs: jax.Array, max_len: int) -> jax.Array:
-  """Greedy decoding of an EncoderDecoder: [batch, src_len] -> [batch, max_len] tokens.
+def _forbid(logits: jax.Array, vocab_limit: int) -> jax.Array:
+  """No PAD, no BOS and none of the ids padded onto the vocab for the mesh."""
+  ids = jnp.arange(logits.shape[-1])
+  banned = (ids == PAD_ID) | (ids == BOS_ID) | (ids >= vocab_limit)
+  return jnp.where(banned, NEG_INF, logits)
 
-  Re-runs the decoder over the prefix at every step (no cache): simple and exact. Tokens after
-  EOS are PAD; a row that never emits EOS keeps all max_len tokens.
+
+def length_penalty(length, alpha: float):
+  """GNMT's ((5 + length) / 6) ** alpha; length counts every token including EOS."""
+  return ((5.0 + length) / 6.0) ** alpha
+
+
+def filter_logits(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+  """Temperature, then keep the top_k tokens and the smallest set holding top_p of the mass."""
+  logits = logits / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, NEG_INF, logits)
+  if top_p < 1.0:
+    ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+    mass_before = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1) - jax.nn.softmax(
+      ordered, axis=-1
+    )
+    cutoff = jnp.min(jnp.where(mass_before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, NEG_INF, logits)
+  return logits
+
+
+def _generate(model, cache, batch: int, max_len: int, pick: Callable, prompt=None, key=None):
+  """Token by token until every row has emitted EOS or max_len tokens exist.
+
+  `prompt` [batch, max_len] (0 = free) forces those positions. Tokens after EOS are PAD; a row
+  that reaches max_len without EOS keeps all its tokens.
   """
-  model = nnx.merge(graphdef, params)
-  in_seg, in_pos = default_segments_and_positions(inputs)
-  encoded = model.encode(inputs, in_seg, in_pos)
-  batch = inputs.shape[0]
-  positions = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
-  segments = jnp.ones((batch, max_len), jnp.int32)
-
-  def step(t, carry):
-    out, done = carry
-    logits = model.decode(encoded, in_seg, shift_right(out, positions), segments, positions)
-    token = jnp.where(done, PAD_ID, logits[:, t].argmax(-1).astype(jnp.int32))
-    return out.at[:, t].set(token), done | (token == EOS_ID)
-
   out = jnp.zeros((batch, max_len), jnp.int32)
-  out, _ = jax.lax.fori_loop(0, max_len, step, (out, jnp.zeros((batch,), bool)))
-  return out
+  key = jax.random.key(0) if key is None else key
+
+  def cond(carry):
+    t, _, _, done, _, _ = carry
+    return (t < max_len) & ~done.all()
+
+  def body(carry):
+    t, out, previous, done, cache, key = carry
+    logits, cache = model.decode_step(previous, t, cache)
+    key, subkey = jax.random.split(key)
+    token = pick(logits, subkey).astype(jnp.int32)
+    if prompt is not None:
+      forced = prompt[:, t]
+      token = jnp.where(forced > 0, forced, token)
+    token = jnp.where(done, PAD_ID, token)
+    return t + 1, out.at[:, t].set(token), token, done | (token == EOS_ID), cache, key
+
+  start = (0, out, jnp.full((batch,), BOS_ID, jnp.int32), jnp.zeros((batch,), bool), cache, key)
+  return jax.lax.while_loop(cond, body, start)[1]
+
+
+def greedy(model, cache, batch: int, max_len: int, vocab_limit: int, prompt=None):
+  return _generate(
+    model, cache, batch, max_len, lambda logits, _: _forbid(logits, vocab_limit).argmax(-1), prompt
+  )
+
+
+def sample(
+  model, cache, batch, max_len, vocab_limit, key, temperature=1.0, top_k=0, top_p=1.0, prompt=None
+):
+  def pick(logits, subkey):
+    logits = filter_logits(_forbid(logits, vocab_limit), temperature, top_k, top_p)
+    return jax.random.categorical(subkey, logits)
+
+  return _generate(model, cache, batch, max_len, pick, prompt, key)
+
+
+def _repeat_rows(cache: dict, beam: int) -> dict:
+  """Each batch row's cache repeated `beam` times, beams of one row adjacent."""
+  return {
+    name: jnp.repeat(x, beam, axis=0 if name == "cross_mask" else 1) for name, x in cache.items()
+  }
+
+
+def beam_search(model, cache, batch: int, beam: int, max_len: int, vocab_limit: int, alpha: float):
+  """Best sequences [batch, max_len] and their scores (log-prob / length penalty).
+
+  Keeps `beam` live and `beam` finished hypotheses per row; stops early when no live beam can
+  beat the worst finished one (log-probs only fall, the penalty is largest at max_len). At
+  max_len, live hypotheses finish without EOS, keeping all their tokens.
+  """
+  cache = _repeat_rows(cache, beam)
+  seqs = jnp.zeros((batch, beam, max_len), jnp.int32)
+  live_lp = jnp.tile(jnp.asarray([0.0] + [NEG_INF] * (beam - 1)), (batch, 1))
+  state = dict(
+    t=0,
+    live=seqs,
+    live_lp=live_lp,
+    previous=jnp.full((batch, beam), BOS_ID, jnp.int32),
+    done=seqs,
+    done_score=jnp.full((batch, beam), NEG_INF),
+    cache=cache,
+  )
+
+  def cond(s):
+    best_possible = s["live_lp"].max(-1) / length_penalty(max_len, alpha)
+    settled = s["done_score"].min(-1) >= best_possible
+    return (s["t"] < max_len) & ~settled.all()
+
+  def body(s):
+    t = s["t"]
+    logits, cache = model.decode_step(s["previous"].reshape(-1), t, s["cache"])
+    logp = jax.nn.log_softmax(_forbid(logits, vocab_limit)).reshape(batch, beam, -1)
+    vocab = logp.shape[-1]
+    scores = (s["live_lp"][..., None] + logp).reshape(batch, beam * vocab)
+    top_lp, top_index = jax.lax.top_k(scores, 2 * beam)
+    origin, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
+    grown = jnp.take_along_axis(s["live"], origin[..., None], axis=1).at[:, :, t].set(token)
+    ends = (token == EOS_ID) | (t + 1 == max_len)
+    # Finished: the old finished hypotheses and the candidates that end here; keep the best.
+    finished = jnp.where(ends, top_lp / length_penalty(t + 1.0, alpha), NEG_INF)
+    pool_score = jnp.concatenate([s["done_score"], finished], axis=1)
+    pool_seq = jnp.concatenate([s["done"], grown], axis=1)
+    done_score, pick = jax.lax.top_k(pool_score, beam)
+    done = jnp.take_along_axis(pool_seq, pick[..., None], axis=1)
+    # Live: the best candidates that did not end.
+    live_lp, pick = jax.lax.top_k(jnp.where(ends, NEG_INF, top_lp), beam)
+    live = jnp.take_along_axis(grown, pick[..., None], axis=1)
+    rows = (jnp.arange(batch)[:, None] * beam + jnp.take_along_axis(origin, pick, 1)).reshape(-1)
+    cache = {
+      k: (jnp.take(v, rows, axis=1) if k in ("k", "v") else v) for k, v in cache.items()
+    }  # the source's keys/values are the same for every beam of a row
+    previous = jnp.take_along_axis(token, pick, axis=1)
+    return dict(
+      t=t + 1,
+      live=live,
+      live_lp=live_lp,
+      previous=previous,
+      done=done,
+      done_score=done_score,
+      cache=cache,
+    )
+
+  s = jax.lax.while_loop(cond, body, state)
+  return s["done"][:, 0], s["done_score"][:, 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+  beam_size: int = 4
+  alpha: float = 0.6
+  max_len: int = 256  # a hard cap; translation also stops at max_len_a * source + max_len_b
+  max_len_a: float = 1.5
+  max_len_b: int = 10
+  temperature: float = 0.0  # LM: 0 = greedy, else sampling with top_k / top_p
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+
+  @classmethod
+  def from_config(cls, decode_cfg) -> DecodeOptions:
+    return cls(**{f.name: decode_cfg[f.name] for f in dataclasses.fields(cls)})
+
+
+class Decoder:
+  """Batched text -> text with a trained model on its mesh; the API the CLI (and a server) use."""
+
+  def __init__(self, run, params, tokenizer: Tokenizer, options: DecodeOptions, batch_size: int):
+    self.run, self.params, self.tokenizer, self.options = run, params, tokenizer, options
+    rows_multiple = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+    self.batch_size = -(-batch_size // rows_multiple) * rows_multiple
+    self.src_len = run.cfg.data.seq_len
+    self._jitted = {}
+
+  def _compiled(self, max_len: int):
+    if max_len not in self._jitted:
+      self._jitted[max_len] = jax.jit(
+        functools.partial(_decode_batch, self.run, self.options, max_len, self.tokenizer.vocab_size)
+      )
+    return self._jitted[max_len]
+
+  def _max_len(self, source_lengths) -> int:
+    o = self.options
+    if self.run.cfg.task == "lm":
+      return min(o.max_len, self.run.cfg.model.max_len)
+    longest = max(source_lengths, default=1)
+    return int(min(o.max_len, np.ceil(o.max_len_a * longest + o.max_len_b)))
+
+  def _encode(self, line: str, warn) -> list[int]:
+    ids = self.tokenizer.encode(line)
+    limit = self.src_len - 1 if self.run.cfg.task == "translation" else self.src_len - 2
+    if len(ids) > limit:
+      warn(f"warning: input of {len(ids)} tokens truncated to {limit}: {line[:40]!r}...")
+      ids = ids[:limit]
+    return ids + [EOS_ID] if self.run.cfg.task == "translation" else ids
+
+  def decode_ids(self, batch_ids: list[list[int]]) -> np.ndarray:
+    """Token ids of one batch (at most batch_size rows) -> output tokens [rows, max_len]."""
+    rows = len(batch_ids)
+    max_len = self._max_len([len(ids) for ids in batch_ids])
+    width = self.src_len if self.run.cfg.task == "translation" else max_len
+    tokens = np.zeros((self.batch_size, width), np.int32)
+    for r, ids in enumerate(batch_ids):
+      tokens[r, : len(ids)] = ids
+    with jax.set_mesh(self.run.mesh):
+      array = jax.device_put(tokens, self.run.shardings.batch)
+      out = self._compiled(max_len)(self.params, array)
+    return np.asarray(jax.device_get(out))[:rows]
+
+  def __call__(self, lines: Iterable[str], warn=None, progress=None) -> list[str]:
+    """One output line per input line, in order; an empty input line gives an empty output."""
+    warn = warn or (lambda message: print(message, file=sys.stderr))
+    lines = list(lines)
+    outputs = [""] * len(lines)
+    todo = [(i, self._encode(line, warn)) for i, line in enumerate(lines) if line.strip()]
+    for start in range(0, len(todo), self.batch_size):
+      chunk = todo[start : start + self.batch_size]
+      tokens = self.decode_ids([ids for _, ids in chunk])
+      for (i, ids), row in zip(chunk, tokens):
+        if self.run.cfg.task == "lm":  # a continuation: what follows the prompt
+          row = row[len(ids) :]
+        outputs[i] = self.tokenizer.decode(row)
+      if progress:
+        progress(min(start + self.batch_size, len(todo)), len(todo))
+    return outputs
+
+
+def _decode_batch(run, options: DecodeOptions, max_len: int, vocab_limit: int, params, tokens):
+  model = nnx.merge(run.graphdef, params)
+  batch = tokens.shape[0]
+  with sharding.params_sharded_over_fsdp(run.cfg.zero_stage == 3):
+    if run.cfg.task == "translation":
+      cache = model.init_cache(tokens, max_len)
+      if options.beam_size > 1:
+        return beam_search(
+          model, cache, batch, options.beam_size, max_len, vocab_limit, options.alpha
+        )[0]
+      return greedy(model, cache, batch, max_len, vocab_limit)
+    cache = model.init_cache(batch, max_len)
+    if options.temperature > 0:
+      key = jax.random.key(options.seed)
+      return sample(
+        model,
+        cache,
+        batch,
+        max_len,
+        vocab_limit,
+        key,
+        options.temperature,
+        options.top_k,
+        options.top_p,
+        prompt=tokens,
+      )
+    return greedy(model, cache, batch, max_len, vocab_limit, prompt=tokens)

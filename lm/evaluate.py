@@ -1,4 +1,4 @@
-"""Held-out loss, perplexity and token accuracy; example translations."""
+"""Held-out loss, perplexity and token accuracy; sacreBLEU of decoded translations; examples."""
 
 from __future__ import annotations
 
@@ -6,18 +6,24 @@ import math
 
 import jax
 import numpy as np
+import sacrebleu
 
 from lm.data import pipeline
-from lm.decode import greedy_translate
+from lm.decode import DecodeOptions, Decoder
 
 
-def evaluate(run, params, data) -> dict:
-  """Teacher-forced metrics over every held-out row (the last batch padded, nothing dropped)."""
+def bleu(hypotheses: list[str], references: list[str]) -> tuple[float, str]:
+  """Corpus BLEU on detokenized text: sacreBLEU defaults (cased, 13a); score and signature."""
+  metric = sacrebleu.metrics.BLEU()
+  return metric.corpus_score(hypotheses, [references]).score, str(metric.get_signature())
+
+
+def teacher_forced(run, params, data) -> dict:
+  """Loss, perplexity and accuracy over every held-out row (last batch padded, none dropped)."""
   eval_step = jax.jit(lambda p, b: run.loss_sums(p, b, None))
   totals = np.zeros(3)
-  batch = run.cfg.train.global_batch_size
   with jax.set_mesh(run.mesh):
-    for local in pipeline.eval_batches(data.eval, batch):
+    for local in pipeline.eval_batches(data.eval, run.cfg.train.global_batch_size):
       loss, (tokens, correct) = eval_step(params, run.shard_batch(local))
       totals += np.array([float(loss), float(tokens), float(correct)])
   loss = totals[0] / max(totals[1], 1.0)
@@ -28,14 +34,25 @@ def evaluate(run, params, data) -> dict:
   }
 
 
-def show_examples(run, params, data, log, count: int = 4) -> None:
-  if run.cfg.task != "translation":
-    return
-  rows = {k: v[:count] for k, v in data.eval.items()}
-  with jax.set_mesh(run.mesh):
-    decode = jax.jit(greedy_translate, static_argnums=(0, 3))
-    predictions = np.asarray(decode(run.graphdef, params, rows["inputs"], run.cfg.data.seq_len))
-  for (source, target), pred in zip(data.eval_text[:count], predictions):
-    log.info(
-      f"source:     {source}\ntarget:     {target}\nprediction: {data.tokenizer.decode(pred)}"
-    )
+def evaluate(run, params, data, log=None) -> dict:
+  """Teacher-forced metrics, BLEU for translation (decode.bleu), and a few logged examples."""
+  results = teacher_forced(run, params, data)
+  cfg = run.cfg
+  shown = cfg.decode.examples if log else 0
+  decoder = Decoder(
+    run, params, data.tokenizer, DecodeOptions.from_config(cfg.decode), cfg.decode.batch_size
+  )
+  if cfg.task == "translation" and (cfg.decode.bleu or shown):
+    pairs = data.eval_text if cfg.decode.bleu else data.eval_text[:shown]
+    hypotheses = decoder([source for source, _ in pairs], warn=lambda _: None)
+    if cfg.decode.bleu:
+      results["bleu"], signature = bleu(hypotheses, [target for _, target in pairs])
+      if log:
+        log.info(f"sacreBLEU signature: {signature}")
+    for (source, target), hypothesis in list(zip(pairs, hypotheses))[:shown]:
+      log.info(f"source:     {source}\ntarget:     {target}\nprediction: {hypothesis}")
+  elif shown:
+    prompts = [" ".join(text.split()[:4]) for _, text in data.eval_text[:shown]]
+    for prompt, continuation in zip(prompts, decoder(prompts, warn=lambda _: None)):
+      log.info(f"prompt:       {prompt}\ncontinuation: {continuation}")
+  return results

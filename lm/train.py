@@ -340,7 +340,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         pending = []
       evaluated = None
       if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
-        evaluated = evaluate.evaluate(run, state.params, data)
+        evaluated = evaluate.evaluate(run, state.params, data, log)
         log.scalars(step, evaluated)
       every = cfg.checkpoint.every
       periodic = (every and step % every == 0) or (evaluated and cfg.checkpoint.best_metric)
@@ -354,11 +354,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         results = {"stopped_at": step}
         break
     else:
-      results = evaluate.evaluate(run, state.params, data)
+      results = evaluate.evaluate(run, state.params, data, log)
       log.scalars(total, results)
       if checkpoints.latest_step() != total:
         checkpoints.save(total, state, batches, data.tokenizer, results)
-      evaluate.show_examples(run, state.params, data, log)
       checkpoints.wait()
   checkpoints.close()
   log.close()

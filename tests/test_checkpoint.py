@@ -210,9 +210,9 @@ def test_export_reloads_with_the_training_loss(tmp_path):
   run, params, tokenizer, step = lm_train.restore_latest(str(workdir))
   assert lm_train.export(str(workdir), str(out)) == step == 6
   data = pipeline.load(cfg, str(workdir))
-  reference = evaluate.evaluate(run, params, data)
+  reference = evaluate.teacher_forced(run, params, data)
   exported = checkpoint.load_export(str(out), run.abstract_state().params)
-  assert evaluate.evaluate(run, exported, data)["eval_loss"] == reference["eval_loss"]
+  assert evaluate.teacher_forced(run, exported, data)["eval_loss"] == reference["eval_loss"]
   meta = checkpoint.load_meta(str(out))
   assert checkpoint.meta_tokenizer(meta).model_proto == tokenizer.model_proto
   assert checkpoint.meta_config(meta).model.d_model == cfg.model.d_model
@@ -225,5 +225,5 @@ def test_export_reloads_with_the_training_loss(tmp_path):
   halved = checkpoint.load_export(str(tmp_path / "bf16"), abstract_bf16)
   assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(halved))
   as_f32 = jax.tree.map(lambda x: x.astype(np.float32), halved)
-  loss_bf16 = evaluate.evaluate(run, as_f32, data)["eval_loss"]
+  loss_bf16 = evaluate.teacher_forced(run, as_f32, data)["eval_loss"]
   np.testing.assert_allclose(loss_bf16, reference["eval_loss"], rtol=1e-2)

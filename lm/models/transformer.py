@@ -15,7 +15,16 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from lm.models.layers import Attention, Embedding, Mlp, Norm, attention_mask, dropout, sinusoidal
+from lm.models.layers import (
+  Attention,
+  Embedding,
+  Mlp,
+  Norm,
+  attention_mask,
+  dropout,
+  rotary,
+  sinusoidal,
+)
 from lm.parallel.sharding import constrain, gather_layer, params_are_sharded
 
 BOS_ID = 2
@@ -124,6 +133,32 @@ class DecoderLayer(nnx.Module):
       )
     return x + dropout(self.mlp(self.mlp_norm(x)), self.rate, k3)
 
+  def decode_step(self, x, cache, *, index, positions, cross_mask=None):
+    """One new position: x [b, 1, embed]; cache holds this layer's keys/values [b, T, h, kv]
+    (self-attention, written at `index`) and the source's (cross_k, cross_v), computed once."""
+    h = self.self_attn_norm(x)
+    attn = self.self_attn
+    q, k, v = attn.project(h, "query"), attn.project(h, "key"), attn.project(h, "value")
+    if attn.use_rotary:
+      q, k = rotary(q, positions), rotary(k, positions)
+    cache = dict(cache)
+    cache["k"] = jax.lax.dynamic_update_slice_in_dim(
+      cache["k"], k.astype(cache["k"].dtype), index, 1
+    )
+    cache["v"] = jax.lax.dynamic_update_slice_in_dim(
+      cache["v"], v.astype(cache["v"].dtype), index, 1
+    )
+    visible = (jnp.arange(cache["k"].shape[1]) <= index)[None, None, None, :]
+    x = x + attn.attend(q, cache["k"], cache["v"], visible)
+    if self.has_cross:
+      h = self.cross_attn_norm(x)
+      q = self.cross_attn.project(h, "query")
+      x = x + self.cross_attn.attend(q, cache["cross_k"], cache["cross_v"], cross_mask)
+    return x + self.mlp(self.mlp_norm(x)), cache
+
+  def cross_keys_values(self, encoded):
+    return self.cross_attn.project(encoded, "key"), self.cross_attn.project(encoded, "value")
+
 
 def logical_names(state) -> dict:
   """Pure dict of logical-name tuples for a State (or Module) of annotated Params."""
@@ -166,6 +201,31 @@ class LayerStack(nnx.Module):
       body = jax.checkpoint(body, policy=REMAT_POLICIES["save_dots"], prevent_cse=False)
     x, _ = jax.lax.scan(body, x, (params, keys))
     return x
+
+  def _scan_layers(self, fn, carry, per_layer):
+    """lax.scan of fn(layer, carry, per_layer_slice) over the stacked layers (gathered per layer
+    under ZeRO-3, as in training); per_layer arrays have a leading layers axis."""
+    graphdef, state = nnx.split(self.layers)
+    per_layer_names = jax.tree.map(
+      lambda n: n[1:], logical_names(state), is_leaf=lambda x: isinstance(x, tuple)
+    )
+
+    def body(carry, scanned):
+      layer_params, sliced = scanned
+      layer = nnx.merge(graphdef, gather_layer(layer_params, per_layer_names))
+      return fn(layer, carry, sliced)
+
+    return jax.lax.scan(body, carry, (nnx.to_pure_dict(state), per_layer))
+
+  def decode_step(self, x, cache, **kwargs):
+    """x [b, 1, embed] through every layer; cache arrays carry a leading layers axis."""
+    return self._scan_layers(lambda layer, x, c: layer.decode_step(x, c, **kwargs), x, cache)
+
+  def cross_keys_values(self, encoded):
+    _, (k, v) = self._scan_layers(
+      lambda layer, x, _: (x, layer.cross_keys_values(x)), encoded, None
+    )
+    return k, v
 
 
 def shift_right(targets: jax.Array, positions: jax.Array) -> jax.Array:
@@ -253,6 +313,22 @@ class EncoderDecoder(_Model):
     )
     return self.logits(self.decoder_norm(x))
 
+  def init_cache(self, inputs, max_len: int) -> dict:
+    """Encodes the source once: cross-attention keys/values per layer and empty self caches."""
+    in_seg, in_pos = default_segments_and_positions(inputs)
+    encoded = self.encode(inputs, in_seg, in_pos)
+    cross_k, cross_v = self.decoder.cross_keys_values(encoded)
+    return {
+      **_empty_self_cache(self.dims, inputs.shape[0], max_len, cross_k.dtype),
+      "cross_k": cross_k,
+      "cross_v": cross_v,
+      "cross_mask": (in_seg > 0)[:, None, None, :],
+    }
+
+  def decode_step(self, tokens, index, cache) -> tuple[jax.Array, dict]:
+    """Logits [b, vocab] for the next position after `tokens` [b] at position `index`."""
+    return _decode_step(self, tokens, index, cache, cross_mask=cache["cross_mask"])
+
   def __call__(self, batch: dict, dropout_key=None) -> jax.Array:
     k_enc, k_dec = _split_key(dropout_key, 2)
     in_seg, in_pos = _segments_and_positions(batch, "inputs")
@@ -272,6 +348,13 @@ class Decoder(_Model):
     )
     self.decoder_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
 
+  def init_cache(self, batch_size: int, max_len: int) -> dict:
+    return _empty_self_cache(self.dims, batch_size, max_len, self.dims.dtype)
+
+  def decode_step(self, tokens, index, cache) -> tuple[jax.Array, dict]:
+    """Logits [b, vocab] for the next position after `tokens` [b] at position `index`."""
+    return _decode_step(self, tokens, index, cache)
+
   def __call__(self, batch: dict, dropout_key=None) -> jax.Array:
     k_embed, k_layers = _split_key(dropout_key, 2)
     segments, positions = _segments_and_positions(batch, "targets")
@@ -280,6 +363,22 @@ class Decoder(_Model):
     mask = attention_mask(segments, segments, causal=True)
     x = self.decoder(x, k_layers, mask=mask, positions=positions)
     return self.logits(self.decoder_norm(x))
+
+
+def _empty_self_cache(dims: ModelDims, batch: int, max_len: int, dtype) -> dict:
+  shape = (dims.dec_layers, batch, max_len, dims.num_heads, dims.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def _decode_step(model, tokens, index, cache, cross_mask=None):
+  """Shared by both families: embed one token, run the layers with their caches, logits."""
+  positions = jnp.full((tokens.shape[0], 1), index, jnp.int32)
+  x = model.embed_tokens(tokens[:, None], positions)
+  self_cache = {k: v for k, v in cache.items() if k != "cross_mask"}
+  x, self_cache = model.decoder.decode_step(
+    x, self_cache, index=index, positions=positions, cross_mask=cross_mask
+  )
+  return model.logits(model.decoder_norm(x))[:, 0], {**cache, **self_cache}
 
 
 def _segments_and_positions(batch: dict, name: str):
