@@ -6,6 +6,8 @@ python -m experiments.run --config=experiments/wmt_ende.py:base --config.zero_st
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 from absl import app, flags
@@ -18,10 +20,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs, metrics and
 _MODE = flags.DEFINE_enum(
   "mode",
   "train",
-  ["train", "export"],
-  "train (resumes from WORKDIR's latest checkpoint) | export (its parameters to --output).",
+  ["train", "eval", "decode", "export"],
+  "train (resumes from WORKDIR's latest checkpoint) | eval (its held-out metrics and BLEU to "
+  "WORKDIR/eval.json) | decode (--input lines to --output lines) | export (its parameters to "
+  "--output).",
 )
-_OUTPUT = flags.DEFINE_string("output", None, "export: the directory to write.")
+_INPUT = flags.DEFINE_string("input", "-", "decode: one source (or prompt) per line; - = stdin.")
+_OUTPUT = flags.DEFINE_string(
+  "output", None, "decode: one output per input line (- = stdout); export: a new directory."
+)
 _EXPORT_DTYPE = flags.DEFINE_enum(
   "export_dtype", "float32", ["float32", "bfloat16"], "export: parameter dtype."
 )
@@ -37,6 +44,15 @@ def main(argv):
       if _CONFIG.value is None:
         raise ConfigError("--config: required to train; e.g. --config=experiments/demo.py")
       train.train(_CONFIG.value, _WORKDIR.value)
+    elif _MODE.value == "eval":
+      from lm import evaluate, metrics  # noqa: PLC0415
+
+      decode_cfg = _CONFIG.value.decode if _CONFIG.value is not None else None
+      log = metrics.Console()
+      results = evaluate.evaluate_workdir(_WORKDIR.value, decode_cfg, log)
+      print(json.dumps(results, indent=2))
+    elif _MODE.value == "decode":
+      decode_lines(_INPUT.value, _OUTPUT.value or "-")
     elif _MODE.value == "export":
       if not _OUTPUT.value:
         raise ConfigError("--output: required with --mode=export; name a new directory")
@@ -48,6 +64,26 @@ def main(argv):
   except train.TrainingHalted as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+
+
+def decode_lines(input_path: str, output_path: str) -> None:
+  from lm.decode import Decoder  # noqa: PLC0415
+
+  if input_path != "-" and not os.path.exists(input_path):
+    raise ConfigError(f"--input: {input_path!r} does not exist")
+  decode_cfg = _CONFIG.value.decode if _CONFIG.value is not None else None
+  decoder = Decoder.from_workdir(_WORKDIR.value, decode_cfg)
+  source = sys.stdin if input_path == "-" else open(input_path, encoding="utf-8")
+  with source:
+    lines = [line.rstrip("\n") for line in source]
+
+  def progress(done: int, total: int) -> None:
+    print(f"\rdecoded {done}/{total} lines", end="" if done < total else "\n", file=sys.stderr)
+
+  outputs = decoder(lines, progress=progress)
+  sink = sys.stdout if output_path == "-" else open(output_path, "w", encoding="utf-8")
+  with sink:
+    sink.writelines(line + "\n" for line in outputs)
 
 
 def parse_flags(argv):

@@ -106,8 +106,9 @@ def _repeat_rows(cache: dict, beam: int) -> dict:
 def beam_search(model, cache, batch: int, beam: int, max_len: int, vocab_limit: int, alpha: float):
   """Best sequences [batch, max_len] and their scores (log-prob / length penalty).
 
-  Keeps `beam` live and `beam` finished hypotheses per row; stops early when no live beam can
-  beat the worst finished one (log-probs only fall, the penalty is largest at max_len). At
+  Keeps `beam` live and `beam` finished hypotheses per row (a candidate ending in EOS finishes
+  when it ranks among the step's top `beam`); stops early when no live beam can beat the worst
+  finished one (log-probs only fall, the penalty is largest at max_len). At
   max_len, live hypotheses finish without EOS, keeping all their tokens.
   """
   cache = _repeat_rows(cache, beam)
@@ -138,8 +139,10 @@ def beam_search(model, cache, batch: int, beam: int, max_len: int, vocab_limit: 
     origin, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
     grown = jnp.take_along_axis(s["live"], origin[..., None], axis=1).at[:, :, t].set(token)
     ends = (token == EOS_ID) | (t + 1 == max_len)
-    # Finished: the old finished hypotheses and the candidates that end here; keep the best.
-    finished = jnp.where(ends, top_lp / length_penalty(t + 1.0, alpha), NEG_INF)
+    # Finished: the old finished hypotheses and the candidates that end here among the top
+    # `beam` (as in fairseq: so beam 1 is greedy); keep the best `beam`.
+    in_beam = jnp.arange(2 * beam) < beam
+    finished = jnp.where(ends & in_beam, top_lp / length_penalty(t + 1.0, alpha), NEG_INF)
     pool_score = jnp.concatenate([s["done_score"], finished], axis=1)
     pool_seq = jnp.concatenate([s["done"], grown], axis=1)
     done_score, pick = jax.lax.top_k(pool_score, beam)
@@ -192,6 +195,17 @@ class Decoder:
     self.batch_size = -(-batch_size // rows_multiple) * rows_multiple
     self.src_len = run.cfg.data.seq_len
     self._jitted = {}
+
+  @classmethod
+  def from_workdir(cls, workdir: str, decode_cfg=None, devices=None) -> Decoder:
+    """The workdir's latest checkpoint on a mesh over the devices; decode_cfg overrides the
+    checkpoint's decode settings."""
+    from lm.train import restore_latest  # noqa: PLC0415 (train imports this module's users)
+
+    run, params, tokenizer, _ = restore_latest(workdir, devices)
+    decode_cfg = decode_cfg if decode_cfg is not None else run.cfg.decode
+    options = DecodeOptions.from_config(decode_cfg)
+    return cls(run, params, tokenizer, options, decode_cfg.batch_size)
 
   def _compiled(self, max_len: int):
     if max_len not in self._jitted:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import jax
 import numpy as np
@@ -55,4 +57,18 @@ def evaluate(run, params, data, log=None) -> dict:
     prompts = [" ".join(text.split()[:4]) for _, text in data.eval_text[:shown]]
     for prompt, continuation in zip(prompts, decoder(prompts, warn=lambda _: None)):
       log.info(f"prompt:       {prompt}\ncontinuation: {continuation}")
+  return results
+
+
+def evaluate_workdir(workdir: str, decode_cfg=None, log=None) -> dict:
+  """--mode=eval: the latest checkpoint on its held-out set; also written to WORKDIR/eval.json."""
+  from lm.train import restore_latest  # noqa: PLC0415
+
+  run, params, _, step = restore_latest(workdir)
+  if decode_cfg is not None:
+    run.cfg.decode = decode_cfg
+  data = pipeline.load(run.cfg, workdir, log.info if log else print)
+  results = {"step": step, **evaluate(run, params, data, log)}
+  with open(os.path.join(workdir, "eval.json"), "w") as f:
+    json.dump(results, f, indent=2)
   return results

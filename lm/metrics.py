@@ -59,6 +59,14 @@ class Logger:
       self.tb.close()
 
 
+class Console:
+  """The Logger's console half, for modes that write no run directory."""
+
+  def info(self, message: str) -> None:
+    if jax.process_index() == 0:
+      print(message, flush=True)
+
+
 def _fmt(v) -> str:
   if isinstance(v, float):
     return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"

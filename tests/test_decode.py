@@ -1,0 +1,212 @@
+"""Decoding: KV cache against the full forward pass, beam search against exhaustive search,
+sampling, BLEU, sharded decoding, and the eval / decode modes of the runner."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import sacrebleu
+import scipy.stats
+from flax import nnx
+
+from experiments import demo
+from lm import decode, evaluate
+from lm import train as lm_train
+from lm.data import synthetic
+from lm.data.tokenizer import BOS_ID, EOS_ID
+from lm.train import Run
+from tests.helpers import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _model(task, devices=1, **model):
+  cfg = tiny_config(task, **model)
+  run = Run.build(cfg, devices=jax.devices()[:devices])
+  return run, nnx.merge(run.graphdef, run.init_state().params)
+
+
+def _tokens(seed, shape, low=4, high=60):
+  return jnp.asarray(np.random.RandomState(seed).randint(low, high, size=shape), jnp.int32)
+
+
+@pytest.mark.parametrize(
+  "task,positions", [("translation", "sinusoidal"), ("lm", "rotary"), ("lm", "learned")]
+)
+def test_cached_decoding_matches_the_full_forward_pass(task, positions):
+  run, model = _model(task, positions=positions)
+  targets = _tokens(1, (2, 9))
+  if task == "translation":
+    inputs = _tokens(2, (2, 7)).at[1, 5:].set(0)  # padded source
+    full = model({"inputs": inputs, "targets": targets})
+    cache = model.init_cache(inputs, 9)
+  else:
+    full = model({"targets": targets})
+    cache = model.init_cache(2, 9)
+  previous = jnp.full((2,), BOS_ID, jnp.int32)
+  for t in range(9):
+    logits, cache = model.decode_step(previous, t, cache)
+    np.testing.assert_allclose(logits, full[:, t], atol=2e-5, rtol=1e-5)
+    previous = targets[:, t]
+
+
+def _sequence_log_probs(model, inputs, sequences, vocab_limit):
+  """log P(sequence | input) by teacher forcing, with the decoder's forbidden ids masked."""
+  length = max(len(s) for s in sequences)
+  targets = jnp.asarray([s + [0] * (length - len(s)) for s in sequences], jnp.int32)
+  rows = jnp.repeat(inputs[None], len(sequences), axis=0)
+  logp = jax.nn.log_softmax(
+    decode._forbid(model({"inputs": rows, "targets": targets}), vocab_limit)
+  )
+  picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  lengths = jnp.asarray([len(s) for s in sequences])
+  return np.asarray((picked * (jnp.arange(length)[None] < lengths[:, None])).sum(-1))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 2.0])
+def test_beam_search_finds_the_exhaustive_best(alpha):
+  run, model = _model("translation")
+  vocab_limit, max_len = 8, 3
+  words = [t for t in range(1, vocab_limit) if t not in (BOS_ID, EOS_ID)]
+  inputs = _tokens(3, (2, 6))
+  found, found_score = decode.beam_search(
+    model, model.init_cache(inputs, max_len), 2, 32, max_len, vocab_limit, alpha
+  )
+  for row in range(2):
+    candidates = [
+      list(p) + [EOS_ID] for n in range(max_len) for p in itertools.product(words, repeat=n)
+    ]
+    candidates += [list(p) for p in itertools.product(words, repeat=max_len)]  # no EOS: kept whole
+    log_probs = _sequence_log_probs(model, inputs[row], candidates, vocab_limit)
+    scores = [lp / decode.length_penalty(len(c), alpha) for lp, c in zip(log_probs, candidates)]
+    best = int(np.argmax(scores))
+    expected = candidates[best] + [0] * (max_len - len(candidates[best]))
+    assert np.asarray(found[row]).tolist() == expected
+    np.testing.assert_allclose(float(found_score[row]), scores[best], rtol=1e-5)
+
+
+def test_beam_one_and_top_k_one_equal_greedy():
+  run, model = _model("translation")
+  inputs = _tokens(4, (3, 6))
+  greedy = decode.greedy(model, model.init_cache(inputs, 8), 3, 8, 60)
+  beam1, _ = decode.beam_search(model, model.init_cache(inputs, 8), 3, 1, 8, 60, 0.0)
+  np.testing.assert_array_equal(beam1, greedy)
+  lm_run, lm = _model("lm")
+  lm_greedy = decode.greedy(lm, lm.init_cache(3, 8), 3, 8, 60)
+  sampled = decode.sample(lm, lm.init_cache(3, 8), 3, 8, 60, jax.random.key(5), top_k=1)
+  np.testing.assert_array_equal(sampled, lm_greedy)
+
+
+def test_sampled_frequencies_match_the_softmax():
+  run, model = _model("lm")
+  draws, vocab_limit = 20_000, 12
+  first = decode.sample(model, model.init_cache(draws, 1), draws, 1, vocab_limit, jax.random.key(0))
+  logits, _ = model.decode_step(jnp.full((1,), BOS_ID, jnp.int32), 0, model.init_cache(1, 1))
+  probs = np.asarray(jax.nn.softmax(decode._forbid(logits[0], vocab_limit)), np.float64)
+  allowed = np.flatnonzero(probs > 1e-12)
+  counts = np.bincount(np.asarray(first[:, 0]), minlength=len(probs))
+  assert counts[probs <= 1e-12].sum() == 0  # PAD, BOS and padded ids never drawn
+  expected = probs[allowed] / probs[allowed].sum() * draws
+  assert scipy.stats.chisquare(counts[allowed], expected).pvalue > 1e-3
+
+
+def test_top_p_keeps_the_smallest_set_with_the_mass():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  kept = decode.filter_logits(logits, top_p=0.75) > decode.NEG_INF / 2
+  assert np.asarray(kept).tolist() == [[True, True, False, False]]
+  kept = decode.filter_logits(logits, top_k=3) > decode.NEG_INF / 2
+  assert np.asarray(kept).tolist() == [[True, True, True, False]]
+
+
+def test_bleu_equals_sacrebleu():
+  hyps = ["The cat sat on the mat.", "A quick brown fox jumps.", "Hello there"]
+  refs = ["The cat is on the mat.", "The quick brown fox jumps.", "Hello there!"]
+  score, signature = evaluate.bleu(hyps, refs)
+  assert score == sacrebleu.corpus_bleu(hyps, [refs]).score
+  assert "case:mixed" in signature and "tok:13a" in signature
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_sharded_zero3_decoding_equals_one_device(beam):
+  outputs = []
+  for mesh, stage, devices in [((1, 1, 1), 0, 1), ((2, 2, 2), 3, 8)]:
+    cfg = tiny_config("translation")
+    cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+    cfg.zero_stage = stage
+    run = Run.build(cfg, devices=jax.devices()[:devices])
+    options = decode.DecodeOptions(beam_size=beam, max_len=10)
+
+    class Pieces:  # token ids in, ids out: no tokenizer needed
+      vocab_size = 60
+
+    decoder = decode.Decoder(run, run.init_state().params, Pieces(), options, batch_size=8)
+    sources = np.asarray(_tokens(7, (6, 10)))
+    outputs.append(decoder.decode_ids([list(row) + [EOS_ID] for row in sources[:, :5]]))
+  np.testing.assert_array_equal(outputs[0], outputs[1])
+  assert outputs[0].shape[0] == 6
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("demo")
+  cfg = demo.get_config("tiny")
+  cfg.train.total_steps = 20
+  cfg.data.update(tokenizer_sample=2000, eval_examples=16)
+  cfg.mesh.update(data=1, fsdp=8)
+  lm_train.train(cfg, str(workdir))
+  return workdir
+
+
+def _run_cli(*args, stdin=None):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  return subprocess.run(
+    [sys.executable, "-m", "experiments.run", *args],
+    cwd=ROOT,
+    env=env,
+    input=stdin,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def test_decode_mode_keeps_every_line_in_order(trained_workdir, tmp_path):
+  sentences = synthetic.DemoSource(200, 123)
+  lines = [sentences[i][0] for i in range(200)]
+  for i in range(0, 200, 17):
+    lines[i] = ""
+  lines[5] = " ".join([lines[6]] * 20)  # far longer than data.seq_len
+  (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+  result = _run_cli(
+    "--mode=decode",
+    f"--workdir={trained_workdir}",
+    f"--input={tmp_path / 'in.txt'}",
+    f"--output={tmp_path / 'out.txt'}",
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "truncated" in result.stderr and "decoded 188/188 lines" in result.stderr
+  outputs = (tmp_path / "out.txt").read_text().split("\n")[:-1]
+  assert len(outputs) == 200
+  assert [i for i, o in enumerate(outputs) if not o] == [
+    i for i, line in enumerate(lines) if not line
+  ]
+  # In order: the same lines decoded one by one in this process give the same outputs.
+  decoder = decode.Decoder.from_workdir(str(trained_workdir), devices=jax.devices()[:1])
+  for i in (1, 2, 5, 100, 199):
+    assert decoder([lines[i]], warn=lambda _: None) == [outputs[i]]
+
+
+def test_eval_mode_writes_eval_json(trained_workdir):
+  result = _run_cli("--mode=eval", f"--workdir={trained_workdir}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  written = json.loads((trained_workdir / "eval.json").read_text())
+  assert written["step"] == 20 and 0 <= written["bleu"] <= 100
+  last = [json.loads(line) for line in open(trained_workdir / "metrics.jsonl")][-1]
+  np.testing.assert_allclose(written["eval_loss"], last["eval_loss"], rtol=1e-5)
+  assert written["bleu"] == pytest.approx(last["bleu"], abs=1e-6)
