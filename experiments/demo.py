@@ -1,8 +1,9 @@
 """The embedded default: translation of a generated artificial language pair (no download).
 
   python -m experiments.run --config=experiments/demo.py --workdir=runs/demo
-Hardware: 2 CPU cores. Time: about 4 minutes. Expected: held-out token accuracy above 0.9,
-then a few source / target / prediction examples. Variant `tiny` (50 steps) is for tests.
+Hardware: 2 CPU cores. Time: about 4 minutes. Expected: held-out token accuracy above 0.99 and
+sacreBLEU above 95 (beam 4), then a few source / target / prediction examples. Variant `tiny`
+(50 steps) is for tests.
 """
 
 from lm import config as lmc

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lm.config import ConfigError
@@ -37,6 +37,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
   from lm import train  # noqa: PLC0415 (flags parse before jax initializes)
 
   try:
