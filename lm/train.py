@@ -295,8 +295,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   lmc.validate(cfg)
   log = metrics.Logger(workdir, cfg)
   data = pipeline.load(cfg, workdir, log.info)
-  run = Run.build(cfg, vocab_size=model_vocab(cfg, data.tokenizer))
   vocab = model_vocab(cfg, data.tokenizer)
+  run = Run.build(cfg, vocab_size=vocab)
   if run.dims.vocab_size != vocab:
     log.info(
       f"vocab padded from {vocab} to {run.dims.vocab_size} (a multiple of 128 and mesh.tensor)"

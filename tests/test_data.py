@@ -43,7 +43,7 @@ def _write_tsv(path, rows=300, seed=0):
   return len(bad)
 
 
-def _data_config(task, source, tmp_path, **data):
+def _data_config(task, source, **data):
   cfg = tiny_config(task)
   cfg.data.update(source=source, eval_examples=16, spm_model_type="word", prefetch=0)
   cfg.data.update(data)
@@ -58,7 +58,7 @@ def _metrics(workdir):
 def test_tsv_trains_translation_and_counts_malformed_lines(tmp_path):
   path = tmp_path / "pairs.tsv"
   bad = _write_tsv(path)
-  cfg = _data_config("translation", f"tsv:{path}", tmp_path)
+  cfg = _data_config("translation", f"tsv:{path}")
   cfg.train.update(total_steps=40, log_every=10, global_batch_size=16)
   results = lm_train.train(cfg, str(tmp_path / "run"))
   lines = [m for m in _metrics(tmp_path / "run") if "loss" in m]
@@ -73,7 +73,7 @@ def test_text_file_trains_an_lm(tmp_path):
   # Each document counts up through the words: predictable after its first word.
   docs = [" ".join(WORDS[s : s + rng.randint(3, 8)]) for s in rng.randint(0, 5, size=200)]
   path.write_text("\n".join(docs) + "\n\n")  # a trailing empty line: skipped
-  cfg = _data_config("lm", f"text:{tmp_path}/*.txt", tmp_path)
+  cfg = _data_config("lm", f"text:{tmp_path}/*.txt")
   cfg.train.update(total_steps=30, log_every=10, global_batch_size=16)
   lm_train.train(cfg, str(tmp_path / "run"))
   lines = [m for m in _metrics(tmp_path / "run") if "loss" in m]
@@ -84,7 +84,7 @@ def test_text_file_trains_an_lm(tmp_path):
 def test_jsonl_records_and_errors(tmp_path):
   path = tmp_path / "data.jsonl"
   path.write_text('{"de": "hallo welt", "en": "hello world"}\n{"de": "x"}\nnot json\n')
-  cfg = _data_config("translation", f"jsonl:{path}", tmp_path, direction="en->de")
+  cfg = _data_config("translation", f"jsonl:{path}", direction="en->de")
   source = sources.open_source(cfg.data.source, cfg.data, cfg.task, 0)
   assert len(source) == 1 and source.skipped == 2
   assert source[0] == {"inputs": "hello world", "targets": "hallo welt"}
@@ -105,7 +105,7 @@ def test_jsonl_records_and_errors(tmp_path):
 )
 def test_bad_sources_fail_in_one_line(tmp_path, source, message):
   (tmp_path / "empty.txt").write_text("\n\n")
-  cfg = _data_config("translation", source.format(tmp=tmp_path), tmp_path, direction="en->de")
+  cfg = _data_config("translation", source.format(tmp=tmp_path), direction="en->de")
   cfg.task = "lm" if source.startswith("text") else "translation"
   cfg.data.tfds_data_dir = str(tmp_path / "tfds")
   with pytest.raises(ConfigError, match=message) as error:
@@ -187,7 +187,7 @@ def _line_ids(batch):
 def test_process_shares_are_disjoint_and_cover_the_data(tmp_path, processes):
   path = tmp_path / "docs.txt"
   path.write_text("".join(f"w{i}\n" for i in range(101)))
-  cfg = _data_config("lm", f"text:{path}", tmp_path, pack=False, spm_model_type="word")
+  cfg = _data_config("lm", f"text:{path}", pack=False, spm_model_type="word")
   cfg.data.eval_source = f"text:{path}"  # keep all 101 lines for training
   cfg.train.global_batch_size = 4
   cfg.model.vocab_size = 128  # a piece per line
