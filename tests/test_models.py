@@ -88,7 +88,8 @@ def test_padding_does_not_change_the_loss(task):
 
 def analytic_param_count(m, task: str) -> int:
   """Parameters of the architecture, from its formula (independent of the model code)."""
-  d, h, f, v = m.d_model, m.num_heads, m.mlp_dim, m.vocab_size
+  d, h, f = m.d_model, m.num_heads, m.mlp_dim
+  v = -(-m.vocab_size // 128) * 128  # the embedding is padded to a multiple of 128
   k = m.head_dim or d // h
   bias = m.use_bias
   attention = 4 * d * h * k + (2 * h * k + d if bias else 0)  # no key bias

@@ -18,6 +18,7 @@ def _config(task, mesh=(1, 1, 1), stage=0):
   cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
   cfg.zero_stage = stage
   cfg.train.update(global_batch_size=16, microbatches=2)
+  cfg.data.pack = False  # the batches below are plain rows
   # eps 1e-6: with eps near 0, Adam divides rounding noise on near-zero gradients by its own
   # magnitude and turns it into lr-sized updates, which no reduction order can reproduce.
   cfg.optim.update(name="adamw", learning_rate=1e-3, eps=1e-6, weight_decay=0.1, clip_norm=1.0)
