@@ -52,12 +52,16 @@ def filter_logits(logits, temperature: float = 1.0, top_k: int = 0, top_p: float
   return logits
 
 
-def _generate(model, cache, batch: int, max_len: int, pick: Callable, prompt=None, key=None):
-  """Token by token until every row has emitted EOS or max_len tokens exist.
+def _generate(
+  model, cache, batch: int, max_len: int, pick: Callable, prompt=None, key=None, limits=None
+):
+  """Token by token until every row has emitted EOS or reached its length limit.
 
-  `prompt` [batch, max_len] (0 = free) forces those positions. Tokens after EOS are PAD; a row
-  that reaches max_len without EOS keeps all its tokens.
+  `prompt` [batch, max_len] (0 = free) forces those positions; `limits` [batch] (default
+  max_len) caps each row. Tokens after the end are PAD; a row that reaches its limit without
+  EOS keeps all its tokens.
   """
+  limits = jnp.full((batch,), max_len) if limits is None else limits
   out = jnp.zeros((batch, max_len), jnp.int32)
   key = jax.random.key(0) if key is None else key
 
@@ -74,16 +78,18 @@ def _generate(model, cache, batch: int, max_len: int, pick: Callable, prompt=Non
       forced = prompt[:, t]
       token = jnp.where(forced > 0, forced, token)
     token = jnp.where(done, PAD_ID, token)
-    return t + 1, out.at[:, t].set(token), token, done | (token == EOS_ID), cache, key
+    done = done | (token == EOS_ID) | (t + 1 >= limits)
+    return t + 1, out.at[:, t].set(token), token, done, cache, key
 
   start = (0, out, jnp.full((batch,), BOS_ID, jnp.int32), jnp.zeros((batch,), bool), cache, key)
   return jax.lax.while_loop(cond, body, start)[1]
 
 
-def greedy(model, cache, batch: int, max_len: int, vocab_limit: int, prompt=None):
-  return _generate(
-    model, cache, batch, max_len, lambda logits, _: _forbid(logits, vocab_limit).argmax(-1), prompt
-  )
+def greedy(model, cache, batch: int, max_len: int, vocab_limit: int, prompt=None, limits=None):
+  def pick(logits, _):
+    return _forbid(logits, vocab_limit).argmax(-1)
+
+  return _generate(model, cache, batch, max_len, pick, prompt, limits=limits)
 
 
 def sample(
@@ -103,14 +109,18 @@ def _repeat_rows(cache: dict, beam: int) -> dict:
   }
 
 
-def beam_search(model, cache, batch: int, beam: int, max_len: int, vocab_limit: int, alpha: float):
+def beam_search(
+  model, cache, batch: int, beam: int, max_len: int, vocab_limit: int, alpha: float, limits=None
+):
   """Best sequences [batch, max_len] and their scores (log-prob / length penalty).
 
   Keeps `beam` live and `beam` finished hypotheses per row (a candidate ending in EOS finishes
   when it ranks among the step's top `beam`); stops early when no live beam can beat the worst
-  finished one (log-probs only fall, the penalty is largest at max_len). At
-  max_len, live hypotheses finish without EOS, keeping all their tokens.
+  finished one (log-probs only fall, the penalty is largest at the row's limit). At its
+  limit (`limits` [batch], default max_len), a row's live hypotheses finish without EOS,
+  keeping all their tokens.
   """
+  limits = jnp.full((batch,), max_len) if limits is None else limits
   cache = _repeat_rows(cache, beam)
   seqs = jnp.zeros((batch, beam, max_len), jnp.int32)
   live_lp = jnp.tile(jnp.asarray([0.0] + [NEG_INF] * (beam - 1)), (batch, 1))
@@ -125,8 +135,8 @@ def beam_search(model, cache, batch: int, beam: int, max_len: int, vocab_limit: 
   )
 
   def cond(s):
-    best_possible = s["live_lp"].max(-1) / length_penalty(max_len, alpha)
-    settled = s["done_score"].min(-1) >= best_possible
+    best_possible = s["live_lp"].max(-1) / length_penalty(limits, alpha)
+    settled = (s["done_score"].min(-1) >= best_possible) | (s["t"] >= limits)
     return (s["t"] < max_len) & ~settled.all()
 
   def body(s):
@@ -138,7 +148,7 @@ def beam_search(model, cache, batch: int, beam: int, max_len: int, vocab_limit: 
     top_lp, top_index = jax.lax.top_k(scores, 2 * beam)
     origin, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
     grown = jnp.take_along_axis(s["live"], origin[..., None], axis=1).at[:, :, t].set(token)
-    ends = (token == EOS_ID) | (t + 1 == max_len)
+    ends = (token == EOS_ID) | (t + 1 >= limits)[:, None]
     # Finished: the old finished hypotheses and the candidates that end here among the top
     # `beam` (as in fairseq: so beam 1 is greedy); keep the best `beam`.
     in_beam = jnp.arange(2 * beam) < beam
@@ -173,7 +183,7 @@ def beam_search(model, cache, batch: int, beam: int, max_len: int, vocab_limit: 
 class DecodeOptions:
   beam_size: int = 4
   alpha: float = 0.6
-  max_len: int = 256  # a hard cap; translation also stops at max_len_a * source + max_len_b
+  max_len: int = 256  # a hard cap; a translation stops at max_len_a * its source + max_len_b
   max_len_a: float = 1.5
   max_len_b: int = 10
   temperature: float = 0.0  # LM: 0 = greedy, else sampling with top_k / top_p
@@ -266,11 +276,14 @@ def _decode_batch(run, options: DecodeOptions, max_len: int, vocab_limit: int, p
   with sharding.params_sharded_over_fsdp(run.cfg.zero_stage == 3):
     if run.cfg.task == "translation":
       cache = model.init_cache(tokens, max_len)
+      source_lengths = (tokens > 0).sum(-1)
+      limits = jnp.ceil(options.max_len_a * source_lengths + options.max_len_b).astype(jnp.int32)
+      limits = jnp.clip(limits, 1, max_len)
       if options.beam_size > 1:
         return beam_search(
-          model, cache, batch, options.beam_size, max_len, vocab_limit, options.alpha
+          model, cache, batch, options.beam_size, max_len, vocab_limit, options.alpha, limits
         )[0]
-      return greedy(model, cache, batch, max_len, vocab_limit)
+      return greedy(model, cache, batch, max_len, vocab_limit, limits=limits)
     cache = model.init_cache(batch, max_len)
     if options.temperature > 0:
       key = jax.random.key(options.seed)

@@ -141,15 +141,30 @@ def test_sharded_zero3_decoding_equals_one_device(beam):
     cfg.zero_stage = stage
     run = Run.build(cfg, devices=jax.devices()[:devices])
     options = decode.DecodeOptions(beam_size=beam, max_len=10)
-
-    class Pieces:  # token ids in, ids out: no tokenizer needed
-      vocab_size = 60
-
-    decoder = decode.Decoder(run, run.init_state().params, Pieces(), options, batch_size=8)
+    decoder = decode.Decoder(run, run.init_state().params, _Ids(), options, batch_size=8)
     sources = np.asarray(_tokens(7, (6, 10)))
     outputs.append(decoder.decode_ids([list(row) + [EOS_ID] for row in sources[:, :5]]))
   np.testing.assert_array_equal(outputs[0], outputs[1])
   assert outputs[0].shape[0] == 6
+
+
+class _Ids:  # token ids in, ids out: no tokenizer needed
+  vocab_size = 60
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_each_translation_stops_at_its_own_length_limit(beam):
+  cfg = tiny_config("translation")
+  run = Run.build(cfg, devices=jax.devices()[:1])
+  options = decode.DecodeOptions(beam_size=beam, max_len=40, max_len_a=1.0, max_len_b=1)
+  decoder = decode.Decoder(run, run.init_state().params, _Ids(), options, batch_size=4)
+  sources = [[7] * n + [EOS_ID] for n in (2, 5, 9)]
+  out = decoder.decode_ids(sources)
+  assert out.shape[1] == 11  # the batch runs to the longest limit: 1.0 * 10 + 1
+  lengths = (out > 0).sum(-1)
+  # An untrained model rarely says EOS: rows end at their limits (or earlier with EOS).
+  assert all(n <= len(s) + 1 for n, s in zip(lengths, sources))
+  assert (out[0, len(sources[0]) + 1 :] == 0).all() and lengths.max() > len(sources[0]) + 1
 
 
 @pytest.fixture(scope="module")

@@ -93,13 +93,13 @@ def encode(tokenizer: tok.Tokenizer, text: str, seq_len: int) -> np.ndarray:
 
 
 class _Tokenize(grain.transforms.Map):
+  """Record -> token arrays (+EOS); None (dropped, counted) for a malformed or too long one."""
+
   def __init__(self, tokenizer, seq_len: int, drop_long: bool, skipped: SkipCounter):
-    self.tokenizer, self.seq_len, self.drop_long, self.skipped = (
-      tokenizer,
-      seq_len,
-      drop_long,
-      skipped,
-    )
+    self.tokenizer = tokenizer
+    self.seq_len = seq_len
+    self.drop_long = drop_long
+    self.skipped = skipped
 
   def map(self, record):
     if not record:
