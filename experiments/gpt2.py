@@ -29,5 +29,6 @@ def get_config(variant: str = "small"):
     dropout_rate=0.0,
   )
   cfg.optim.update(learning_rate=6e-4, warmup_steps=2000, weight_decay=0.1, b2=0.95)
-  cfg.train.update(total_steps=40_000, global_batch_size=512, log_every=100, eval_every=2000)
+  cfg.train.update(total_steps=40_000, global_batch_size=512, log_every=100)
+  cfg.eval.every = 2000
   return cfg

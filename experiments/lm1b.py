@@ -26,5 +26,6 @@ def get_config(variant: str = "base"):
     dropout_rate=0.1,
   )
   cfg.optim.update(learning_rate=1e-3, warmup_steps=1000)
-  cfg.train.update(total_steps=500_000, global_batch_size=256, log_every=100, eval_every=2000)
+  cfg.train.update(total_steps=500_000, global_batch_size=256, log_every=100)
+  cfg.eval.every = 2000
   return cfg

@@ -30,6 +30,6 @@ def get_config(variant: str = "base"):
     total_steps=100_000 if variant == "base" else 300_000,
     global_batch_size=128,
     log_every=100,
-    eval_every=5000,
   )
+  cfg.eval.every = 5000
   return cfg

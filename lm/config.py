@@ -70,7 +70,6 @@ def _base() -> ml_collections.ConfigDict:
       global_batch_size=64,  # rows per step over all devices and microbatches
       microbatches=1,
       log_every=50,
-      eval_every=0,  # 0 = evaluate only at the end
       on_nan="skip",  # non-finite loss or grad norm: "skip" the update (counted) or "halt"
     )
   )
@@ -86,6 +85,11 @@ def _base() -> ml_collections.ConfigDict:
       top_p=1.0,
       seed=0,
       batch_size=64,
+    )
+  )
+  cfg.eval = ml_collections.ConfigDict(
+    dict(
+      every=0,  # steps between evaluations during training; 0 = only at the end
       bleu=True,  # translation evals decode the held-out set and report sacreBLEU
       examples=4,  # translations / continuations shown at each evaluation
     )
@@ -218,19 +222,20 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _check_positive(cfg, "mesh.dcn_data")
   for field in ("total_steps", "global_batch_size", "microbatches", "log_every"):
     _check_positive(cfg, "train." + field)
-  _check_positive(cfg, "train.eval_every", allow_zero=True)
+  for field in ("every", "examples"):
+    _check_positive(cfg, "eval." + field, allow_zero=True)
   _check_choice(cfg, "train.on_nan", ("skip", "halt"))
   for field in ("beam_size", "max_len", "batch_size"):
     _check_positive(cfg, "decode." + field)
-  for field in ("alpha", "max_len_a", "max_len_b", "temperature", "top_k", "examples"):
+  for field in ("alpha", "max_len_a", "max_len_b", "temperature", "top_k"):
     _check_positive(cfg, "decode." + field, allow_zero=True)
   if not 0.0 < cfg.decode.top_p <= 1.0:
     _fail("decode.top_p", f"{cfg.decode.top_p!r} must lie in (0, 1]")
   _check_positive(cfg, "checkpoint.every", allow_zero=True)
   _check_positive(cfg, "checkpoint.keep")
   _check_choice(cfg, "checkpoint.best_metric", ("", *EVAL_METRICS))
-  if cfg.checkpoint.best_metric and not cfg.train.eval_every:
-    _fail("checkpoint.best_metric", "needs periodic evaluation; set train.eval_every")
+  if cfg.checkpoint.best_metric and not cfg.eval.every:
+    _fail("checkpoint.best_metric", "needs periodic evaluation; set eval.every")
   if cfg.train.global_batch_size % cfg.train.microbatches:
     _fail(
       "train.global_batch_size",

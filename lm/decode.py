@@ -219,8 +219,12 @@ class Decoder:
 
   def _compiled(self, max_len: int):
     if max_len not in self._jitted:
+      # Outputs come back replicated so that every process can read them whole.
       self._jitted[max_len] = jax.jit(
-        functools.partial(_decode_batch, self.run, self.options, max_len, self.tokenizer.vocab_size)
+        functools.partial(
+          _decode_batch, self.run, self.options, max_len, self.tokenizer.vocab_size
+        ),
+        out_shardings=self.run.shardings.replicated,
       )
     return self._jitted[max_len]
 
@@ -240,7 +244,10 @@ class Decoder:
     return ids + [EOS_ID] if self.run.cfg.task == "translation" else ids
 
   def decode_ids(self, batch_ids: list[list[int]]) -> np.ndarray:
-    """Token ids of one batch (at most batch_size rows) -> output tokens [rows, max_len]."""
+    """Token ids of one batch (at most batch_size rows) -> output tokens [rows, max_len].
+
+    Under several processes every process passes the same rows (as a server broadcasts its
+    requests) and gets every output."""
     rows = len(batch_ids)
     max_len = self._max_len([len(ids) for ids in batch_ids])
     width = self.src_len if self.run.cfg.task == "translation" else max_len
@@ -248,9 +255,11 @@ class Decoder:
     for r, ids in enumerate(batch_ids):
       tokens[r, : len(ids)] = ids
     with jax.set_mesh(self.run.mesh):
-      array = jax.device_put(tokens, self.run.shardings.batch)
+      array = jax.make_array_from_callback(
+        tokens.shape, self.run.shardings.batch, lambda index: tokens[index]
+      )
       out = self._compiled(max_len)(self.params, array)
-    return np.asarray(jax.device_get(out))[:rows]
+    return np.asarray(out.addressable_data(0))[:rows]
 
   def __call__(self, lines: Iterable[str], warn=None, progress=None) -> list[str]:
     """One output line per input line, in order; an empty input line gives an empty output."""

@@ -37,17 +37,17 @@ def teacher_forced(run, params, data) -> dict:
 
 
 def evaluate(run, params, data, log=None) -> dict:
-  """Teacher-forced metrics, BLEU for translation (decode.bleu), and a few logged examples."""
+  """Teacher-forced metrics, BLEU for translation (eval.bleu), and a few logged examples."""
   results = teacher_forced(run, params, data)
   cfg = run.cfg
-  shown = cfg.decode.examples if log else 0
+  shown = cfg.eval.examples if log else 0
   decoder = Decoder(
     run, params, data.tokenizer, DecodeOptions.from_config(cfg.decode), cfg.decode.batch_size
   )
-  if cfg.task == "translation" and (cfg.decode.bleu or shown):
-    pairs = data.eval_text if cfg.decode.bleu else data.eval_text[:shown]
+  if cfg.task == "translation" and (cfg.eval.bleu or shown):
+    pairs = data.eval_text if cfg.eval.bleu else data.eval_text[:shown]
     hypotheses = decoder([source for source, _ in pairs], warn=lambda _: None)
-    if cfg.decode.bleu:
+    if cfg.eval.bleu:
       results["bleu"], signature = bleu(hypotheses, [target for _, target in pairs])
       if log:
         log.info(f"sacreBLEU signature: {signature}")

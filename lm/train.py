@@ -339,7 +339,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         log.scalars(step, summary)
         pending = []
       evaluated = None
-      if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
+      if cfg.eval.every and step % cfg.eval.every == 0 and step != total:
         evaluated = evaluate.evaluate(run, state.params, data, log)
         log.scalars(step, evaluated)
       every = cfg.checkpoint.every

@@ -120,7 +120,8 @@ def test_tfds_mock_data_feeds_the_real_configs(tmp_path, module, variant):
   cfg.model.update(vocab_size=128)
   cfg.mesh.update(data=2, fsdp=2, tensor=2)
   cfg.data.update(seq_len=16, eval_examples=8, tokenizer_sample=64, workers=0)
-  cfg.train.update(total_steps=3, log_every=1, global_batch_size=8, eval_every=0)
+  cfg.train.update(total_steps=3, log_every=1, global_batch_size=8)
+  cfg.eval.every = 0
   with tfds.testing.mock_data(num_examples=64):
     results = lm_train.train(cfg, str(tmp_path))
   lines = [m for m in _metrics(tmp_path) if "loss" in m]
