@@ -32,12 +32,25 @@ _OUTPUT = flags.DEFINE_string(
 _EXPORT_DTYPE = flags.DEFINE_enum(
   "export_dtype", "float32", ["float32", "bfloat16"], "export: parameter dtype."
 )
+_DISTRIBUTED = flags.DEFINE_bool(
+  "distributed",
+  False,
+  "One of several processes: jax.distributed.initialize() before anything else, with the "
+  "coordinator and process ids detected on TPU VMs, SLURM and Open MPI or given below.",
+)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "--distributed: host:port.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "--distributed: process count.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "--distributed: this process, 0-based.")
 flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
+  if _DISTRIBUTED.value:
+    import jax  # noqa: PLC0415
+
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from lm import train  # noqa: PLC0415 (flags parse before jax initializes)
 
   try:

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx, struct
+from jax.experimental import multihost_utils
 
 from lm import config as lmc
 from lm import optim
@@ -283,6 +284,15 @@ class StopSignals:
     for s, handler in self._previous.items():
       signal.signal(s, handler)
 
+  def agreed(self) -> int | None:
+    """The signal that stops the run after this step, if any. Several processes must stop at
+    the same step (saving is collective), so a signal to any of them stops all: one all-gather
+    of a scalar per step."""
+    if jax.process_count() == 1:
+      return self.received
+    signals = multihost_utils.process_allgather(np.int32(self.received or 0))
+    return int(np.max(signals)) or None
+
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """The training loop, resumed from the workdir's latest checkpoint if there is one.
@@ -344,12 +354,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         log.scalars(step, evaluated)
       every = cfg.checkpoint.every
       periodic = (every and step % every == 0) or (evaluated and cfg.checkpoint.best_metric)
-      if (periodic and step != total) or stop.received:  # the final save carries the results
+      stopping = stop.agreed()
+      if (periodic and step != total) or stopping:  # the final save carries the results
         checkpoints.save(step, state, batches, data.tokenizer, evaluated)
         last_good = step
-      if stop.received:
+      if stopping:
         checkpoints.wait()
-        name = signal.Signals(stop.received).name
+        name = signal.Signals(stopping).name
         log.info(f"{name}: stopped after step {step}; checkpoint {checkpoints.path(step)} saved")
         results = {"stopped_at": step}
         break

@@ -1,0 +1,102 @@
+"""One process of a multi-process run that tests/test_multihost.py starts several of.
+
+A few ZeRO-3 train steps of a tiny model on mesh (2, 2, 2) from fixed global batches (each
+process feeds only the rows its devices hold, through Run.shard_batch), then a batch of greedy
+and beam decodes; process 0 writes the losses, per-tensor parameter norms and decodes as JSON.
+
+  launch/local.sh 2 python tests/multihost_worker.py --output=OUT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lm.decode import DecodeOptions, Decoder  # noqa: E402
+from lm.train import Run  # noqa: E402
+from tests.helpers import tiny_config  # noqa: E402
+
+STEPS = 3
+
+
+def config():
+  cfg = tiny_config("translation", dropout_rate=0.1)  # dropout keys must not depend on P
+  cfg.mesh.update(data=2, fsdp=2, tensor=2)
+  cfg.zero_stage = 3
+  cfg.train.update(global_batch_size=16)
+  cfg.data.pack = False
+  cfg.optim.update(name="adamw", learning_rate=1e-3, eps=1e-6)
+  return cfg
+
+
+def process_rows(sharding, shape) -> slice:
+  """The contiguous rows of a [batch, ...] global array that this process's devices hold."""
+  indices = sharding.addressable_devices_indices_map(shape).values()
+  starts = [index[0].start or 0 for index in indices]
+  stops = [shape[0] if index[0].stop is None else index[0].stop for index in indices]
+  return slice(min(starts), max(stops))
+
+
+def run_and_decode(cfg) -> dict:
+  run = Run.build(cfg)
+  state, step = run.init_state(), run.compile_train_step()
+  rng = np.random.RandomState(0)
+  shape = (cfg.train.global_batch_size, cfg.data.seq_len)
+  rows = process_rows(run.shardings.batch, shape)
+  losses = []
+  for _ in range(STEPS):
+    targets = rng.randint(4, cfg.model.vocab_size, size=shape).astype(np.int32)
+    targets[:, -3:] = 0
+    batch = {"inputs": targets[:, ::-1].copy(), "targets": targets}
+    state, metrics = step(state, run.shard_batch({k: v[rows] for k, v in batch.items()}))
+    losses.append(float(metrics["loss"]))
+  norms = jax.jit(
+    lambda p: jax.tree.map(lambda x: jnp.sqrt(jnp.sum(jnp.square(x))), p),
+    out_shardings=run.shardings.replicated,
+  )(state.params)
+  sources = [list(rng.randint(4, cfg.model.vocab_size, size=n)) + [3] for n in (3, 9, 5, 12, 1)]
+  decodes = {}
+  for beam in (1, 3):
+    options = DecodeOptions(beam_size=beam, max_len=12, max_len_a=1.0, max_len_b=4)
+    decoder = Decoder(run, state.params, _VocabOnly(cfg.model.vocab_size), options, batch_size=8)
+    decodes[str(beam)] = decoder.decode_ids(sources).tolist()
+  return {
+    "process_count": jax.process_count(),
+    "losses": losses,
+    "norms": [float(x.addressable_data(0)) for x in jax.tree.leaves(norms)],
+    "decodes": decodes,
+  }
+
+
+class _VocabOnly:
+  """The one thing Decoder.decode_ids asks of a tokenizer: its vocabulary size."""
+
+  def __init__(self, vocab_size: int):
+    self.vocab_size = vocab_size
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--output", required=True)
+  parser.add_argument("--distributed", action="store_true")  # the flags launch/local.sh adds
+  parser.add_argument("--coordinator_address", required=True)
+  parser.add_argument("--num_processes", type=int, required=True)
+  parser.add_argument("--process_id", type=int, required=True)
+  args = parser.parse_args()
+  jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  result = run_and_decode(config())
+  if jax.process_index() == 0:
+    with open(args.output, "w") as f:
+      json.dump(result, f)
+
+
+if __name__ == "__main__":
+  main()
