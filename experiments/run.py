@@ -48,9 +48,9 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
   if _DISTRIBUTED.value:
-    import jax  # noqa: PLC0415
+    from lm.parallel import mesh  # noqa: PLC0415
 
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    mesh.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from lm import train  # noqa: PLC0415 (flags parse before jax initializes)
 
   try:

@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lm.decode import DecodeOptions, Decoder  # noqa: E402
+from lm.parallel.mesh import init_distributed  # noqa: E402
 from lm.train import Run  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
 
@@ -91,7 +92,7 @@ def main():
   parser.add_argument("--num_processes", type=int, required=True)
   parser.add_argument("--process_id", type=int, required=True)
   args = parser.parse_args()
-  jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  init_distributed(args.coordinator_address, args.num_processes, args.process_id)
   result = run_and_decode(config())
   if jax.process_index() == 0:
     with open(args.output, "w") as f:

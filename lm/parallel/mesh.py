@@ -34,6 +34,19 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
   return tuple(sizes)
 
 
+def init_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
+  """Joins this process to a multi-process job; call before any other JAX use. Arguments left
+  None are detected (TPU VM pod slices, SLURM, Open MPI)."""
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  if process_id is None:
+    process_id = jax.process_index()
+  print(f"process {process_id} of {jax.process_count()}: {jax.local_device_count()} local devices")
+
+
 def make_mesh(
   mesh_cfg: ml_collections.ConfigDict, devices: list | None = None
 ) -> jax.sharding.Mesh:
