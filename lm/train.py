@@ -261,37 +261,42 @@ class TrainingHalted(RuntimeError):
 
 
 class StopSignals:
-  """SIGTERM / SIGINT: the first asks the loop to save and stop; a second exits at once."""
+  """SIGTERM / SIGINT: the first asks the loop to save and stop; a second exits at once.
 
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  Several processes must stop after the same step (saving is collective). There SIGTERM goes to
+  JAX's preemption sync, whose handler jax.distributed.initialize installs: a SIGTERM to any
+  process makes every process reach one agreed sync step, with no per-step collective. SIGINT
+  is passed on to it as a SIGTERM.
+  """
 
   def __init__(self):
     self.received: int | None = None
     self._previous = {}
+    self._several = jax.process_count() > 1
 
   def _handle(self, signum, frame):
     del frame
     if self.received is not None:
       os._exit(128 + signum)
     self.received = signum
+    if self._several:
+      os.kill(os.getpid(), signal.SIGTERM)
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():  # handlers live in the main thread
-      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+      ours = (signal.SIGINT,) if self._several else (signal.SIGTERM, signal.SIGINT)
+      self._previous = {s: signal.signal(s, self._handle) for s in ours}
     return self
 
   def __exit__(self, *exc):
     for s, handler in self._previous.items():
       signal.signal(s, handler)
 
-  def agreed(self) -> int | None:
-    """The signal that stops the run after this step, if any. Several processes must stop at
-    the same step (saving is collective), so a signal to any of them stops all: one all-gather
-    of a scalar per step."""
-    if jax.process_count() == 1:
-      return self.received
-    signals = multihost_utils.process_allgather(np.int32(self.received or 0))
-    return int(np.max(signals)) or None
+  def stop_after(self, step: int) -> int | None:
+    """The signal that stops the run after this step, if any."""
+    if self._several:
+      return signal.SIGTERM if multihost_utils.reached_preemption_sync_point(step) else None
+    return self.received
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -354,7 +359,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         log.scalars(step, evaluated)
       every = cfg.checkpoint.every
       periodic = (every and step % every == 0) or (evaluated and cfg.checkpoint.best_metric)
-      stopping = stop.agreed()
+      stopping = stop.stop_after(step)
       if (periodic and step != total) or stopping:  # the final save carries the results
         checkpoints.save(step, state, batches, data.tokenizer, evaluated)
         last_good = step
