@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lm.parallel.sharding import constrain
+from lm.parallel.sharding import constrain, fsdp_specs, gather_layer, params_are_sharded
 
 
 def _param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
@@ -169,10 +169,39 @@ class Embedding(nnx.Module):
     self.table = _param(rngs, init, (vocab, d_model), ("vocab", "embed"), param_dtype)
 
   def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
-    return jnp.take(self.table[...], tokens, axis=0).astype(dtype)  # [b, l, embed]
+    return lookup(self.table[...], ("vocab", "embed"), tokens, dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum("ble,ve->blv", x, self.table[...].astype(x.dtype))
+    table = gather_layer(self.table[...], ("vocab", "embed"))
+    return jnp.einsum("ble,ve->blv", x, table.astype(x.dtype))
+
+
+def lookup(table: jax.Array, names: tuple[str, str], ids: jax.Array, dtype) -> jax.Array:
+  """Rows of a [n, embed] table -> [..., embed].
+
+  Under ZeRO-3 the table is gathered over fsdp first, like each layer, and its gradient is
+  summed in that layout before it goes back to the sharded one: a lookup into (or a scatter
+  onto) an fsdp-sharded embed dim would need activations sharded on embed, which GSPMD can only
+  reach from the batch layout by replicating them ("involuntary full rematerialization").
+  """
+  if not params_are_sharded():
+    return jnp.take(table, ids, axis=0).astype(dtype)
+  gathered, sharded = fsdp_specs(names, table.shape)
+
+  @jax.custom_vjp
+  def rows(t):
+    return jnp.take(jax.lax.with_sharding_constraint(t, gathered), ids, axis=0)
+
+  def fwd(t):
+    return rows(t), None
+
+  def bwd(_, g):
+    grad = jnp.zeros(table.shape, g.dtype).at[ids].add(g)
+    grad = jax.lax.with_sharding_constraint(grad, gathered)
+    return (jax.lax.with_sharding_constraint(grad, sharded),)
+
+  rows.defvjp(fwd, bwd)
+  return rows(table).astype(dtype)
 
 
 def attention_mask(q_segments, kv_segments, causal: bool) -> jax.Array:

@@ -22,6 +22,7 @@ from lm.models.layers import (
   Norm,
   attention_mask,
   dropout,
+  lookup,
   rotary,
   sinusoidal,
 )
@@ -268,7 +269,7 @@ class _Model(nnx.Module):
         d.dtype
       )
     elif d.positions == "learned":
-      x = x + jnp.take(self.pos_table[...], positions, axis=0).astype(d.dtype)
+      x = x + lookup(self.pos_table[...], ("length", "embed"), positions, d.dtype)
     return constrain(x, ("batch", "length", "embed"))
 
   def logits(self, x) -> jax.Array:

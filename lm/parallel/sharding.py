@@ -181,6 +181,12 @@ def gather_layer(params, logical):
   return gather(params)
 
 
+def fsdp_specs(names, shape):
+  """(gathered, sharded) PartitionSpecs of one parameter under ZeRO-3."""
+  mesh = _current_mesh()
+  return spec_for(names, shape, mesh, False), spec_for(names, shape, mesh, True)
+
+
 def params_are_sharded() -> bool:
   """True while tracing a step whose parameters live sharded over fsdp > 1 (ZeRO-3)."""
   mesh = _current_mesh()
