@@ -17,6 +17,7 @@ def get_config(variant: str = "small"):
   cfg.data.eval_source = "tfds:c4/en:validation"
   cfg.data.workers = 8  # grain worker processes: a TPU/GPU host has the cores
   cfg.data.seq_len = 1024
+  cfg.data.too_long = "split"  # C4 documents often pass 1024 tokens: train on all of them
   cfg.model.update(lmc.GPT2_SIZES[variant])
   cfg.model.update(
     vocab_size=50257,

@@ -125,7 +125,7 @@ def _base() -> ml_collections.ConfigDict:
       tfds_data_dir="",  # "" = TFDS_DATA_DIR or ~/tensorflow_datasets
       seq_len=64,
       pack=True,  # several examples per row, with segment ids and positions
-      too_long="truncate",  # or "drop": examples longer than seq_len
+      too_long="truncate",  # or "drop"; LM also "split" (into seq_len pieces): past seq_len
       eval_examples=512,  # at most this many held-out examples
       tokenizer="",  # an existing SentencePiece model; "" = train one into WORKDIR
       spm_model_type="unigram",  # unigram, bpe, word, char
@@ -254,7 +254,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _check_positive(cfg, "data." + field)
   _check_positive(cfg, "data.prefetch", allow_zero=True)
   _check_positive(cfg, "data.workers", allow_zero=True)
-  _check_choice(cfg, "data.too_long", ("truncate", "drop"))
+  _check_choice(cfg, "data.too_long", ("truncate", "drop", "split"))
+  if cfg.data.too_long == "split" and cfg.task != "lm":
+    _fail("data.too_long", "'split' cuts LM documents; for translation use truncate or drop")
   _check_choice(cfg, "data.spm_model_type", ("unigram", "bpe", "word", "char"))
   if m.positions == "learned" and cfg.data.seq_len > m.max_len:
     _fail("data.seq_len", f"{cfg.data.seq_len} exceeds model.max_len={m.max_len}")

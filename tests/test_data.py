@@ -8,6 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments import lm1b, wmt_ende
+from lm import config as lm_config
 from lm import train as lm_train
 from lm.config import ConfigError
 from lm.data import pipeline, sources
@@ -178,6 +179,46 @@ def test_packing_keeps_every_token_and_the_loss_of_the_unpacked_examples(tmp_pat
     total = loss_sums(rows)[0]
   np.testing.assert_allclose(float(packed_loss), total, rtol=2e-5)
   assert float(packed_tokens) == tokens
+
+
+def test_long_documents_split_into_pieces_lose_no_token(tmp_path):
+  lengths = [3, 7, 8, 20, 31]  # words; + EOS: 1, 1, 2, 3 and 4 pieces of 8
+  docs = [" ".join(f"w{i}" for i in range(start, start + n)) for start, n in enumerate(lengths)]
+  path = tmp_path / "docs.txt"
+  path.write_text("\n".join(docs) + "\n")
+  cfg = _data_config("lm", f"text:{path}", seq_len=8, too_long="split", pack=False)
+  cfg.data.eval_source = f"text:{path}"  # keep every document for training
+  cfg.train.global_batch_size = 1
+  cfg.model.vocab_size = 64  # a piece per word
+  data = pipeline.load(cfg, str(tmp_path / "run"))
+  pieces = sum(-(-(n + 1) // 8) for n in lengths)
+  it = pipeline.TrainIterator(data)
+  rows = [next(it)["targets"][0] for _ in range(pieces)]  # one epoch, a piece per row
+  stream = np.concatenate([r[r > 0] for r in rows])
+  ends = np.flatnonzero(stream == tok.EOS_ID)
+  got = sorted(data.tokenizer.decode(d) for d in np.split(stream, ends + 1)[:-1])
+  assert got == sorted(docs)  # pieces of a document stay in order, nothing cut
+  assert sum(len(r[r > 0]) == 8 for r in rows) == sum((n + 1) // 8 for n in lengths)
+
+  cfg.data.pack = True
+  packed = pipeline.TrainIterator(data)
+  for _ in range(3):
+    next(packed)
+  state = json.loads(json.dumps(packed.get_state()))
+  want = [next(packed) for _ in range(3)]
+  resumed = pipeline.TrainIterator(data)
+  resumed.set_state(state)
+  for batch in want:
+    got = next(resumed)
+    for key in batch:
+      np.testing.assert_array_equal(got[key], batch[key])
+    pos, seg = batch["targets_positions"][0], batch["targets_segment_ids"][0]
+    for s in range(1, seg.max() + 1):  # every piece starts at position 0
+      np.testing.assert_array_equal(pos[seg == s], np.arange((seg == s).sum()))
+
+  cfg.task = "translation"
+  with pytest.raises(ConfigError, match="data.too_long"):
+    lm_config.validate(cfg)
 
 
 def _line_ids(batch):

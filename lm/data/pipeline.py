@@ -25,6 +25,7 @@ from lm.data import sources
 from lm.data import tokenizer as tok
 
 READ_THREADS, READ_AHEAD = 4, 64  # parallel source reads + tokenization
+MAX_PIECES = 64  # data.too_long=split: tokens past 64 x seq_len of one document are cut
 PROBE_EXAMPLES = 256  # a source whose first examples are all unusable is an error, not a hang
 
 
@@ -93,25 +94,44 @@ def encode(tokenizer: tok.Tokenizer, text: str, seq_len: int) -> np.ndarray:
 
 
 class _Tokenize(grain.transforms.Map):
-  """Record -> token arrays (+EOS); None (dropped, counted) for a malformed or too long one."""
+  """Record -> token arrays (+EOS); None (dropped, counted) for a malformed or too long one.
 
-  def __init__(self, tokenizer, seq_len: int, drop_long: bool, skipped: SkipCounter):
+  too_long: "truncate" cuts at seq_len; "drop" skips; "split" keeps up to MAX_PIECES x seq_len
+  tokens for _SplitLong to cut into pieces.
+  """
+
+  def __init__(self, tokenizer, seq_len: int, too_long: str, skipped: SkipCounter):
     self.tokenizer = tokenizer
     self.seq_len = seq_len
-    self.drop_long = drop_long
+    self.too_long = too_long
     self.skipped = skipped
 
   def map(self, record):
     if not record:
       self.skipped.add()
       return None
-    out = {k: encode(self.tokenizer, text, self.seq_len + 1) for k, text in record.items()}
-    if any(len(v) > self.seq_len for v in out.values()):
-      if self.drop_long:
+    keep = self.seq_len * (MAX_PIECES if self.too_long == "split" else 1)
+    out = {k: encode(self.tokenizer, text, keep + 1) for k, text in record.items()}
+    if any(len(v) > keep for v in out.values()):
+      if self.too_long == "drop":
         self.skipped.add()
         return None
-      out = {k: v[: self.seq_len] for k, v in out.items()}
+      out = {k: v[:keep] for k, v in out.items()}
     return out
+
+
+class _SplitLong(grain.experimental.FlatMapTransform):
+  """A long LM document -> consecutive seq_len pieces, each its own example (positions restart),
+  so that packing wastes none of it."""
+
+  max_fan_out = MAX_PIECES
+
+  def __init__(self, seq_len: int):
+    self.seq_len = seq_len
+
+  def flat_map(self, example):
+    tokens = example["targets"]
+    return [{"targets": tokens[i : i + self.seq_len]} for i in range(0, len(tokens), self.seq_len)]
 
 
 class SkipCounter:
@@ -159,7 +179,7 @@ class TrainIterator:
     rows = local_batch_size(cfg.train.global_batch_size, count)
     seq_len = cfg.data.seq_len
     self.skipped = SkipCounter()
-    tokenize = _Tokenize(data.tokenizer, seq_len, cfg.data.too_long == "drop", self.skipped)
+    tokenize = _Tokenize(data.tokenizer, seq_len, cfg.data.too_long, self.skipped)
     share = data.train[index::count]
     if len(share) == 0:
       raise ConfigError(f"config.data.source: no example for process {index} of {count}")
@@ -167,6 +187,8 @@ class TrainIterator:
     reads = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_AHEAD)
     ds = share.shuffle(seed=cfg.seed).repeat().map(tokenize).to_iter_dataset(reads)
     ds = ds.filter(lambda example: example is not None)
+    if cfg.data.too_long == "split":
+      ds = grain.experimental.FlatMapIterDataset(ds, _SplitLong(seq_len))
     if cfg.data.pack:
       keys = ("targets",) if cfg.task == "lm" else ("inputs", "targets")
       ds = grain.experimental.FirstFitPackIterDataset(
