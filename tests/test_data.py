@@ -181,6 +181,23 @@ def test_packing_keeps_every_token_and_the_loss_of_the_unpacked_examples(tmp_pat
   assert float(packed_tokens) == tokens
 
 
+def _assert_resumes_exactly(data, skip: int, count: int) -> list[dict]:
+  """A fresh iterator given the state saved after `skip` batches yields the next `count` batches
+  of the uninterrupted one; returns them."""
+  uninterrupted = pipeline.TrainIterator(data)
+  for _ in range(skip):
+    next(uninterrupted)
+  state = json.loads(json.dumps(uninterrupted.get_state()))  # what a checkpoint stores
+  expected = [next(uninterrupted) for _ in range(count)]
+  resumed = pipeline.TrainIterator(data)
+  resumed.set_state(state)
+  for want in expected:
+    got = next(resumed)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+  return expected
+
+
 def test_long_documents_split_into_pieces_lose_no_token(tmp_path):
   lengths = [3, 7, 8, 20, 31]  # words; + EOS: 1, 1, 2, 3 and 4 pieces of 8
   docs = [" ".join(f"w{i}" for i in range(start, start + n)) for start, n in enumerate(lengths)]
@@ -201,17 +218,7 @@ def test_long_documents_split_into_pieces_lose_no_token(tmp_path):
   assert sum(len(r[r > 0]) == 8 for r in rows) == sum((n + 1) // 8 for n in lengths)
 
   cfg.data.pack = True
-  packed = pipeline.TrainIterator(data)
-  for _ in range(3):
-    next(packed)
-  state = json.loads(json.dumps(packed.get_state()))
-  want = [next(packed) for _ in range(3)]
-  resumed = pipeline.TrainIterator(data)
-  resumed.set_state(state)
-  for batch in want:
-    got = next(resumed)
-    for key in batch:
-      np.testing.assert_array_equal(got[key], batch[key])
+  for batch in _assert_resumes_exactly(data, skip=3, count=3):
     pos, seg = batch["targets_positions"][0], batch["targets_segment_ids"][0]
     for s in range(1, seg.max() + 1):  # every piece starts at position 0
       np.testing.assert_array_equal(pos[seg == s], np.arange((seg == s).sum()))
@@ -251,17 +258,7 @@ def test_process_shares_are_disjoint_and_cover_the_data(tmp_path, processes):
 @pytest.mark.parametrize("prefetch,workers", [(0, 0), (3, 0), (0, 2)])
 def test_iterator_state_resumes_exactly(tmp_path, prefetch, workers):
   _, data = _demo_data(tmp_path, prefetch=prefetch, workers=workers)
-  uninterrupted = pipeline.TrainIterator(data)
-  for _ in range(5):
-    next(uninterrupted)
-  state = json.loads(json.dumps(uninterrupted.get_state()))  # what a checkpoint stores
-  expected = [next(uninterrupted) for _ in range(4)]
-  resumed = pipeline.TrainIterator(data)
-  resumed.set_state(state)
-  for want in expected:
-    got = next(resumed)
-    for key in want:
-      np.testing.assert_array_equal(got[key], want[key])
+  _assert_resumes_exactly(data, skip=5, count=4)
 
 
 def test_tokenizer_round_trips_and_is_cached(tmp_path):

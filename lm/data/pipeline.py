@@ -102,18 +102,18 @@ class _Tokenize(grain.transforms.Map):
 
   def __init__(self, tokenizer, seq_len: int, too_long: str, skipped: SkipCounter):
     self.tokenizer = tokenizer
-    self.seq_len = seq_len
-    self.too_long = too_long
+    self.keep = seq_len * (MAX_PIECES if too_long == "split" else 1)
+    self.drop_long = too_long == "drop"
     self.skipped = skipped
 
   def map(self, record):
     if not record:
       self.skipped.add()
       return None
-    keep = self.seq_len * (MAX_PIECES if self.too_long == "split" else 1)
+    keep = self.keep
     out = {k: encode(self.tokenizer, text, keep + 1) for k, text in record.items()}
     if any(len(v) > keep for v in out.values()):
-      if self.too_long == "drop":
+      if self.drop_long:
         self.skipped.add()
         return None
       out = {k: v[:keep] for k, v in out.items()}

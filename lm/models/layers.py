@@ -186,7 +186,7 @@ def lookup(table: jax.Array, names: tuple[str, str], ids: jax.Array, dtype) -> j
   """
   if not params_are_sharded():
     return jnp.take(table, ids, axis=0).astype(dtype)
-  gathered, sharded = fsdp_specs(names, table.shape)
+  gathered, sharded = fsdp_specs(names, table)
 
   @jax.custom_vjp
   def rows(t):

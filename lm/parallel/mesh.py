@@ -42,9 +42,8 @@ def init_distributed(
   """Joins this process to a multi-process job; call before any other JAX use. Arguments left
   None are detected (TPU VM pod slices, SLURM, Open MPI)."""
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  if process_id is None:
-    process_id = jax.process_index()
-  print(f"process {process_id} of {jax.process_count()}: {jax.local_device_count()} local devices")
+  index, count = jax.process_index(), jax.process_count()
+  print(f"process {index} of {count}: {jax.local_device_count()} local devices")
 
 
 def make_mesh(

@@ -155,17 +155,7 @@ def gather_layer(params, logical):
   """
   if not params_are_sharded():
     return params
-  mesh = _current_mesh()
-
-  def specs(shard):
-    return jax.tree.map(
-      lambda n, x: spec_for(n, x.shape, mesh, shard),
-      logical,
-      params,
-      is_leaf=lambda x: isinstance(x, tuple),
-    )
-
-  gathered, sharded = specs(False), specs(True)
+  gathered, sharded = fsdp_specs(logical, params)
 
   @jax.custom_vjp
   def gather(p):
@@ -181,10 +171,20 @@ def gather_layer(params, logical):
   return gather(params)
 
 
-def fsdp_specs(names, shape):
-  """(gathered, sharded) PartitionSpecs of one parameter under ZeRO-3."""
+def fsdp_specs(logical, params):
+  """(gathered, sharded) PartitionSpecs under ZeRO-3, trees like `params` (or one array and its
+  names)."""
   mesh = _current_mesh()
-  return spec_for(names, shape, mesh, False), spec_for(names, shape, mesh, True)
+
+  def specs(shard):
+    return jax.tree.map(
+      lambda n, x: spec_for(n, x.shape, mesh, shard),
+      logical,
+      params,
+      is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+  return specs(False), specs(True)
 
 
 def params_are_sharded() -> bool:
