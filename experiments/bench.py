@@ -81,7 +81,7 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
   import numpy as np  # noqa: PLC0415
 
   from lm.parallel import report  # noqa: PLC0415
-  from lm.train import Run, param_count  # noqa: PLC0415
+  from lm.state import Run, param_count  # noqa: PLC0415
 
   run = Run.build(cfg)
   n_params = param_count(run.abstract_params)

@@ -51,7 +51,7 @@ def main(argv):
     from lm.parallel import mesh  # noqa: PLC0415
 
     mesh.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from lm import train  # noqa: PLC0415 (flags parse before jax initializes)
+  from lm import checkpoint, train  # noqa: PLC0415 (flags parse before jax initializes)
 
   try:
     if _MODE.value == "train":
@@ -70,7 +70,7 @@ def main(argv):
     elif _MODE.value == "export":
       if not _OUTPUT.value:
         raise ConfigError("--output: required with --mode=export; name a new directory")
-      step = train.export(_WORKDIR.value, _OUTPUT.value, _EXPORT_DTYPE.value)
+      step = checkpoint.export(_WORKDIR.value, _OUTPUT.value, _EXPORT_DTYPE.value)
       print(f"exported step {step} of {_WORKDIR.value} to {_OUTPUT.value}")
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)

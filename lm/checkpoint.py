@@ -22,7 +22,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_policy
 
+from lm import config as lmc
 from lm.data import tokenizer as tok
+from lm.state import Run
 
 CHECKPOINT_DIR = "checkpoints"
 LOWER_IS_BETTER = ("eval_loss", "eval_perplexity")
@@ -128,7 +130,9 @@ class Checkpointer:
     self.manager.close()
 
 
-def export(directory: str, params, cfg, tokenizer: tok.Tokenizer, dtype: str = "float32") -> None:
+def write_export(
+  directory: str, params, cfg, tokenizer: tok.Tokenizer, dtype: str = "float32"
+) -> None:
   """Parameters only (optionally cast), with the config and tokenizer: what decoding loads."""
   if dtype != "float32":
     params = jax.tree.map(lambda x: x.astype(dtype) if x.dtype == np.float32 else x, params)
@@ -156,3 +160,30 @@ def load_export(directory: str, abstract_params) -> Any:
       args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)),
     )
   return restored.params
+
+
+def restore_latest(workdir: str, devices=None) -> tuple[Run, Any, tok.Tokenizer, int]:
+  """(run, params, tokenizer, step) of the workdir's latest checkpoint, for inference.
+
+  The model comes from the checkpoint's own config; the mesh fills the given devices.
+  """
+  checkpoints = Checkpointer(workdir)
+  try:
+    step = checkpoints.latest_step()
+    if step is None:
+      raise lmc.ConfigError(f"--workdir: no checkpoint in {checkpoints.directory}; train first")
+    meta = checkpoints.meta(step)
+    cfg, tokenizer = meta_config(meta), meta_tokenizer(meta)
+    cfg.mesh.update(data=1, fsdp=-1, tensor=1, dcn_data=1)
+    run = Run.build(cfg, devices, tokenizer_size=tokenizer.vocab_size)
+    state = checkpoints.restore(step, run.abstract_state())
+  finally:  # also on errors: an open manager's threads print a traceback at exit
+    checkpoints.close()
+  return run, state.params, tokenizer, step
+
+
+def export(workdir: str, output: str, dtype: str = "float32") -> int:
+  """Writes the latest checkpoint's parameters (+ config, tokenizer) to `output`; its step."""
+  run, params, tokenizer, step = restore_latest(workdir)
+  write_export(output, params, run.cfg, tokenizer, dtype)
+  return step

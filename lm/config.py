@@ -13,7 +13,7 @@ TASKS = ("translation", "lm")
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 POSITIONS = ("sinusoidal", "learned", "rotary")
 NORMS = ("layernorm", "rmsnorm")
-REMAT = ("none", "full", "save_dots")
+REMAT = ("auto", "none", "full", "save_dots")
 DTYPES = ("auto", "float32", "bfloat16")
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "adafactor")
 SCHEDULES = ("constant", "rsqrt", "cosine", "linear")
@@ -60,7 +60,10 @@ def _base() -> ml_collections.ConfigDict:
       label_smoothing=0.1,
       dtype="auto",  # compute dtype; auto = bfloat16 on TPU/GPU, float32 on CPU
       param_dtype="float32",
-      remat="none",
+      # Recompute in the backward pass: none (keep activations), full (keep only layer inputs),
+      # save_dots (keep matmul outputs); auto = save_dots under ZeRO-3 (the backward re-gathers
+      # each layer instead of keeping every gathered layer), else none.
+      remat="auto",
     )
   )
   cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1))
@@ -85,6 +88,7 @@ def _base() -> ml_collections.ConfigDict:
       top_p=1.0,
       seed=0,
       batch_size=64,
+      length_buckets=(),  # source widths batches are padded to; () = powers of two to seq_len
     )
   )
   cfg.eval = ml_collections.ConfigDict(
@@ -229,6 +233,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _check_positive(cfg, "decode." + field)
   for field in ("alpha", "max_len_a", "max_len_b", "temperature", "top_k"):
     _check_positive(cfg, "decode." + field, allow_zero=True)
+  buckets = cfg.decode.length_buckets
+  if not all(isinstance(b, int) and b > 0 for b in buckets) or list(buckets) != sorted(buckets):
+    _fail("decode.length_buckets", f"{buckets!r} must be increasing positive integers")
   if not 0.0 < cfg.decode.top_p <= 1.0:
     _fail("decode.top_p", f"{cfg.decode.top_p!r} must lie in (0, 1]")
   _check_positive(cfg, "checkpoint.every", allow_zero=True)

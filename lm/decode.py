@@ -12,14 +12,16 @@ import dataclasses
 import functools
 import sys
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lm import checkpoint
 from lm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
-from lm.parallel import sharding
+from lm.state import Run
 
 NEG_INF = -1e30  # finite, so that sums and differences of masked scores stay well defined
 
@@ -31,12 +33,14 @@ def _forbid(logits: jax.Array, vocab_limit: int) -> jax.Array:
   return jnp.where(banned, NEG_INF, logits)
 
 
-def length_penalty(length, alpha: float):
+def length_penalty(length: jax.Array | float, alpha: float) -> jax.Array | float:
   """GNMT's ((5 + length) / 6) ** alpha; length counts every token including EOS."""
   return ((5.0 + length) / 6.0) ** alpha
 
 
-def filter_logits(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+def filter_logits(
+  logits: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> jax.Array:
   """Temperature, then keep the top_k tokens and the smallest set holding top_p of the mass."""
   logits = logits / temperature
   if top_k:
@@ -190,32 +194,71 @@ class DecodeOptions:
   top_k: int = 0
   top_p: float = 1.0
   seed: int = 0
+  length_buckets: tuple[int, ...] = ()  # source widths compiled for; () = powers of two
 
   @classmethod
   def from_config(cls, decode_cfg) -> DecodeOptions:
-    return cls(**{f.name: decode_cfg[f.name] for f in dataclasses.fields(cls)})
+    values = {f.name: decode_cfg[f.name] for f in dataclasses.fields(cls)}
+    values["length_buckets"] = tuple(values["length_buckets"])
+    return cls(**values)
+
+
+MIN_BUCKET = 8
+
+
+def source_buckets(seq_len: int, buckets: tuple[int, ...] = ()) -> tuple[int, ...]:
+  """The source widths a translation batch is padded to: the given sizes, or powers of two from
+  MIN_BUCKET, always ending at seq_len (the longest source the model takes)."""
+  if not buckets:
+    buckets = tuple(MIN_BUCKET << i for i in range(max(seq_len.bit_length(), 1)))
+  return tuple(sorted({b for b in buckets if b < seq_len} | {seq_len}))
 
 
 class Decoder:
-  """Batched text -> text with a trained model on its mesh; the API the CLI (and a server) use."""
+  """Batched text -> text with a trained model on its mesh; the API the CLI (and a server) use.
 
-  def __init__(self, run, params, tokenizer: Tokenizer, options: DecodeOptions, batch_size: int):
+  Each batch is padded to a fixed shape (a source length bucket for translation), so the set of
+  compiled programs is small and known up front: `shapes`. `params` may be replaced between
+  calls (periodic evaluation does) without recompiling.
+  """
+
+  def __init__(
+    self, run: Run, params: Any, tokenizer: Tokenizer, options: DecodeOptions, batch_size: int
+  ):
     self.run, self.params, self.tokenizer, self.options = run, params, tokenizer, options
     rows_multiple = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
     self.batch_size = -(-batch_size // rows_multiple) * rows_multiple
     self.src_len = run.cfg.data.seq_len
+    self.buckets = source_buckets(self.src_len, options.length_buckets)
     self._jitted = {}
 
   @classmethod
   def from_workdir(cls, workdir: str, decode_cfg=None, devices=None) -> Decoder:
     """The workdir's latest checkpoint on a mesh over the devices; decode_cfg overrides the
     checkpoint's decode settings."""
-    from lm.train import restore_latest  # noqa: PLC0415 (train imports this module's users)
-
-    run, params, tokenizer, _ = restore_latest(workdir, devices)
+    run, params, tokenizer, _ = checkpoint.restore_latest(workdir, devices)
     decode_cfg = decode_cfg if decode_cfg is not None else run.cfg.decode
     options = DecodeOptions.from_config(decode_cfg)
     return cls(run, params, tokenizer, options, decode_cfg.batch_size)
+
+  @property
+  def shapes(self) -> list[tuple[int, int]]:
+    """Every (input width, output length) a batch can have: one compiled program each."""
+    if self.run.cfg.task == "lm":
+      width = min(self.options.max_len, self.run.cfg.model.max_len)
+      return [(width, width)]
+    return [(width, self._output_len(width)) for width in self.buckets]
+
+  def _output_len(self, source_len: int) -> int:
+    o = self.options
+    return int(min(o.max_len, np.ceil(o.max_len_a * source_len + o.max_len_b)))
+
+  def _shape(self, source_lengths: list[int]) -> tuple[int, int]:
+    if self.run.cfg.task == "lm":
+      return self.shapes[0]
+    longest = max(source_lengths, default=1)
+    width = next(b for b in self.buckets if b >= longest)
+    return width, self._output_len(width)
 
   def _compiled(self, max_len: int):
     if max_len not in self._jitted:
@@ -228,14 +271,7 @@ class Decoder:
       )
     return self._jitted[max_len]
 
-  def _max_len(self, source_lengths) -> int:
-    o = self.options
-    if self.run.cfg.task == "lm":
-      return min(o.max_len, self.run.cfg.model.max_len)
-    longest = max(source_lengths, default=1)
-    return int(min(o.max_len, np.ceil(o.max_len_a * longest + o.max_len_b)))
-
-  def _encode(self, line: str, warn) -> list[int]:
+  def _encode(self, line: str, warn: Callable[[str], None]) -> list[int]:
     ids = self.tokenizer.encode(line)
     limit = self.src_len - 1 if self.run.cfg.task == "translation" else self.src_len - 2
     if len(ids) > limit:
@@ -249,8 +285,7 @@ class Decoder:
     Under several processes every process passes the same rows (as a server broadcasts its
     requests) and gets every output."""
     rows = len(batch_ids)
-    max_len = self._max_len([len(ids) for ids in batch_ids])
-    width = self.src_len if self.run.cfg.task == "translation" else max_len
+    width, max_len = self._shape([len(ids) for ids in batch_ids])
     tokens = np.zeros((self.batch_size, width), np.int32)
     for r, ids in enumerate(batch_ids):
       tokens[r, : len(ids)] = ids
@@ -261,12 +296,19 @@ class Decoder:
       out = self._compiled(max_len)(self.params, array)
     return np.asarray(out.addressable_data(0))[:rows]
 
-  def __call__(self, lines: Iterable[str], warn=None, progress=None) -> list[str]:
-    """One output line per input line, in order; an empty input line gives an empty output."""
+  def __call__(
+    self,
+    lines: Iterable[str],
+    warn: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+  ) -> list[str]:
+    """One output line per input line, in order; an empty input line gives an empty output.
+    Lines are decoded in batches of similar length, so that short ones share a small shape."""
     warn = warn or (lambda message: print(message, file=sys.stderr))
     lines = list(lines)
     outputs = [""] * len(lines)
     todo = [(i, self._encode(line, warn)) for i, line in enumerate(lines) if line.strip()]
+    todo.sort(key=lambda item: len(item[1]))
     for start in range(0, len(todo), self.batch_size):
       chunk = todo[start : start + self.batch_size]
       tokens = self.decode_ids([ids for _, ids in chunk])
@@ -279,33 +321,34 @@ class Decoder:
     return outputs
 
 
-def _decode_batch(run, options: DecodeOptions, max_len: int, vocab_limit: int, params, tokens):
+def _decode_batch(
+  run: Run, options: DecodeOptions, max_len: int, vocab_limit: int, params, tokens: jax.Array
+) -> jax.Array:
   model = nnx.merge(run.graphdef, params)
   batch = tokens.shape[0]
-  with sharding.params_sharded_over_fsdp(run.cfg.zero_stage == 3):
-    if run.cfg.task == "translation":
-      cache = model.init_cache(tokens, max_len)
-      source_lengths = (tokens > 0).sum(-1)
-      limits = jnp.ceil(options.max_len_a * source_lengths + options.max_len_b).astype(jnp.int32)
-      limits = jnp.clip(limits, 1, max_len)
-      if options.beam_size > 1:
-        return beam_search(
-          model, cache, batch, options.beam_size, max_len, vocab_limit, options.alpha, limits
-        )[0]
-      return greedy(model, cache, batch, max_len, vocab_limit, limits=limits)
-    cache = model.init_cache(batch, max_len)
-    if options.temperature > 0:
-      key = jax.random.key(options.seed)
-      return sample(
-        model,
-        cache,
-        batch,
-        max_len,
-        vocab_limit,
-        key,
-        options.temperature,
-        options.top_k,
-        options.top_p,
-        prompt=tokens,
-      )
-    return greedy(model, cache, batch, max_len, vocab_limit, prompt=tokens)
+  if run.cfg.task == "translation":
+    cache = model.init_cache(tokens, max_len)
+    source_lengths = (tokens > 0).sum(-1)
+    limits = jnp.ceil(options.max_len_a * source_lengths + options.max_len_b).astype(jnp.int32)
+    limits = jnp.clip(limits, 1, max_len)
+    if options.beam_size > 1:
+      return beam_search(
+        model, cache, batch, options.beam_size, max_len, vocab_limit, options.alpha, limits
+      )[0]
+    return greedy(model, cache, batch, max_len, vocab_limit, limits=limits)
+  cache = model.init_cache(batch, max_len)
+  if options.temperature > 0:
+    key = jax.random.key(options.seed)
+    return sample(
+      model,
+      cache,
+      batch,
+      max_len,
+      vocab_limit,
+      key,
+      options.temperature,
+      options.top_k,
+      options.top_p,
+      prompt=tokens,
+    )
+  return greedy(model, cache, batch, max_len, vocab_limit, prompt=tokens)

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lm.decode import DecodeOptions, Decoder  # noqa: E402
 from lm.parallel.mesh import init_distributed  # noqa: E402
-from lm.train import Run  # noqa: E402
+from lm.state import Run  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
 
 STEPS = 3

@@ -18,6 +18,7 @@ from experiments import demo
 from lm import checkpoint, evaluate
 from lm import train as lm_train
 from lm.data import pipeline
+from lm.state import Run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +48,7 @@ def _final_params(workdir, cfg):
   checkpoints = checkpoint.Checkpointer(str(workdir))
   step = checkpoints.latest_step()
   data = pipeline.load(cfg, str(workdir))
-  run = lm_train.Run.build(cfg, vocab_size=lm_train.model_vocab(cfg, data.tokenizer))
+  run = Run.build(cfg, tokenizer_size=data.tokenizer.vocab_size)
   state = checkpoints.restore(step, run.abstract_state())
   checkpoints.close()
   return step, jax.device_get(state.params)
@@ -153,8 +154,8 @@ def test_sigkill_during_saves_never_leaves_a_partial_checkpoint(tmp_path):
     assert latest is not None and latest > previous
     meta = checkpoints.meta(latest)
     cfg = checkpoint.meta_config(meta)
-    run = lm_train.Run.build(
-      cfg, jax.devices()[:2], vocab_size=lm_train.model_vocab(cfg, checkpoint.meta_tokenizer(meta))
+    run = Run.build(
+      cfg, jax.devices()[:2], tokenizer_size=checkpoint.meta_tokenizer(meta).vocab_size
     )
     state = checkpoints.restore(latest, run.abstract_state())
     checkpoints.close()
@@ -207,17 +208,18 @@ def test_export_reloads_with_the_training_loss(tmp_path):
   cfg = _config(total_steps=6)
   workdir, out = tmp_path / "run", tmp_path / "export"
   lm_train.train(cfg, str(workdir))
-  run, params, tokenizer, step = lm_train.restore_latest(str(workdir))
-  assert lm_train.export(str(workdir), str(out)) == step == 6
+  run, params, tokenizer, step = checkpoint.restore_latest(str(workdir))
+  assert checkpoint.export(str(workdir), str(out)) == step == 6
   data = pipeline.load(cfg, str(workdir))
-  reference = evaluate.teacher_forced(run, params, data)
+  teacher_forced = evaluate.Evaluator(run, data).teacher_forced
+  reference = teacher_forced(params)
   exported = checkpoint.load_export(str(out), run.abstract_state().params)
-  assert evaluate.teacher_forced(run, exported, data)["eval_loss"] == reference["eval_loss"]
+  assert teacher_forced(exported)["eval_loss"] == reference["eval_loss"]
   meta = checkpoint.load_meta(str(out))
   assert checkpoint.meta_tokenizer(meta).model_proto == tokenizer.model_proto
   assert checkpoint.meta_config(meta).model.d_model == cfg.model.d_model
 
-  lm_train.export(str(workdir), str(tmp_path / "bf16"), "bfloat16")
+  checkpoint.export(str(workdir), str(tmp_path / "bf16"), "bfloat16")
   abstract_bf16 = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, jax.numpy.bfloat16, sharding=x.sharding),
     run.abstract_state().params,
@@ -225,5 +227,5 @@ def test_export_reloads_with_the_training_loss(tmp_path):
   halved = checkpoint.load_export(str(tmp_path / "bf16"), abstract_bf16)
   assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(halved))
   as_f32 = jax.tree.map(lambda x: x.astype(np.float32), halved)
-  loss_bf16 = evaluate.teacher_forced(run, as_f32, data)["eval_loss"]
+  loss_bf16 = teacher_forced(as_f32)["eval_loss"]
   np.testing.assert_allclose(loss_bf16, reference["eval_loss"], rtol=1e-2)

@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from lm.config import ConfigError
-from lm.train import Run
+from lm.state import Run
 from tests.helpers import tiny_config
 
 BAD = [

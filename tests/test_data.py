@@ -13,7 +13,7 @@ from lm import train as lm_train
 from lm.config import ConfigError
 from lm.data import pipeline, sources
 from lm.data import tokenizer as tok
-from lm.train import Run
+from lm.state import Run, batch_keys
 from tests.helpers import tiny_config
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -143,7 +143,7 @@ def _demo_data(tmp_path, **data):
 def test_packing_keeps_every_token_and_the_loss_of_the_unpacked_examples(tmp_path):
   cfg, data = _demo_data(tmp_path, seq_len=24, prefetch=0)
   batch = next(pipeline.TrainIterator(data))
-  assert set(batch) == set(lm_train.batch_keys("translation", packed=True))
+  assert set(batch) == set(batch_keys("translation", packed=True))
   examples = []
   for side in ("inputs", "targets"):
     seg, pos, ids = (batch[side + s] for s in ("_segment_ids", "_positions", ""))
@@ -167,7 +167,7 @@ def test_packing_keeps_every_token_and_the_loss_of_the_unpacked_examples(tmp_pat
   tokens = sum((e["targets"] > 0).sum() for e in examples)
   assert tokens == (batch["targets"] > 0).sum()
 
-  run = Run.build(cfg, devices=jax.devices()[:1], vocab_size=data.tokenizer.vocab_size)
+  run = Run.build(cfg, devices=jax.devices()[:1], tokenizer_size=data.tokenizer.vocab_size)
   params = run.init_state().params
   loss_sums = jax.jit(lambda b: run.loss_sums(params, b, None))
   with jax.set_mesh(run.mesh):

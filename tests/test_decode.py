@@ -20,7 +20,7 @@ from lm import decode, evaluate
 from lm import train as lm_train
 from lm.data import synthetic
 from lm.data.tokenizer import BOS_ID, EOS_ID
-from lm.train import Run
+from lm.state import Run
 from tests.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,7 +160,9 @@ def test_each_translation_stops_at_its_own_length_limit(beam):
   decoder = decode.Decoder(run, run.init_state().params, _Ids(), options, batch_size=4)
   sources = [[7] * n + [EOS_ID] for n in (2, 5, 9)]
   out = decoder.decode_ids(sources)
-  assert out.shape[1] == 11  # the batch runs to the longest limit: 1.0 * 10 + 1
+  # The batch is padded to its source bucket (16 = seq_len, for a longest source of 10 tokens)
+  # and compiled for that bucket's limit, 1.0 * 16 + 1; each row stops at its own limit.
+  assert decoder.buckets == (8, 16) and out.shape[1] == 17
   lengths = (out > 0).sum(-1)
   # An untrained model rarely says EOS: rows end at their limits (or earlier with EOS).
   assert all(n <= len(s) + 1 for n, s in zip(lengths, sources))

@@ -9,7 +9,7 @@ from flax import nnx
 from experiments import gpt2, wmt_ende
 from lm.models.loss import cross_entropy_sums
 from lm.models.transformer import ModelDims, build_model
-from lm.train import Run, param_count
+from lm.state import Run, param_count
 from tests.helpers import tiny_config
 
 

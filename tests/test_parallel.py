@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from lm.train import Run
+from lm.state import Run
 from tests.helpers import tiny_config
 
 MESHES = [(1, 8, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4), (8, 1, 1)]

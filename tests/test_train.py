@@ -7,7 +7,7 @@ import numpy as np
 
 from experiments import demo
 from lm import train as lm_train
-from lm.train import Run
+from lm.state import Run
 from tests.helpers import tiny_config
 
 

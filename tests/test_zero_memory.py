@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lm.parallel import report
-from lm.train import Run, param_count
+from lm.state import Run, param_count
 from tests.helpers import tiny_config
 
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lm.parallel.sharding import constrain, fsdp_specs, gather_layer, params_are_sharded
+from lm.parallel.sharding import constrain, fsdp_specs, gather_layer
 
 
 def _param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
@@ -164,44 +164,52 @@ class Mlp(nnx.Module):
 class Embedding(nnx.Module):
   """Token table [vocab, embed]; with tying it also produces the output logits."""
 
-  def __init__(self, vocab: int, d_model: int, param_dtype, rngs: nnx.Rngs):
-    init = _fan_in_init(d_model)
-    self.table = _param(rngs, init, (vocab, d_model), ("vocab", "embed"), param_dtype)
+  def __init__(self, dims, rngs: nnx.Rngs):
+    shape, init = (dims.vocab_size, dims.d_model), _fan_in_init(dims.d_model)
+    self.table = _param(rngs, init, shape, ("vocab", "embed"), dims.param_dtype)
+    self.params_sharded = dims.params_sharded
 
   def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
-    return lookup(self.table[...], ("vocab", "embed"), tokens, dtype)
+    return lookup(self.table[...], ("vocab", "embed"), tokens, dtype, self.params_sharded)
 
   def attend(self, x: jax.Array) -> jax.Array:
-    table = gather_layer(self.table[...], ("vocab", "embed"))
+    """[b, l, embed] -> logits [b, l, vocab]."""
+    table = self.table[...]
+    if self.params_sharded:
+      table = gather_layer(table, ("vocab", "embed"))
     return jnp.einsum("ble,ve->blv", x, table.astype(x.dtype))
 
 
-def lookup(table: jax.Array, names: tuple[str, str], ids: jax.Array, dtype) -> jax.Array:
+def lookup(
+  table: jax.Array, names: tuple[str, str], ids: jax.Array, dtype, params_sharded: bool
+) -> jax.Array:
   """Rows of a [n, embed] table -> [..., embed].
 
-  Under ZeRO-3 the table is gathered over fsdp first, like each layer, and its gradient is
-  summed in that layout before it goes back to the sharded one: a lookup into (or a scatter
-  onto) an fsdp-sharded embed dim would need activations sharded on embed, which GSPMD can only
-  reach from the batch layout by replicating them ("involuntary full rematerialization").
+  With `params_sharded` (ZeRO-3) the table is gathered over fsdp first, like each layer, and its
+  gradient is summed in that layout before it goes back to the sharded one: a lookup into (or a
+  scatter onto) an fsdp-sharded embed dim would need activations sharded on embed, which GSPMD
+  can only reach from the batch layout by replicating them ("involuntary full
+  rematerialization").
   """
-  if not params_are_sharded():
+  if not params_sharded:
     return jnp.take(table, ids, axis=0).astype(dtype)
   gathered, sharded = fsdp_specs(names, table)
 
+  # ids are an argument, not a closure: a custom VJP must not close over traced values.
   @jax.custom_vjp
-  def rows(t):
+  def rows(t, ids):
     return jnp.take(jax.lax.with_sharding_constraint(t, gathered), ids, axis=0)
 
-  def fwd(t):
-    return rows(t), None
+  def fwd(t, ids):
+    return rows(t, ids), ids
 
-  def bwd(_, g):
+  def bwd(ids, g):
     grad = jnp.zeros(table.shape, g.dtype).at[ids].add(g)
     grad = jax.lax.with_sharding_constraint(grad, gathered)
-    return (jax.lax.with_sharding_constraint(grad, sharded),)
+    return jax.lax.with_sharding_constraint(grad, sharded), None
 
   rows.defvjp(fwd, bwd)
-  return rows(table).astype(dtype)
+  return rows(table, ids).astype(dtype)
 
 
 def attention_mask(q_segments, kv_segments, causal: bool) -> jax.Array:

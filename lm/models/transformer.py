@@ -26,7 +26,7 @@ from lm.models.layers import (
   rotary,
   sinusoidal,
 )
-from lm.parallel.sharding import constrain, gather_layer, params_are_sharded
+from lm.parallel.sharding import constrain, gather_layer
 
 BOS_ID = 2
 
@@ -56,15 +56,29 @@ class ModelDims:
   dropout_rate: float
   dtype: jnp.dtype
   param_dtype: jnp.dtype
-  remat: str
+  remat: str  # resolved: none, full or save_dots
+  # ZeRO-3 on fsdp > 1: parameters are stored sharded, so every layer, embedding and lookup
+  # gathers its weights before use and reduce-scatters their gradient.
+  params_sharded: bool = False
 
   @classmethod
-  def from_config(cls, model_cfg, vocab_size: int | None = None, platform: str | None = None):
+  def from_config(
+    cls,
+    model_cfg,
+    vocab_size: int | None = None,
+    platform: str | None = None,
+    params_sharded: bool = False,
+  ) -> ModelDims:
     m = model_cfg
     dtype = m.dtype
     if dtype == "auto":
       platform = platform or jax.default_backend()
       dtype = "float32" if platform == "cpu" else "bfloat16"
+    remat = m.remat
+    if remat == "auto":
+      # Sharded parameters: keep matmul outputs but not the gathered weights, so the backward
+      # gathers each layer again instead of holding every gathered layer at once.
+      remat = "save_dots" if params_sharded else "none"
     return cls(
       vocab_size=vocab_size or m.vocab_size,
       d_model=m.d_model,
@@ -82,7 +96,8 @@ class ModelDims:
       dropout_rate=m.dropout_rate,
       dtype=jnp.dtype(dtype),
       param_dtype=jnp.dtype(m.param_dtype),
-      remat=m.remat,
+      remat=remat,
+      params_sharded=params_sharded,
     )
 
 
@@ -170,7 +185,7 @@ def logical_names(state) -> dict:
 class LayerStack(nnx.Module):
   """`num_layers` copies of a layer with parameters stacked on a leading 'layers' axis."""
 
-  def __init__(self, make_layer, num_layers: int, remat: str, rngs: nnx.Rngs):
+  def __init__(self, make_layer, num_layers: int, dims: ModelDims, rngs: nnx.Rngs):
     @nnx.split_rngs(splits=num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def create(rngs):
@@ -178,7 +193,14 @@ class LayerStack(nnx.Module):
 
     self.layers = create(rngs)
     self.num_layers = num_layers
-    self.remat = remat
+    self.remat = dims.remat
+    self.params_sharded = dims.params_sharded
+
+  def _layer(self, graphdef, layer_params, per_layer_names) -> nnx.Module:
+    """One layer of the stack, its weights gathered over fsdp first if they are stored sharded."""
+    if self.params_sharded:
+      layer_params = gather_layer(layer_params, per_layer_names)
+    return nnx.merge(graphdef, layer_params)
 
   def __call__(self, x: jax.Array, key: jax.Array | None, **kwargs) -> jax.Array:
     graphdef, state = nnx.split(self.layers)
@@ -190,16 +212,12 @@ class LayerStack(nnx.Module):
 
     def body(x, scanned):
       layer_params, layer_key = scanned
-      layer = nnx.merge(graphdef, gather_layer(layer_params, per_layer_names))
+      layer = self._layer(graphdef, layer_params, per_layer_names)
       x = layer(x, layer_key, **kwargs)
       return constrain(x, ("batch", "length", "embed")), None
 
     if self.remat != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-    elif params_are_sharded():
-      # ZeRO-3: keep matmul outputs but not the gathered weights, so the backward pass
-      # gathers each layer again instead of holding every gathered layer at once.
-      body = jax.checkpoint(body, policy=REMAT_POLICIES["save_dots"], prevent_cse=False)
     x, _ = jax.lax.scan(body, x, (params, keys))
     return x
 
@@ -213,8 +231,7 @@ class LayerStack(nnx.Module):
 
     def body(carry, scanned):
       layer_params, sliced = scanned
-      layer = nnx.merge(graphdef, gather_layer(layer_params, per_layer_names))
-      return fn(layer, carry, sliced)
+      return fn(self._layer(graphdef, layer_params, per_layer_names), carry, sliced)
 
     return jax.lax.scan(body, carry, (nnx.to_pure_dict(state), per_layer))
 
@@ -247,7 +264,7 @@ class _Model(nnx.Module):
 
   def _init_io(self, dims: ModelDims, rngs: nnx.Rngs):
     self.dims = dims
-    self.embed = Embedding(dims.vocab_size, dims.d_model, dims.param_dtype, rngs)
+    self.embed = Embedding(dims, rngs)
     if dims.positions == "learned":
       init = jax.nn.initializers.normal(stddev=0.02)
       self.pos_table = nnx.Param(
@@ -269,7 +286,8 @@ class _Model(nnx.Module):
         d.dtype
       )
     elif d.positions == "learned":
-      x = x + lookup(self.pos_table[...], ("length", "embed"), positions, d.dtype)
+      table = self.pos_table[...]
+      x = x + lookup(table, ("length", "embed"), positions, d.dtype, d.params_sharded)
     return constrain(x, ("batch", "length", "embed"))
 
   def logits(self, x) -> jax.Array:
@@ -287,11 +305,9 @@ def _split_key(key, n):
 class EncoderDecoder(_Model):
   def __init__(self, dims: ModelDims, rngs: nnx.Rngs):
     self._init_io(dims, rngs)
-    self.encoder = LayerStack(lambda r: EncoderLayer(dims, r), dims.enc_layers, dims.remat, rngs)
+    self.encoder = LayerStack(lambda r: EncoderLayer(dims, r), dims.enc_layers, dims, rngs)
     self.encoder_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
-    self.decoder = LayerStack(
-      lambda r: DecoderLayer(dims, True, r), dims.dec_layers, dims.remat, rngs
-    )
+    self.decoder = LayerStack(lambda r: DecoderLayer(dims, True, r), dims.dec_layers, dims, rngs)
     self.decoder_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
 
   def encode(self, inputs, segments, positions, key=None) -> jax.Array:
@@ -344,9 +360,7 @@ class Decoder(_Model):
 
   def __init__(self, dims: ModelDims, rngs: nnx.Rngs):
     self._init_io(dims, rngs)
-    self.decoder = LayerStack(
-      lambda r: DecoderLayer(dims, False, r), dims.dec_layers, dims.remat, rngs
-    )
+    self.decoder = LayerStack(lambda r: DecoderLayer(dims, False, r), dims.dec_layers, dims, rngs)
     self.decoder_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
 
   def init_cache(self, batch_size: int, max_len: int) -> dict:

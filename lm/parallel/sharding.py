@@ -7,9 +7,8 @@ names into PartitionSpecs. ZeRO decides only whether a tensor kind maps 'embed' 
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
@@ -80,6 +79,25 @@ def spec_for(
   return PartitionSpec(*axes)
 
 
+def replicated_over_fsdp(logical, shapes, mesh) -> dict[str, tuple[tuple[int, ...], int]]:
+  """Tensors that a stage sharding them would still keep whole on every fsdp device, because no
+  dimension divides the axis: {path: (shape, bytes per device)}."""
+  if mesh.shape["fsdp"] == 1:
+    return {}
+  found = {}
+
+  def check(path, names, s):
+    if "fsdp" not in jax.tree.leaves(tuple(spec_for(names, s.shape, mesh, True))):
+      shard = NamedSharding(mesh, spec_for(names, s.shape, mesh, False)).shard_shape(s.shape)
+      found[jax.tree_util.keystr(path, simple=True, separator="/")] = (
+        tuple(s.shape),
+        math.prod(shard) * s.dtype.itemsize,
+      )
+
+  jax.tree_util.tree_map_with_path(check, logical, shapes, is_leaf=lambda x: isinstance(x, tuple))
+  return found
+
+
 def named_shardings(logical, shapes, mesh, shard_over_fsdp: bool):
   """NamedShardings for a tree of logical-name tuples and a matching tree of shapes."""
   return jax.tree.map(
@@ -120,20 +138,6 @@ def stage_shardings(logical, shapes, mesh, zero_stage: int, opt_state_fn) -> Sta
   )
 
 
-# Set while tracing the train step: how parameters are stored, so that the layer scan can
-# gather one layer at a time (ZeRO-3) and reduce-scatter its gradient on the way back.
-_PARAMS_SHARDED = contextvars.ContextVar("params_sharded_over_fsdp", default=False)
-
-
-@contextlib.contextmanager
-def params_sharded_over_fsdp(value: bool):
-  token = _PARAMS_SHARDED.set(value)
-  try:
-    yield
-  finally:
-    _PARAMS_SHARDED.reset(token)
-
-
 def _current_mesh():
   mesh = jax.sharding.get_abstract_mesh()
   return None if mesh.empty or "fsdp" not in mesh.axis_names else mesh
@@ -148,13 +152,11 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
 
 def gather_layer(params, logical):
-  """One layer's parameters, all-gathered over fsdp for compute under ZeRO-3.
+  """One layer's parameters, stored sharded over fsdp (ZeRO-3), all-gathered for compute.
 
   The custom VJP constrains the gradient back to the sharded layout, so the backward pass
   reduce-scatters each layer's gradient instead of all-reducing it.
   """
-  if not params_are_sharded():
-    return params
   gathered, sharded = fsdp_specs(logical, params)
 
   @jax.custom_vjp
@@ -185,9 +187,3 @@ def fsdp_specs(logical, params):
     )
 
   return specs(False), specs(True)
-
-
-def params_are_sharded() -> bool:
-  """True while tracing a step whose parameters live sharded over fsdp > 1 (ZeRO-3)."""
-  mesh = _current_mesh()
-  return _PARAMS_SHARDED.get() and mesh is not None and mesh.shape["fsdp"] > 1
