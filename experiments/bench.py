@@ -37,8 +37,8 @@ _MOCK_TFDS = flags.DEFINE_integer(
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
   """FLOP/s of a large float32 matmul on one device: the roof for the ratio we report."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
+  import jax
+  import jax.numpy as jnp
 
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
@@ -64,10 +64,10 @@ def model_flops(cfg, matmul_params: int) -> float:
 def matmul_param_count(params) -> int:
   """Parameters used in matmuls: all but norms and biases (optim's no-decay set) and the
   position table, which is only gathered."""
-  import jax  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
+  import jax
+  import numpy as np
 
-  from lm import optim  # noqa: PLC0415
+  from lm import optim
 
   counted = {k: v for k, v in params.items() if k != "pos_table"}
   sizes = jax.tree.map(
@@ -77,11 +77,11 @@ def matmul_param_count(params) -> int:
 
 
 def bench_one(cfg, steps: int, peak: float) -> dict:
-  import jax  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
+  import jax
 
-  from lm.parallel import report  # noqa: PLC0415
-  from lm.state import Run, param_count  # noqa: PLC0415
+  from lm.data.synthetic import random_batch
+  from lm.parallel import report
+  from lm.state import Run, param_count
 
   run = Run.build(cfg)
   n_params = param_count(run.abstract_params)
@@ -100,21 +100,8 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
     "opt_state": report.sharded_bytes(abstract.opt_state, run.shardings.opt_state),
   }
   state = run.init_state()
-  rng = np.random.RandomState(0)
-  shape = (cfg.train.global_batch_size, cfg.data.seq_len)
-  full_rows = {  # one example filling each row
-    "": lambda: rng.randint(4, cfg.model.vocab_size, shape).astype(np.int32),
-    "_segment_ids": lambda: np.ones(shape, np.int32),
-    "_positions": lambda: np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape),
-  }
-  batch = run.shard_batch(
-    {
-      side + part: make()
-      for side in ("inputs", "targets")
-      for part, make in full_rows.items()
-      if side + part in run.abstract_batch()
-    }
-  )
+  # One example filling each row; packed configs get its segment ids and positions.
+  batch = run.shard_batch(random_batch(cfg, packed=cfg.data.pack))
   times = []
   for _ in range(steps + 1):
     t0 = time.perf_counter()
@@ -152,9 +139,9 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
 
 def pipeline_throughput(cfg, batches: int) -> dict:
   """Tokens/s of the input pipeline alone (this process's share), after its first batch."""
-  import tempfile  # noqa: PLC0415
+  import tempfile
 
-  from lm.data import pipeline  # noqa: PLC0415
+  from lm.data import pipeline
 
   with tempfile.TemporaryDirectory() as workdir:
     start = time.perf_counter()
@@ -215,13 +202,13 @@ def main(argv):
       os.environ.get("XLA_FLAGS", "")
       + f" --xla_force_host_platform_device_count={_HOST_DEVICES.value}"
     )
-  from lm.config import ConfigError  # noqa: PLC0415
+  from lm.config import ConfigError
 
   cfg = _CONFIG.value
   if _PIPELINE.value:
-    import contextlib  # noqa: PLC0415
+    import contextlib
 
-    import tensorflow_datasets as tfds  # noqa: PLC0415
+    import tensorflow_datasets as tfds
 
     mock = tfds.testing.mock_data(num_examples=_MOCK_TFDS.value) if _MOCK_TFDS.value else None
     with mock or contextlib.nullcontext():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -48,10 +49,11 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
   if _DISTRIBUTED.value:
-    from lm.parallel import mesh  # noqa: PLC0415
+    from lm.parallel import mesh
 
     mesh.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from lm import checkpoint, train  # noqa: PLC0415 (flags parse before jax initializes)
+  # Imported here: jax must not initialize before --distributed has set up the processes.
+  from lm import checkpoint, evaluate, metrics, train
 
   try:
     if _MODE.value == "train":
@@ -59,8 +61,6 @@ def main(argv):
         raise ConfigError("--config: required to train; e.g. --config=experiments/demo.py")
       train.train(_CONFIG.value, _WORKDIR.value)
     elif _MODE.value == "eval":
-      from lm import evaluate, metrics  # noqa: PLC0415
-
       decode_cfg = _CONFIG.value.decode if _CONFIG.value is not None else None
       log = metrics.Console()
       results = evaluate.evaluate_workdir(_WORKDIR.value, decode_cfg, log)
@@ -81,7 +81,7 @@ def main(argv):
 
 
 def decode_lines(input_path: str, output_path: str) -> None:
-  from lm.decode import Decoder  # noqa: PLC0415
+  from lm.decode import Decoder  # after main's jax set-up, as there
 
   if input_path != "-" and not os.path.exists(input_path):
     raise ConfigError(f"--input: {input_path!r} does not exist")
@@ -100,14 +100,42 @@ def decode_lines(input_path: str, output_path: str) -> None:
     sink.writelines(line + "\n" for line in outputs)
 
 
+def _fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def check_config_module(argv) -> None:
+  """A --config module that does not exist: one line listing those that do."""
+  values = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  values += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+  for value in values:
+    path = value.split(":", 1)[0]
+    if not os.path.isfile(path):
+      here = os.path.dirname(os.path.abspath(__file__))
+      modules = sorted(
+        f"experiments/{name}"
+        for name in os.listdir(here)
+        if name.endswith(".py") and name not in ("__init__.py", "run.py", "bench.py")
+      )
+      _fail(f"--config: {path!r} does not exist; experiment modules: {', '.join(modules)}")
+
+
 def parse_flags(argv):
-  """absl parsing, with a bad --config override reported in one line instead of a traceback."""
+  """absl parsing, with a bad --config module, variant or override reported in one line."""
+  check_config_module(argv)
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
-    message = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split()).strip("'\"")
-    print(f"error: bad flag or --config override: {message}", file=sys.stderr)
-    sys.exit(2)
+    message = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split())
+    if message[:1] in "'\"" and message[-1:] == message[:1]:  # absl wraps some in quotes
+      message = message[1:-1]
+    # An error raised inside the config module (a bad variant) comes wrapped in its traceback:
+    # keep the module's own message.
+    raised = re.findall(r"\b\w*Error: (.*?)(?=\s+\w*Error: |$)", message.split("Traceback")[-1])
+    if "Traceback" in message and raised:
+      _fail(f"--config: {raised[-1].strip()}")
+    _fail(f"bad flag or --config override: {message}")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,12 @@ def _meta(cfg: ml_collections.ConfigDict, tokenizer: tok.Tokenizer) -> dict:
 
 
 def meta_config(meta: dict) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(meta["config"])
+  """The saved config over today's defaults: a checkpoint written before a field existed loads
+  with that field's default."""
+  saved = meta["config"]
+  cfg = lmc.lm_defaults() if saved.get("task") == "lm" else lmc.translation_defaults()
+  cfg.update(saved)
+  return cfg
 
 
 def meta_tokenizer(meta: dict) -> tok.Tokenizer:
@@ -79,7 +84,7 @@ class Checkpointer:
       )
     options = ocp.CheckpointManagerOptions(
       preservation_policy=keep_policy.AnyPreservationPolicy(policies),
-      cleanup_tmp_directories=True,
+      cleanup_tmp_directories=cfg is not None,  # a reader leaves a writer's files alone
       enable_async_checkpointing=True,
     )
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))

@@ -83,14 +83,16 @@ class Run:
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
 
     def opt_state_shardings(per_param):
-      # Param-shaped subtrees (Adam's m and v) follow the parameter; the rest (counts,
-      # factored Adafactor statistics) is small and replicated.
+      # Param-shaped leaves (Adam's m and v) follow the parameter; the rest (counts, and the
+      # factored Adafactor statistics, which sit in param-structured trees but are smaller)
+      # is small and replicated.
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
       return optax.tree_map_params(
         tx,
-        lambda _, s: s,
+        lambda leaf, s, param: s if leaf.shape == param.shape else replicated,
         abstract_opt,
         per_param,
+        abstract_params,
         transform_non_params=lambda _: replicated,
       )
 
@@ -169,13 +171,18 @@ class Run:
       )
       return (grads, loss + mb_loss, tokens + mb_tokens, correct + mb_correct), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    # Accumulated in float32 whatever the parameters' dtype; the update gets the params' dtype,
+    # so that the optimizer state keeps the dtypes it was compiled for.
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     init = (jax.lax.with_sharding_constraint(zeros, self.shardings.grads), 0.0, 0.0, 0.0)
     scanned = (jax.tree.map(microbatch, batch), jnp.arange(k))
     (grads, loss, tokens, correct), _ = jax.lax.scan(accumulate, init, scanned)
     # ZeRO-1: one reduce-scatter per step, to the optimizer state's layout.
     grads = jax.lax.with_sharding_constraint(
-      jax.tree.map(lambda g: g / jnp.maximum(tokens, 1.0), grads), self.shardings.update
+      jax.tree.map(
+        lambda g, p: (g / jnp.maximum(tokens, 1.0)).astype(p.dtype), grads, state.params
+      ),
+      self.shardings.update,
     )
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)

@@ -20,10 +20,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lm.decode import DecodeOptions, Decoder  # noqa: E402
-from lm.parallel.mesh import init_distributed  # noqa: E402
-from lm.state import Run  # noqa: E402
-from tests.helpers import tiny_config  # noqa: E402
+from lm.data.synthetic import random_batch
+from lm.decode import DecodeOptions, Decoder
+from lm.parallel.mesh import init_distributed
+from lm.state import Run
+from tests.helpers import tiny_config
 
 STEPS = 3
 
@@ -53,10 +54,8 @@ def run_and_decode(cfg) -> dict:
   shape = (cfg.train.global_batch_size, cfg.data.seq_len)
   rows = process_rows(run.shardings.batch, shape)
   losses = []
-  for _ in range(STEPS):
-    targets = rng.randint(4, cfg.model.vocab_size, size=shape).astype(np.int32)
-    targets[:, -3:] = 0
-    batch = {"inputs": targets[:, ::-1].copy(), "targets": targets}
+  for seed in range(STEPS):
+    batch = random_batch(cfg, seed, padding=3)
     state, metrics = step(state, run.shard_batch({k: v[rows] for k, v in batch.items()}))
     losses.append(float(metrics["loss"]))
   norms = jax.jit(

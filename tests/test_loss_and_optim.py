@@ -76,3 +76,16 @@ def test_weight_decay_skips_norms_and_biases():
     "norm": {"scale": False, "bias": False},
     "embed": True,
   }
+
+
+def test_ids_past_the_vocab_limit_get_no_probability():
+  rng = np.random.RandomState(0)
+  logits = jnp.asarray(rng.normal(size=(2, 5, 12)), jnp.float32)
+  padded = logits.at[..., 9:].set(50.0)  # garbage columns that would dominate the softmax
+  targets = jnp.asarray(rng.randint(1, 9, size=(2, 5)))
+  weights = jnp.ones((2, 5))
+  for eps in (0.0, 0.1):
+    expected = cross_entropy_sums(logits[..., :9], targets, weights, eps)
+    got = cross_entropy_sums(padded, targets, weights, eps, vocab_limit=9)
+    for a, b in zip(got, expected):
+      np.testing.assert_allclose(float(a), float(b), rtol=1e-6)

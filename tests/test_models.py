@@ -7,6 +7,9 @@ import pytest
 from flax import nnx
 
 from experiments import gpt2, wmt_ende
+from lm.config import REMAT as REMAT_CHOICES
+from lm.data.synthetic import random_batch
+from lm.models.layers import Mlp, Norm, rotary
 from lm.models.loss import cross_entropy_sums
 from lm.models.transformer import ModelDims, build_model
 from lm.state import Run, param_count
@@ -117,3 +120,81 @@ def test_parameter_count_matches_formula_and_paper(module, variant, published):
   count = param_count(run.abstract_params)
   assert count == analytic_param_count(cfg.model, cfg.task)
   assert abs(count - published) / published < 0.05, count
+
+
+def _grads(cfg):
+  run = Run.build(cfg, devices=jax.devices()[:1])
+  params = run.init_state().params
+  batch = run.shard_batch(random_batch(cfg, seed=4, padding=2))
+  with jax.set_mesh(run.mesh):
+    (loss, _), grads = jax.jit(jax.value_and_grad(run.loss_sums, has_aux=True))(
+      params, batch, jax.random.key(1)
+    )
+  return float(loss), jax.device_get(grads)
+
+
+@pytest.mark.parametrize("task", ["translation", "lm"])
+def test_remat_policies_give_the_same_loss_and_gradients(task):
+  results = {r: _grads(tiny_config(task, remat=r, dropout_rate=0.1)) for r in REMAT_CHOICES}
+  loss, grads = results["none"]
+  for remat in ("full", "save_dots"):
+    other_loss, other_grads = results[remat]
+    np.testing.assert_allclose(other_loss, loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(other_grads), jax.tree.leaves(grads)):
+      # Recomputation may fuse differently: equal within fp32 rounding of the tensor's scale.
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
+def test_remat_auto_is_save_dots_only_for_sharded_parameters():
+  cfg = tiny_config()
+  assert ModelDims.from_config(cfg.model).remat == "none"
+  assert ModelDims.from_config(cfg.model, params_sharded=True).remat == "save_dots"
+  cfg.model.remat = "none"
+  assert ModelDims.from_config(cfg.model, params_sharded=True).remat == "none"
+
+
+def _dims(**kw):
+  return ModelDims.from_config(tiny_config(**kw).model, platform="cpu")
+
+
+def test_rmsnorm_matches_numpy():
+  rng = np.random.RandomState(0)
+  with nnx.use_eager_sharding(False):
+    norm = Norm(32, "rmsnorm", jnp.float32, nnx.Rngs(params=0))
+  norm.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, 32), jnp.float32)
+  x = rng.normal(size=(2, 5, 32)).astype(np.float32) * 3
+  expected = x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6) * np.asarray(norm.scale[...])
+  np.testing.assert_allclose(norm(jnp.asarray(x)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu_mlp_matches_numpy():
+  with nnx.use_eager_sharding(False):
+    mlp = Mlp(_dims(activation="swiglu", use_bias=False), nnx.Rngs(params=0))
+  x = np.random.RandomState(1).normal(size=(2, 5, 32)).astype(np.float32)
+  wi, gate, wo = (np.asarray(w[...], np.float64) for w in (mlp.wi, mlp.wi_gate, mlp.wo))
+  g = x @ gate
+  expected = (g / (1 + np.exp(-g)) * (x @ wi)) @ wo  # silu(x W_gate) * (x W_in), then W_out
+  np.testing.assert_allclose(mlp(jnp.asarray(x)), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_rotary_matches_numpy_and_depends_on_relative_position():
+  rng = np.random.RandomState(2)
+  x = rng.normal(size=(1, 3, 2, 8)).astype(np.float32)  # [b, l, heads, kv]
+  positions = np.asarray([[0, 5, 17]])
+  half = 4
+  expected = np.empty_like(x)
+  for t, p in enumerate(positions[0]):
+    for i in range(half):  # dims i and i + half rotate together by p / 10000^(i / half)
+      angle = p / 10000.0 ** (i / half)
+      a, b = x[0, t, :, i], x[0, t, :, i + half]
+      expected[0, t, :, i] = a * np.cos(angle) - b * np.sin(angle)
+      expected[0, t, :, i + half] = b * np.cos(angle) + a * np.sin(angle)
+  np.testing.assert_allclose(rotary(jnp.asarray(x), jnp.asarray(positions)), expected, atol=1e-5)
+
+  q, k = jnp.asarray(x[:, :1]), jnp.asarray(x[:, 1:2])
+
+  def score(m, n):
+    return (rotary(q, jnp.asarray([[m]])) * rotary(k, jnp.asarray([[n]]))).sum()
+
+  np.testing.assert_allclose(score(3, 7), score(13, 17), rtol=1e-4)
+  assert abs(float(score(3, 7)) - float(score(3, 8))) > 1e-3

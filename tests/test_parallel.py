@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from lm.data.synthetic import random_batch
 from lm.state import Run
 from tests.helpers import tiny_config
 
@@ -26,13 +27,7 @@ def _config(task, mesh=(1, 1, 1), stage=0):
 
 
 def _batches(cfg):
-  rng = np.random.RandomState(0)
-  for _ in range(STEPS):
-    shape = (cfg.train.global_batch_size, cfg.data.seq_len)
-    tokens = rng.randint(4, cfg.model.vocab_size, size=shape).astype(np.int32)
-    tokens[:, -2:] = 0
-    batch = {"inputs": tokens[:, ::-1].copy(), "targets": tokens}
-    yield batch if cfg.task == "translation" else {"targets": tokens}
+  return (random_batch(cfg, seed=step, padding=2) for step in range(STEPS))
 
 
 def train_steps(cfg):

@@ -3,21 +3,14 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from experiments import demo
 from lm import train as lm_train
+from lm.data.synthetic import random_batch
 from lm.state import Run
 from tests.helpers import tiny_config
-
-
-def _batch(cfg, seed=0):
-  rng = np.random.RandomState(seed)
-  shape = (cfg.train.global_batch_size, cfg.data.seq_len)
-  tokens = rng.randint(4, cfg.model.vocab_size, size=shape).astype(np.int32)
-  tokens[:, -3:] = 0  # some padding, so that microbatches differ in token count
-  tokens[0, 5:] = 0
-  return {"inputs": tokens[:, ::-1].copy(), "targets": tokens}
 
 
 def _first_step_grads(microbatches):
@@ -28,7 +21,7 @@ def _first_step_grads(microbatches):
   state = run.init_state()
   before = jax.device_get(state.params)
   with jax.set_mesh(run.mesh):
-    new_state, metrics = run.jit_train_step()(state, run.shard_batch(_batch(cfg)))
+    new_state, metrics = run.jit_train_step()(state, run.shard_batch(random_batch(cfg, padding=3)))
   # SGD with lr 1: the update is exactly minus the gradient.
   return jax.tree.map(lambda a, b: a - b, before, jax.device_get(new_state.params)), metrics
 
@@ -51,3 +44,28 @@ def test_demo_loss_falls_by_half_in_50_steps(tmp_path):
     assert key in lines[0]
   assert results["eval_accuracy"] > 0.3
   assert (tmp_path / "config.json").exists() and any((tmp_path / "tb").iterdir())
+
+
+def _losses_on_one_batch(cfg, steps=15):
+  run = Run.build(cfg, devices=jax.devices()[:1])
+  state, step = run.init_state(), run.compile_train_step()
+  batch = run.shard_batch(random_batch(cfg, padding=2, packed=cfg.data.pack))
+  losses = []
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  return state, losses
+
+
+def test_adafactor_trains():
+  cfg = tiny_config()
+  cfg.optim.update(name="adafactor", learning_rate=3e-2, weight_decay=0.0)
+  _, losses = _losses_on_one_batch(cfg)
+  assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_bfloat16_parameters_train():
+  cfg = tiny_config(param_dtype="bfloat16")
+  state, losses = _losses_on_one_batch(cfg)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.params))
+  assert np.isfinite(losses).all() and losses[-1] < 0.6 * losses[0], losses

@@ -19,7 +19,7 @@ def _run(mesh, stage, microbatches=1, **model):
 
 def _state_bytes(run):
   state = run.init_state()
-  arrays = lambda tree: [x for x in jax.tree.leaves(tree) if x.ndim > 0]  # noqa: E731
+  arrays = lambda tree: [x for x in jax.tree.leaves(tree) if x.ndim > 0]
   return report.shard_bytes(arrays(state.params)), report.shard_bytes(arrays(state.opt_state))
 
 

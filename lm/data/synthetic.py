@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+
 NOUNS = (
   "cat dog bird fish horse child woman man king queen farmer teacher doctor river "
   "tree house boat city garden window apple letter song book"
@@ -104,3 +106,26 @@ class DemoSource:
 
   def __getitem__(self, index: int) -> tuple[str, str]:
     return sentence_pair(random.Random(self.seed << 32 | int(index)))
+
+
+def random_batch(cfg, seed: int = 0, padding: int = 0, packed: bool = False) -> dict:
+  """A global batch of random token rows (ids 4 .. vocab_size - 1) for the config's task, one
+  example per row, for tests and benchmarks. `padding` > 0 pads the last `padding` columns and
+  row 0 from a third of its length, so that rows and microbatches differ in token count;
+  `packed` adds the segment ids and positions that a packed batch carries."""
+  rng = np.random.RandomState(seed)
+  shape = (cfg.train.global_batch_size, cfg.data.seq_len)
+  tokens = rng.randint(4, cfg.model.vocab_size, size=shape).astype(np.int32)
+  if padding:
+    tokens[:, -padding:] = 0
+    tokens[0, shape[1] // 3 :] = 0
+  sides = (
+    {"targets": tokens} if cfg.task == "lm" else {"inputs": tokens[:, ::-1], "targets": tokens}
+  )
+  batch = {}
+  for side, ids in sides.items():
+    batch[side] = np.ascontiguousarray(ids)
+    if packed:
+      batch[side + "_segment_ids"] = (ids > 0).astype(np.int32)
+      batch[side + "_positions"] = np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape)
+  return batch
