@@ -3,7 +3,8 @@
   python -m experiments.bench --config=experiments/speed.py --steps=10
   python -m experiments.bench --config=experiments/demo.py --host_devices=8 --sweep --json=b.json
 
-Per device: bytes of params, optimizer state and gradients next to the DESIGN.md formula;
+Per device: bytes of params, optimizer state and gradients next to the formula in
+docs/architecture.md (tensors ZeRO cannot shard counted whole);
 `memory_analysis()` argument / output / temp bytes; collective bytes per step by kind from the
 compiled HLO (ops in loops counted per iteration); compile seconds; step time; tokens/s; model
 FLOPs per step (analytic and XLA's `cost_analysis()`); achieved FLOP/s over a matmul peak
@@ -13,6 +14,7 @@ measured in the same process. JSON keys are listed in the README.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -80,11 +82,13 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
   import jax
 
   from lm.data.synthetic import random_batch
-  from lm.parallel import report
+  from lm.parallel import report, sharding
   from lm.state import Run, param_count
 
   run = Run.build(cfg)
   n_params = param_count(run.abstract_params)
+  unsharded = sharding.replicated_over_fsdp(run.logical, run.abstract_params, run.mesh)
+  whole = sum(math.prod(shape) for shape, _ in unsharded.values())  # params ZeRO keeps whole
   fsdp = run.mesh.shape["fsdp"]
   start = time.perf_counter()
   compiled = run.compile_train_step()
@@ -117,7 +121,10 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
     "microbatches": cfg.train.microbatches,
     "num_params": n_params,
     "bytes_measured": measured,
-    "bytes_formula": report.formula_bytes(n_params, cfg.zero_stage, fsdp, run.mesh.shape["tensor"]),
+    "bytes_formula": report.formula_bytes(
+      n_params, cfg.zero_stage, fsdp, run.mesh.shape["tensor"], replicated=whole
+    ),
+    "replicated_over_fsdp": whole,
     "memory_analysis": {
       "argument": memory.argument_size_in_bytes,
       "output": memory.output_size_in_bytes,

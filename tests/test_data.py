@@ -11,7 +11,7 @@ from experiments import lm1b, wmt_ende
 from lm import config as lm_config
 from lm import train as lm_train
 from lm.config import ConfigError
-from lm.data import pipeline, sources
+from lm.data import pipeline, sources, synthetic
 from lm.data import tokenizer as tok
 from lm.state import Run, batch_keys
 from tests.helpers import tiny_config
@@ -278,3 +278,22 @@ def test_tokenizer_round_trips_and_is_cached(tmp_path):
   messages = []
   second = tok.load_or_train(data_cfg, 64, str(tmp_path), must_not_train, messages.append)
   assert second.model_proto == first.model_proto and "reusing" in messages[0]
+
+
+def test_demo_source_inflects_english_correctly():
+  assert [synthetic.third_person(v) for v in ("watch", "carry", "see", "play")] == [
+    "watches",
+    "carries",
+    "sees",
+    "plays",
+  ]
+  assert [synthetic.plural(n) for n in ("city", "child", "box", "boy", "fish")] == [
+    "cities",
+    "children",
+    "boxes",
+    "boys",
+    "fish",
+  ]
+  words = {w for i in range(2000) for w in synthetic.DemoSource(2000, 0)[i][0].split()}
+  assert {"watches", "carries", "cities", "children"} <= words
+  assert not words & {"watchs", "carrys", "citys", "childs", "womans", "mans", "fishs"}

@@ -227,3 +227,36 @@ def test_eval_mode_writes_eval_json(trained_workdir):
   last = [json.loads(line) for line in open(trained_workdir / "metrics.jsonl")][-1]
   np.testing.assert_allclose(written["eval_loss"], last["eval_loss"], rtol=1e-5)
   assert written["bleu"] == pytest.approx(last["bleu"], abs=1e-6)
+
+
+def test_periodic_evaluation_compiles_once_per_run(tmp_path, monkeypatch):
+  compiles = []
+
+  def count(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  per_evaluation = []
+  original = evaluate.Evaluator.__call__
+
+  def counted(self, params):
+    before = len(compiles)
+    results = original(self, params)
+    per_evaluation.append(len(compiles) - before)
+    return results
+
+  monkeypatch.setattr(evaluate.Evaluator, "__call__", counted)
+  cfg = demo.get_config("tiny")
+  cfg.model.update(d_model=32, num_heads=2, mlp_dim=64)
+  cfg.train.update(total_steps=30, log_every=10)
+  cfg.eval.every = 10
+  cfg.data.update(tokenizer_sample=2000, eval_examples=48)
+  cfg.decode.batch_size = 16  # three decode batches of varied length per evaluation
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    results = lm_train.train(cfg, str(tmp_path))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+  assert "bleu" in results and len(per_evaluation) == 3  # steps 10, 20 and the final one
+  assert per_evaluation[0] >= 2  # the loss step and at least one decoder shape
+  assert per_evaluation[1:] == [0, 0], per_evaluation

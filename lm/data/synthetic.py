@@ -48,6 +48,26 @@ ADV_T = _lexicon(ADVERBS, 4)
 PLURAL, DEFINITE, OBJECT_CASE = "-ne", "-ta", "-o"
 
 
+IRREGULAR_PLURALS = {"child": "children", "woman": "women", "man": "men", "fish": "fish"}
+
+
+def _inflect(word: str) -> str:
+  """English -s form of a regular noun or verb: watch -> watches, carry -> carries."""
+  if word.endswith(("s", "sh", "ch", "x", "z")):
+    return word + "es"
+  if word.endswith("y") and word[-2] not in "aeiou":
+    return word[:-1] + "ies"
+  return word + "s"
+
+
+def plural(noun: str) -> str:
+  return IRREGULAR_PLURALS.get(noun) or _inflect(noun)
+
+
+def third_person(verb: str) -> str:
+  return _inflect(verb)
+
+
 def _noun_phrase(rng):
   return dict(
     noun=rng.choice(NOUNS),
@@ -58,7 +78,7 @@ def _noun_phrase(rng):
 
 
 def _source_np(p) -> list[str]:
-  words = [*p["adjectives"], p["noun"] + ("s" if p["plural"] else "")]
+  words = [*p["adjectives"], plural(p["noun"]) if p["plural"] else p["noun"]]
   det = "the" if p["definite"] else ("some" if p["plural"] else "a")
   if det == "a" and words[0][0] in "aeiou":
     det = "an"
@@ -81,7 +101,7 @@ def sentence_pair(rng: random.Random) -> tuple[str, str]:
   subject, obj = _noun_phrase(rng), _noun_phrase(rng)
   verb = rng.choice(VERBS)
   adverb = [rng.choice(ADVERBS)] if rng.random() < 0.3 else []
-  source_verb = verb if subject["plural"] else verb + "s"
+  source_verb = verb if subject["plural"] else third_person(verb)
   source = [*_source_np(subject), source_verb, *_source_np(obj), *adverb]
   target_verb = [VERB_T[verb]] + ([PLURAL] if subject["plural"] else [])
   target = [

@@ -1,6 +1,6 @@
 """What a compiled train step costs: per-device bytes by kind and collective traffic from HLO.
 
-Accounting (DESIGN.md): params fp32 4 B, grads fp32 4 B, Adam m+v 8 B per parameter. Per
+Accounting (docs/architecture.md): params fp32 4 B, grads fp32 4 B, Adam m+v 8 B per parameter. Per
 device with N = fsdp size: Z0 16Ψ; Z1 8Ψ + 8Ψ/N; Z2 4Ψ + 12Ψ/N; Z3 16Ψ/N.
 """
 
@@ -44,14 +44,21 @@ def sharded_bytes(abstract_tree, shardings) -> int:
   return total
 
 
-def formula_bytes(num_params: int, zero_stage: int, fsdp: int, tensor: int = 1) -> dict:
-  """DESIGN.md accounting for fp32 params, fp32 grads and Adam (m, v), per device; `tensor`
-  divides everything (norm scales are the small exception, replicated over tensor)."""
-  shard = {k: (1.0 / fsdp if k in _STAGE_KINDS[zero_stage] else 1.0) / tensor for k in _KINDS}
+def formula_bytes(
+  num_params: int, zero_stage: int, fsdp: int, tensor: int = 1, replicated: int = 0
+) -> dict:
+  """The accounting for fp32 params, fp32 grads and Adam (m, v), per device; `tensor` divides
+  everything (norm scales are the small exception, replicated over tensor). `replicated`
+  parameters have no dimension fsdp divides: a stage that shards their kind keeps them whole."""
+  kept = replicated if fsdp > 1 else 0
+  per_device = {
+    k: ((num_params - kept) / fsdp + kept if k in _STAGE_KINDS[zero_stage] else num_params) / tensor
+    for k in _KINDS
+  }
   return {
-    "params": 4 * num_params * shard["params"],
-    "grads": 4 * num_params * shard["grads"],
-    "opt_state": 8 * num_params * shard["opt_state"],
+    "params": 4 * per_device["params"],
+    "grads": 4 * per_device["grads"],
+    "opt_state": 8 * per_device["opt_state"],
   }
 
 
