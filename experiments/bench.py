@@ -9,6 +9,7 @@ docs/architecture.md (tensors ZeRO cannot shard counted whole);
 compiled HLO (ops in loops counted per iteration); compile seconds; step time; tokens/s; model
 FLOPs per step (analytic and XLA's `cost_analysis()`); achieved FLOP/s over a matmul peak
 measured in the same process. JSON keys are listed in the README.
+jax and lm are imported inside the functions: --host_devices must set XLA_FLAGS before jax loads.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ _HOST_DEVICES = flags.DEFINE_integer("host_devices", 0, "Simulate this many CPU 
 _PIPELINE = flags.DEFINE_integer(
   "pipeline", 0, "Instead of the step: time this many batches of the config's input pipeline."
 )
+_DECODE = flags.DEFINE_string(
+  "decode",
+  None,
+  "Instead of the step: decode --sentences demo-language sources of 1-6 sentences each with this "
+  "workdir's latest checkpoint (its decode settings); sentences/s and XLA compiles, twice.",
+)
+_SENTENCES = flags.DEFINE_integer("sentences", 1000, "With --decode: how many inputs.")
 _MOCK_TFDS = flags.DEFINE_integer(
   "mock_tfds", 0, "With --pipeline: feed tfds sources from tfds.testing.mock_data (N examples)."
 )
@@ -176,6 +184,45 @@ def pipeline_throughput(cfg, batches: int) -> dict:
   }
 
 
+def decode_throughput(workdir: str, count: int) -> dict:
+  """Sentences/s and backend compiles of the Decoder on `count` inputs of varied length; the
+  second pass shows the steady state (every shape compiled)."""
+  import random
+
+  import jax
+
+  from lm.data import synthetic
+  from lm.decode import Decoder
+
+  compiles = []
+
+  def count_compiles(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(count_compiles)
+  decoder = Decoder.from_workdir(workdir)
+  rng, pairs = random.Random(7), synthetic.DemoSource(10_000, 99)
+  lines = [
+    " ".join(pairs[rng.randrange(10_000)][0] for _ in range(rng.randint(1, 6)))
+    for _ in range(count)
+  ]
+  lengths = [len(decoder.tokenizer.encode(line)) for line in lines]
+  result = {"sentences": count, "tokens_min": min(lengths), "tokens_max": max(lengths)}
+  result["beam_size"] = decoder.options.beam_size
+  for name in ("first", "second"):
+    before, start = len(compiles), time.perf_counter()
+    decoder(lines, warn=lambda _: None)
+    seconds = time.perf_counter() - start
+    result[name] = {
+      "seconds": seconds,
+      "sentences_per_second": count / seconds,
+      "compiles": len(compiles) - before,
+    }
+  result["shapes"] = decoder.shapes
+  return result
+
+
 def _mb(x: float) -> str:
   return f"{x / 2**20:8.2f}"
 
@@ -212,6 +259,9 @@ def main(argv):
   from lm.config import ConfigError
 
   cfg = _CONFIG.value
+  if _DECODE.value:
+    print(json.dumps(decode_throughput(_DECODE.value, _SENTENCES.value), indent=2))
+    return
   if _PIPELINE.value:
     import contextlib
 
