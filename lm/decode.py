@@ -89,7 +89,17 @@ def _generate(
   return jax.lax.while_loop(cond, body, start)[1]
 
 
-def greedy(model, cache, batch: int, max_len: int, vocab_limit: int, prompt=None, limits=None):
+def greedy(
+  model: nnx.Module,
+  cache: dict,
+  batch: int,
+  max_len: int,
+  vocab_limit: int,
+  prompt: jax.Array | None = None,
+  limits: jax.Array | None = None,
+) -> jax.Array:
+  """Tokens [batch, max_len], the most likely one at every step."""
+
   def pick(logits, _):
     return _forbid(logits, vocab_limit).argmax(-1)
 
@@ -97,8 +107,19 @@ def greedy(model, cache, batch: int, max_len: int, vocab_limit: int, prompt=None
 
 
 def sample(
-  model, cache, batch, max_len, vocab_limit, key, temperature=1.0, top_k=0, top_p=1.0, prompt=None
-):
+  model: nnx.Module,
+  cache: dict,
+  batch: int,
+  max_len: int,
+  vocab_limit: int,
+  key: jax.Array,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  prompt: jax.Array | None = None,
+) -> jax.Array:
+  """Tokens [batch, max_len] drawn from the filtered softmax (see filter_logits)."""
+
   def pick(logits, subkey):
     logits = filter_logits(_forbid(logits, vocab_limit), temperature, top_k, top_p)
     return jax.random.categorical(subkey, logits)
@@ -114,8 +135,15 @@ def _repeat_rows(cache: dict, beam: int) -> dict:
 
 
 def beam_search(
-  model, cache, batch: int, beam: int, max_len: int, vocab_limit: int, alpha: float, limits=None
-):
+  model: nnx.Module,
+  cache: dict,
+  batch: int,
+  beam: int,
+  max_len: int,
+  vocab_limit: int,
+  alpha: float,
+  limits: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """Best sequences [batch, max_len] and their scores (log-prob / length penalty).
 
   Keeps `beam` live and `beam` finished hypotheses per row (a candidate ending in EOS finishes

@@ -49,10 +49,6 @@ class Logger:
     eta = f"  eta {values['eta']}" if "eta" in values else ""
     self.info(f"step {step:>6}  {shown}{eta}")
 
-  def text(self, step: int, tag: str, text: str) -> None:
-    if self.active:
-      self.tb.add_text(tag, text, step)
-
   def close(self) -> None:
     if self.active:
       self.jsonl.close()

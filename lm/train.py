@@ -94,8 +94,8 @@ def describe(run: Run, log) -> None:
   cfg, dims = run.cfg, run.dims
   log.info(
     f"mesh {dict(run.mesh.shape)}, zero_stage {cfg.zero_stage}, "
-    f"{param_count(run.abstract_params) / 1e6:.2f}M params, vocab {dims.vocab_size} "
-    f"({run.vocab_limit} usable, padded to a multiple of 128 and mesh.tensor), "
+    f"{param_count(run.abstract_params) / 1e6:.2f}M params, {dims.vocab_size} embedding rows "
+    f"for {run.vocab_limit} token ids (the rest: padding for the mesh, never predicted), "
     f"dtype {dims.dtype.name}, remat {dims.remat}"
   )
   if cfg.zero_stage:

@@ -236,7 +236,7 @@ def eval_batches(
   global_batch: int,
   process_index: int | None = None,
   process_count: int | None = None,
-):
+) -> Iterator[dict[str, np.ndarray]]:
   """This process's rows of fixed-size global batches covering every row once.
 
   Every process yields the same number of batches; missing rows are padding (no tokens).

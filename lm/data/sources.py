@@ -101,7 +101,7 @@ class TfdsSource:
   def __len__(self) -> int:
     return len(self.source)
 
-  def __getitem__(self, index: int):
+  def __getitem__(self, index: int) -> dict:
     example = self.source[int(index)]
     return make_record(self.task, [example.get(k) for k in self.keys])
 
@@ -157,7 +157,7 @@ class LineFileSource:
   def __len__(self) -> int:
     return len(self.offsets)
 
-  def __getitem__(self, index: int):
+  def __getitem__(self, index: int) -> dict:
     index = int(index)
     fd = self._fds[self.files[index]]
     line = os.pread(fd, int(self.lengths[index]), int(self.offsets[index]))
@@ -182,12 +182,14 @@ class SyntheticSource:
   def __len__(self) -> int:
     return len(self.pairs)
 
-  def __getitem__(self, index: int):
+  def __getitem__(self, index: int) -> dict:
     source, target = self.pairs[index]
     return {"inputs": source, "targets": target}
 
 
-def open_source(spec: str, data_cfg, task: str, seed: int):
+def open_source(
+  spec: str, data_cfg, task: str, seed: int
+) -> TfdsSource | LineFileSource | SyntheticSource:
   """The random-access source a config string names; raises ConfigError naming the field."""
   kind, sep, arg = spec.partition(":")
   if not sep or not arg:
