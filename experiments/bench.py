@@ -45,50 +45,10 @@ _MOCK_TFDS = flags.DEFINE_integer(
 )
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
-  """FLOP/s of a large float32 matmul on one device: the roof for the ratio we report."""
-  import jax
-  import jax.numpy as jnp
-
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  start = time.perf_counter()
-  for _ in range(repeats):
-    a = f(a) * 1e-3
-  a.block_until_ready()
-  return 2 * n**3 * repeats / (time.perf_counter() - start)
-
-
-def model_flops(cfg, matmul_params: int) -> float:
-  """Analytic training FLOPs per step: 6 x matmul params x tokens + attention scores."""
-  m, rows, length = cfg.model, cfg.train.global_batch_size, cfg.data.seq_len
-  tokens = rows * length
-  d = m.num_heads * (m.head_dim or m.d_model // m.num_heads)
-  attention_layers = m.dec_layers * (2 if cfg.task == "translation" else 1)
-  attention_layers += m.enc_layers if cfg.task == "translation" else 0
-  scores = attention_layers * 2 * 2 * rows * length * length * d  # QK^T and AV, forward
-  return 6.0 * matmul_params * tokens + 3.0 * scores
-
-
-def matmul_param_count(params) -> int:
-  """Parameters used in matmuls: all but norms and biases (optim's no-decay set) and the
-  position table, which is only gathered."""
-  import jax
-  import numpy as np
-
-  from lm import optim
-
-  counted = {k: v for k, v in params.items() if k != "pos_table"}
-  sizes = jax.tree.map(
-    lambda x, use: int(np.prod(x.shape)) * use, counted, optim.decay_mask(counted)
-  )
-  return sum(jax.tree.leaves(sizes))
-
-
 def bench_one(cfg, steps: int, peak: float) -> dict:
   import jax
 
+  from lm import metrics
   from lm.data.synthetic import random_batch
   from lm.parallel import report, sharding
   from lm.state import Run, param_count
@@ -117,11 +77,11 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
   times = []
   for _ in range(steps + 1):
     t0 = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
+    state, step_metrics = compiled(state, batch)
+    jax.block_until_ready(step_metrics)
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times[1:])
-  flops = model_flops(cfg, matmul_param_count(run.abstract_params))
+  flops = metrics.model_flops(cfg, run.abstract_params)
   tokens = cfg.train.global_batch_size * cfg.data.seq_len * (1 if cfg.task == "lm" else 2)
   return {
     "mesh": dict(run.mesh.shape),
@@ -273,7 +233,9 @@ def main(argv):
     print(json.dumps(result, indent=2))
     return
   try:
-    peak = matmul_peak_flops()
+    from lm import metrics
+
+    peak = metrics.matmul_peak_flops(2048, 10)
     print(f"matmul peak (float32, one device): {peak / 1e9:.1f} GFLOP/s")
     configs = [cfg]
     if _SWEEP.value:

@@ -1,4 +1,4 @@
-"""Console lines, metrics.jsonl and TensorBoard for one run directory."""
+"""Console lines, metrics.jsonl and TensorBoard for one run directory; FLOPs and MFU."""
 
 from __future__ import annotations
 
@@ -8,8 +8,23 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tensorboardX import SummaryWriter
+
+from lm import optim
+
+# Dense bfloat16 matmul peak per chip, FLOP/s (vendor figures), by a substring of device_kind.
+PEAK_FLOPS = {
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v5": 459e12,
+  "A100": 312e12,
+  "H100": 989e12,
+  "H200": 989e12,
+}
 
 
 class Logger:
@@ -49,6 +64,12 @@ class Logger:
     eta = f"  eta {values['eta']}" if "eta" in values else ""
     self.info(f"step {step:>6}  {shown}{eta}")
 
+  def tensorboard(self, step: int, values: dict[str, float]) -> None:
+    """Scalars for TensorBoard only (start-up facts such as communication per step)."""
+    if self.active:
+      for k, v in values.items():
+        self.tb.add_scalar(k, float(v), step)
+
   def close(self) -> None:
     if self.active:
       self.jsonl.close()
@@ -70,10 +91,14 @@ def _fmt(v) -> str:
 
 
 class Throughput:
-  """Averages step metrics over a logging interval; tokens/s and ETA from wall time."""
+  """Averages step metrics over a logging interval; tokens/s, MFU and ETA from wall time.
 
-  def __init__(self, total_steps: int):
+  `flops_per_step` (model FLOPs of one global step) over `peak_flops` (all devices' peak)
+  gives the model FLOPs utilization; leave either 0 to omit it."""
+
+  def __init__(self, total_steps: int, flops_per_step: float = 0.0, peak_flops: float = 0.0):
     self.total_steps = total_steps
+    self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
     self.last_time = time.time()
     self.input_seconds = 0.0
 
@@ -92,6 +117,9 @@ class Throughput:
     seconds_per_step = elapsed / max(steps, 1)
     eta = int(seconds_per_step * (self.total_steps - step))
     input_fraction, self.input_seconds = self.input_seconds / max(elapsed, 1e-9), 0.0
+    mfu = {}
+    if self.flops_per_step and self.peak_flops:
+      mfu["mfu"] = self.flops_per_step / seconds_per_step / self.peak_flops
     return {
       "loss": float(np.mean([m["loss"] for m in interval])),
       "accuracy": float(np.mean([m["accuracy"] for m in interval])),
@@ -100,5 +128,48 @@ class Throughput:
       "tokens_per_second": tokens / max(elapsed, 1e-9),
       "seconds_per_step": seconds_per_step,
       "input_wait_fraction": input_fraction,
+      **mfu,
       "eta": f"{eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}",
     }
+
+
+def matmul_peak_flops(n: int = 1024, repeats: int = 10) -> float:
+  """Measured FLOP/s of a float32 [n, n] matmul on one device: the roof where no table has one."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x * 1e-3)
+  f(a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    a = f(a)
+  a.block_until_ready()
+  return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def device_peak_flops(device: jax.Device) -> float:
+  """The device's bfloat16 matmul peak from PEAK_FLOPS; measured (float32) where it has none."""
+  kind = device.device_kind.lower()
+  for name, peak in PEAK_FLOPS.items():
+    if name.lower() in kind:
+      return peak
+  return matmul_peak_flops()
+
+
+def matmul_param_count(params) -> int:
+  """Parameters used in matmuls: all but norms and biases (optim's no-decay set) and the
+  position table, which is only gathered."""
+  counted = {k: v for k, v in params.items() if k != "pos_table"}
+  sizes = jax.tree.map(
+    lambda x, use: int(np.prod(x.shape)) * use, counted, optim.decay_mask(counted)
+  )
+  return sum(jax.tree.leaves(sizes))
+
+
+def model_flops(cfg, params) -> float:
+  """Analytic training FLOPs of one global step: 6 x matmul params x tokens + attention scores."""
+  m, rows, length = cfg.model, cfg.train.global_batch_size, cfg.data.seq_len
+  tokens = rows * length
+  d = m.num_heads * (m.head_dim or m.d_model // m.num_heads)
+  attention_layers = m.dec_layers * (2 if cfg.task == "translation" else 1)
+  attention_layers += m.enc_layers if cfg.task == "translation" else 0
+  scores = attention_layers * 2 * 2 * rows * length * length * d  # QK^T and AV, forward
+  return 6.0 * matmul_param_count(params) * tokens + 3.0 * scores

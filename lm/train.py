@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 from lm import checkpoint, evaluate, metrics
 from lm import config as lmc
 from lm.data import pipeline
-from lm.parallel import sharding
+from lm.parallel import report, sharding
 from lm.state import Run, TrainState, param_count
 
 MAX_STEPS_IN_FLIGHT = 2  # dispatched ahead of the devices; bounds the wait after a stop signal
@@ -83,6 +83,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     started = time.time()
     step_fn = run.compile_train_step()
     log.info(f"train step compiled in {time.time() - started:.1f}s")
+    describe_communication(run, step_fn, log)
     return _loop(run, state, step_fn, data, batches, checkpoints, log)
   finally:
     checkpoints.close()
@@ -107,6 +108,19 @@ def describe(run: Run, log) -> None:
       )
 
 
+def describe_communication(run: Run, step_fn, log) -> None:
+  """One line per collective kind of the compiled step: bytes per device per step, as the
+  bandwidth model of lm.parallel.report counts them (loops counted per iteration)."""
+  traffic = report.collective_traffic(step_fn.as_text(), run.mesh.size)
+  for kind, t in traffic.items():
+    if t["count"]:
+      log.info(
+        f"{kind}: {t['bandwidth_bytes'] / 2**20:.2f} MB per device per step "
+        f"({t['count']} ops per step)"
+      )
+  log.tensorboard(0, {f"communication/{k}_bytes": t["bandwidth_bytes"] for k, t in traffic.items()})
+
+
 def restore_or_init(run: Run, checkpoints: checkpoint.Checkpointer, batches, log) -> TrainState:
   """The latest checkpoint (state and data position) if there is one, else a fresh state."""
   latest = checkpoints.latest_step()
@@ -121,7 +135,8 @@ def _loop(run, state, step_fn, data, batches, checkpoints, log) -> dict:
   cfg = run.cfg
   total = cfg.train.total_steps
   evaluator = evaluate.Evaluator(run, data, log)
-  meter = metrics.Throughput(total)
+  peak = metrics.device_peak_flops(run.mesh.devices.flat[0]) * run.mesh.size
+  meter = metrics.Throughput(total, metrics.model_flops(cfg, run.abstract_params), peak)
   pending, last_good = [], checkpoints.latest_step()
   with StopSignals() as stop:
     for step in range(int(state.step) + 1, total + 1):

@@ -8,7 +8,9 @@ import numpy as np
 
 from experiments import demo
 from lm import train as lm_train
+from lm.data import tokenizer as tok
 from lm.data.synthetic import random_batch
+from lm.parallel import report
 from lm.state import Run
 from tests.helpers import tiny_config
 
@@ -34,17 +36,31 @@ def test_microbatches_give_the_same_gradients_as_one_batch():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_demo_loss_falls_by_half_in_50_steps(tmp_path):
+def test_demo_loss_falls_by_half_in_50_steps(tmp_path, capsys):
   cfg = demo.get_config("tiny")
   cfg.eval.update(bleu=False, examples=0)
+  cfg.zero_stage = 3  # on every device (mesh.fsdp=-1): gathers and reductions to report
   results = lm_train.train(cfg, str(tmp_path))
   lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   losses = [r["loss"] for r in lines if "loss" in r]
   assert losses[-1] <= 0.5 * losses[0], losses
-  for key in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second"):
+  for key in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu"):
     assert key in lines[0]
+  assert all(0 < r["mfu"] < 1 for r in lines if "mfu" in r)
   assert results["eval_accuracy"] > 0.3
   assert (tmp_path / "config.json").exists() and any((tmp_path / "tb").iterdir())
+
+  # The start-up communication lines are the compiled step's collectives, per device per step.
+  logged = {
+    line.split(":")[0]: float(line.split(": ")[1].split()[0])
+    for line in capsys.readouterr().out.splitlines()
+    if line.split(":")[0] in report.COLLECTIVES
+  }
+  tokenizer = tok.Tokenizer.load(str(tmp_path / "tokenizer.model"))
+  run = Run.build(cfg, tokenizer_size=tokenizer.vocab_size)
+  traffic = report.collective_traffic(run.compile_train_step().as_text(), run.mesh.size)
+  expected = {k: round(t["bandwidth_bytes"] / 2**20, 2) for k, t in traffic.items() if t["count"]}
+  assert logged == expected and {"all-gather", "all-reduce"} <= set(logged), logged
 
 
 def _losses_on_one_batch(cfg, steps=15):
