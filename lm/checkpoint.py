@@ -11,8 +11,13 @@ file per process (grain's handler), so each process resumes its own share.
 from __future__ import annotations
 
 import base64
+import gc
 import json
+import logging
 import os
+import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -20,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_policy
 
 from lm import config as lmc
@@ -27,6 +33,7 @@ from lm.data import tokenizer as tok
 from lm.state import Run
 
 CHECKPOINT_DIR = "checkpoints"
+UNREADABLE_DIR = "unreadable_checkpoints"  # damaged steps are moved here, never deleted
 LOWER_IS_BETTER = ("eval_loss", "eval_perplexity")
 
 
@@ -118,6 +125,47 @@ class Checkpointer:
       force=True,
     )
 
+  def restore_newest(self, restore_step: Callable[[int], Any], log=print) -> tuple[int, Any]:
+    """(step, restore_step(step)) for the newest step that reads whole; (None, None) if there
+    is no checkpoint.
+
+    A damaged step (a flipped byte, a truncated or missing file) is reported in one line and the
+    one before is tried; every process must read the same step. A writer moves the damaged
+    steps aside to UNREADABLE_DIR, so that later saves can reuse their numbers. Raises
+    ConfigError if no step reads.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    damaged = []
+    for step in steps:
+      try:
+        result, error = restore_step(step), None
+      except Exception as e:  # TensorStore, orbax and JSON raise many kinds for damaged files
+        result, error = None, e
+        _drop_failed_reads()
+      if _on_every_process(error is None):
+        self._set_aside(damaged)
+        return step, result
+      reason = _brief(error) if error is not None else "unreadable on another process"
+      log(f"checkpoint {self.path(step)} is unreadable ({reason}); trying the one before")
+      damaged.append(step)
+    if steps:
+      raise lmc.ConfigError(
+        f"--workdir: none of the {len(steps)} checkpoints in {self.directory} reads whole; "
+        "see the lines above, or start a new workdir"
+      )
+    return None, None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    if not steps or self.cfg is None:
+      return
+    if jax.process_index() == 0:
+      aside = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR)
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        os.replace(self.path(step), os.path.join(aside, f"{step}-{time.time():.0f}"))
+    _on_every_process(True)  # a barrier: no process saves before the move is done
+    self.manager.reload()
+
   def restore(self, step: int, abstract_state, iterator=None) -> Any:
     """The state at `step` laid out as `abstract_state` says; an iterator is set in place."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
@@ -133,6 +181,30 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _drop_failed_reads() -> None:
+  """A damaged step fails orbax's concurrent array reads; the first error is reported, and the
+  others would print a traceback each ("Future exception was never retrieved") when collected."""
+  asyncio_log = logging.getLogger("asyncio")
+  level = asyncio_log.level
+  asyncio_log.setLevel(logging.CRITICAL)
+  try:
+    gc.collect()
+  finally:
+    asyncio_log.setLevel(level)
+
+
+def _brief(error: Exception) -> str:
+  lines = str(error).strip().splitlines() or [""]
+  return f"{type(error).__name__}: {lines[0][:160]}"
+
+
+def _on_every_process(ok: bool) -> bool:
+  """True where `ok` holds on every process (a collective under several processes)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(multihost_utils.process_allgather(np.asarray(ok)).all())
 
 
 def write_export(
@@ -173,18 +245,22 @@ def restore_latest(workdir: str, devices=None) -> tuple[Run, Any, tok.Tokenizer,
   The model comes from the checkpoint's own config; the mesh fills the given devices.
   """
   checkpoints = Checkpointer(workdir)
-  try:
-    step = checkpoints.latest_step()
-    if step is None:
-      raise lmc.ConfigError(f"--workdir: no checkpoint in {checkpoints.directory}; train first")
+
+  def read(step):
     meta = checkpoints.meta(step)
     cfg, tokenizer = meta_config(meta), meta_tokenizer(meta)
     cfg.mesh.update(data=1, fsdp=-1, tensor=1, dcn_data=1)
     run = Run.build(cfg, devices, tokenizer_size=tokenizer.vocab_size)
-    state = checkpoints.restore(step, run.abstract_state())
+    return run, checkpoints.restore(step, run.abstract_state()).params, tokenizer
+
+  try:
+    step, restored = checkpoints.restore_newest(read, log=lambda line: print(line, file=sys.stderr))
   finally:  # also on errors: an open manager's threads print a traceback at exit
     checkpoints.close()
-  return run, state.params, tokenizer, step
+  if step is None:
+    raise lmc.ConfigError(f"--workdir: no checkpoint in {checkpoints.directory}; train first")
+  run, params, tokenizer = restored
+  return run, params, tokenizer, step
 
 
 def export(workdir: str, output: str, dtype: str = "float32") -> int:

@@ -122,12 +122,14 @@ def describe_communication(run: Run, step_fn, log) -> None:
 
 
 def restore_or_init(run: Run, checkpoints: checkpoint.Checkpointer, batches, log) -> TrainState:
-  """The latest checkpoint (state and data position) if there is one, else a fresh state."""
-  latest = checkpoints.latest_step()
-  if latest is None:
+  """The newest readable checkpoint (state and data position) if there is one, else a fresh
+  state."""
+  step, state = checkpoints.restore_newest(
+    lambda step: checkpoints.restore(step, run.abstract_state(), batches), log.info
+  )
+  if step is None:
     return run.init_state()
-  state = checkpoints.restore(latest, run.abstract_state(), batches)
-  log.info(f"resumed from step {latest} ({checkpoints.path(latest)})")
+  log.info(f"resumed from step {step} ({checkpoints.path(step)})")
   return state
 
 

@@ -276,3 +276,36 @@ def test_sigterm_exits_within_a_step_and_a_save(tmp_path):
   # Two steps in flight plus the step that sees the signal, the save, and a margin for start-up
   # noise of this shared machine.
   assert elapsed < 3 * step_seconds + 3.0, (elapsed, step_seconds)
+
+
+def _damage(step_dir, how: str) -> None:
+  """Damages every array data file of a checkpoint step's state."""
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert files
+  for path in files:
+    data = bytearray(path.read_bytes())
+    if how == "flip":
+      data[len(data) // 2] ^= 0xFF
+    else:  # truncate
+      data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys, how):
+  cfg = _config(total_steps=6)
+  cfg.checkpoint.update(every=2, keep=3)
+  lm_train.train(cfg, str(tmp_path))
+  _damage(tmp_path / "checkpoints" / "6", how)
+  capsys.readouterr()
+
+  assert checkpoint.restore_latest(str(tmp_path))[3] == 4  # eval / export / decode fall back too
+  cfg.train.total_steps = 8
+  lm_train.train(cfg, str(tmp_path))
+  out = capsys.readouterr().out
+  assert "checkpoints/6 is unreadable" in out and "resumed from step 4" in out, out[-3000:]
+  assert [p.name.split("-")[0] for p in (tmp_path / "unreadable_checkpoints").iterdir()] == ["6"]
+  losses = _losses(tmp_path)
+  assert set(range(1, 9)) <= set(losses)
+  run, params, _, step = checkpoint.restore_latest(str(tmp_path))
+  assert step == 8 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
