@@ -42,6 +42,12 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "--distributed: host:port.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "--distributed: process count.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "--distributed: this process, 0-based.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+  "heartbeat_timeout",
+  100,
+  "--distributed: seconds without a heartbeat after which a process counts as lost and every "
+  "other process exits non-zero (JAX's coordination service).",
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -51,8 +57,12 @@ def main(argv):
   if _DISTRIBUTED.value:
     from lm.parallel import mesh
 
-    mesh.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    mesh.init_distributed(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _HEARTBEAT_TIMEOUT.value
+    )
   # Imported here: jax must not initialize before --distributed has set up the processes.
+  import jax
+
   from lm import checkpoint, evaluate, metrics, train
 
   try:
@@ -78,6 +88,16 @@ def main(argv):
   except train.TrainingHalted as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  except jax.errors.JaxRuntimeError as e:
+    if not _DISTRIBUTED.value:
+      raise
+    # Another process died (or its host): the job cannot go on, and JAX's shutdown barrier
+    # would wait for the lost process. The last committed checkpoint is whole.
+    first_line = str(e).strip().splitlines()[0][:300]
+    print(f"error: a collective failed, most likely a lost process: {first_line}", file=sys.stderr)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def decode_lines(input_path: str, output_path: str) -> None:

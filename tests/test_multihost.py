@@ -11,9 +11,11 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
+from lm import checkpoint
 from tests import multihost_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,3 +121,46 @@ def test_one_process_evaluates_what_two_processes_trained_alike(two_process_work
   np.testing.assert_allclose(alone["eval_loss"], together["eval_loss"], rtol=1e-5)
   np.testing.assert_allclose(alone["eval_accuracy"], together["eval_accuracy"], rtol=1e-6)
   assert alone["bleu"] == pytest.approx(together["bleu"], abs=1e-6)
+
+
+def test_a_lost_process_ends_the_job_within_the_heartbeat_timeout(tmp_path):
+  command = [
+    sys.executable,
+    "-m",
+    "experiments.run",
+    "--config=experiments/demo.py:tiny",
+    f"--workdir={tmp_path / 'run'}",
+    "--config.mesh.data=2",
+    "--config.train.total_steps=100000",
+    "--config.train.log_every=1",
+    "--config.checkpoint.every=2",
+    "--heartbeat_timeout=10",
+  ]
+  job = _start(command, 2, tmp_path)
+  metrics = tmp_path / "run" / "metrics.jsonl"
+  deadline = time.time() + 300
+  while not (metrics.exists() and metrics.read_text().count('"loss"') >= 3):
+    assert job.poll() is None and time.time() < deadline, "no step 3 logged"
+    time.sleep(0.2)
+  os.kill(int((tmp_path / "process_1.pid").read_text()), signal.SIGKILL)
+  killed = time.time()
+  survivor = int((tmp_path / "process_0.pid").read_text())
+  while time.time() - killed < 120:
+    try:
+      os.kill(survivor, 0)
+    except ProcessLookupError:
+      break
+    time.sleep(0.5)
+  else:
+    os.kill(survivor, signal.SIGKILL)
+    pytest.fail("process 0 still runs 120 s after process 1 was killed")
+  elapsed = time.time() - killed
+  assert job.wait(timeout=30) != 0
+  assert elapsed < 60, elapsed  # the 10 s heartbeat timeout plus detection and shutdown
+  # Either the coordination service ends process 0, naming the silent task, or a collective with
+  # the dead peer fails first and the runner says so in one line.
+  log = (tmp_path / "process_0.log").read_text()
+  named = re.search(r"stopped sending heartbeats\):\s*1\b|Task 1 heartbeat timeout", log)
+  assert named or "\nerror: a collective failed" in log, log[-3000:]
+  run, params, _, step = checkpoint.restore_latest(str(tmp_path / "run"))
+  assert step >= 2 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))

@@ -38,10 +38,15 @@ def init_distributed(
   coordinator_address: str | None = None,
   num_processes: int | None = None,
   process_id: int | None = None,
+  heartbeat_timeout: int = 100,
 ) -> None:
   """Joins this process to a multi-process job; call before any other JAX use. Arguments left
-  None are detected (TPU VM pod slices, SLURM, Open MPI)."""
-  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  None are detected (TPU VM pod slices, SLURM, Open MPI). A process silent for
+  `heartbeat_timeout` seconds (killed, out of memory, a lost host) makes JAX's coordination
+  service end every other process with an error, instead of leaving them in a collective."""
+  jax.distributed.initialize(
+    coordinator_address, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout
+  )
   index, count = jax.process_index(), jax.process_count()
   print(f"process {index} of {count}: {jax.local_device_count()} local devices")
 
