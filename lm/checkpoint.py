@@ -130,7 +130,8 @@ class Checkpointer:
     is no checkpoint.
 
     A damaged step (a flipped byte, a truncated or missing file) is reported in one line and the
-    one before is tried; every process must read the same step. A writer moves the damaged
+    one before is tried (a training run with checkpoint.on_corrupt=fail stops with a one-line
+    error instead); every process must read the same step. A writer moves the damaged
     steps aside to UNREADABLE_DIR, so that later saves can reuse their numbers. Raises
     ConfigError if no step reads.
     """
@@ -138,14 +139,20 @@ class Checkpointer:
     damaged = []
     for step in steps:
       try:
-        result, error = restore_step(step), None
+        result, reason = restore_step(step), None
       except Exception as e:  # TensorStore, orbax and JSON raise many kinds for damaged files
-        result, error = None, e
-        _drop_failed_reads()
-      if _on_every_process(error is None):
+        result, reason = None, _brief(e)
+      if reason is not None:
+        _drop_failed_reads()  # after the except block: nothing refers to the failed reads now
+      if _on_every_process(reason is None):
         self._set_aside(damaged)
         return step, result
-      reason = _brief(error) if error is not None else "unreadable on another process"
+      reason = reason or "unreadable on another process"
+      if self.cfg is not None and self.cfg.checkpoint.on_corrupt == "fail":
+        raise lmc.ConfigError(
+          f"--workdir: checkpoint {self.path(step)} is unreadable ({reason}); move it away to "
+          "resume from the one before, or set checkpoint.on_corrupt=fallback"
+        )
       log(f"checkpoint {self.path(step)} is unreadable ({reason}); trying the one before")
       damaged.append(step)
     if steps:

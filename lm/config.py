@@ -103,6 +103,7 @@ def _base() -> ml_collections.ConfigDict:
       every=1000,  # steps between async saves; 0 = only at the end and on SIGTERM
       keep=3,  # most recent checkpoints kept
       best_metric="",  # also keep the best by this eval metric, e.g. "eval_loss" or "bleu"
+      on_corrupt="fallback",  # a step that does not read whole: use the one before, or "fail"
     )
   )
   cfg.optim = ml_collections.ConfigDict(
@@ -241,6 +242,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _check_positive(cfg, "checkpoint.every", allow_zero=True)
   _check_positive(cfg, "checkpoint.keep")
   _check_choice(cfg, "checkpoint.best_metric", ("", *EVAL_METRICS))
+  _check_choice(cfg, "checkpoint.on_corrupt", ("fallback", "fail"))
   if cfg.checkpoint.best_metric and not cfg.eval.every:
     _fail("checkpoint.best_metric", "needs periodic evaluation; set eval.every")
   if cfg.train.global_batch_size % cfg.train.microbatches:

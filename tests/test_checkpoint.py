@@ -311,3 +311,31 @@ def test_damaged_checkpoints_fall_back_to_the_newest_whole_one(tmp_path, capsys)
   assert set(range(1, 9)) <= set(_losses(tmp_path))
   run, params, _, step = checkpoint.restore_latest(str(tmp_path))
   assert step == 8 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_on_corrupt_fail_stops_in_one_line(tmp_path):
+  cfg = _config(total_steps=4)
+  cfg.checkpoint.update(every=2, keep=3)
+  lm_train.train(cfg, str(tmp_path))
+  _damage(tmp_path / "checkpoints" / "4", "flip")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.run",
+      "--config=experiments/demo.py:tiny",
+      f"--workdir={tmp_path}",
+      "--config.checkpoint.on_corrupt=fail",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert lines[-1].startswith("error: --workdir: checkpoint") and "checkpoints/4" in lines[-1]
+  assert len(lines) == 1, lines
+  assert (tmp_path / "checkpoints" / "4").exists()  # nothing moved: the user decides
