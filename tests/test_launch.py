@@ -1,5 +1,8 @@
-"""The TPU VM launcher's dry runs: the exact gcloud commands for a job's lifecycle."""
+"""Launchers: the TPU VM script's dry runs (the exact gcloud commands of a job's lifecycle), and
+the SLURM script under a simulated SLURM step on this machine."""
 
+import json
+import math
 import os
 import shlex
 import subprocess
@@ -91,3 +94,53 @@ def test_every_subcommand_has_help():
   for command in ("create", "setup", "run", "logs", "stop", "delete"):
     code, _, result = _launch(command, "--help")
     assert code == 0 and "--dry_run" in result.stdout
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun on one machine: SLURM_NTASKS copies of the command, each with its task ids.
+while [[ $1 == --* ]]; do shift; done
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i "$@" > "$TASK_LOGS/task_$i.log" 2>&1 &
+done
+status=0
+for pid in $(jobs -p); do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+def test_slurm_script_starts_processes_that_detect_the_job_from_slurm(tmp_path):
+  (tmp_path / "bin").mkdir()
+  srun = tmp_path / "bin" / "srun"
+  srun.write_text(FAKE_SRUN)
+  srun.chmod(0o755)
+  port = 10_000 + os.getpid() % 1000  # JAX derives the coordinator port from the job id
+  env = {
+    **os.environ,
+    "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+    "TASK_LOGS": str(tmp_path),
+    "SLURM_JOB_ID": str(port),
+    "SLURM_STEP_NODELIST": "localhost",
+    "SLURM_NTASKS": "2",
+    "SLURM_SUBMIT_DIR": ROOT,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    "JAX_PLATFORMS": "cpu",
+  }
+  workdir = tmp_path / "run"
+  args = ["--config=experiments/demo.py:tiny", f"--workdir={workdir}", "--config.mesh.data=2"]
+  args += ["--config.train.total_steps=3", "--config.train.log_every=1"]
+  args += ["--config.eval.bleu=False", "--config.eval.examples=0", "--config.data.eval_examples=16"]
+  result = subprocess.run(
+    ["bash", os.path.join(ROOT, "launch", "gpu_slurm.sbatch"), *args],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  logs = [(tmp_path / f"task_{i}.log").read_text() for i in range(2)]
+  assert result.returncode == 0, "\n".join(log[-2000:] for log in logs)
+  for i, log in enumerate(logs):
+    assert f"process {i} of 2: 4 local devices" in log
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  losses = [row["loss"] for row in rows if "loss" in row]
+  assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+  assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in logs[0]  # 8 devices over 2 processes
