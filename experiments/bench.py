@@ -149,18 +149,10 @@ def decode_throughput(workdir: str, count: int) -> dict:
   second pass shows the steady state (every shape compiled)."""
   import random
 
-  import jax
-
+  from lm import metrics
   from lm.data import synthetic
   from lm.decode import Decoder
 
-  compiles = []
-
-  def count_compiles(event, duration, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiles.append(duration)
-
-  jax.monitoring.register_event_duration_secs_listener(count_compiles)
   decoder = Decoder.from_workdir(workdir)
   rng, pairs = random.Random(7), synthetic.DemoSource(10_000, 99)
   lines = [
@@ -171,13 +163,14 @@ def decode_throughput(workdir: str, count: int) -> dict:
   result = {"sentences": count, "tokens_min": min(lengths), "tokens_max": max(lengths)}
   result["beam_size"] = decoder.options.beam_size
   for name in ("first", "second"):
-    before, start = len(compiles), time.perf_counter()
-    decoder(lines, warn=lambda _: None)
-    seconds = time.perf_counter() - start
+    with metrics.counting_compiles() as compiles:
+      start = time.perf_counter()
+      decoder(lines, warn=lambda _: None)
+      seconds = time.perf_counter() - start
     result[name] = {
       "seconds": seconds,
       "sentences_per_second": count / seconds,
-      "compiles": len(compiles) - before,
+      "compiles": len(compiles),
     }
   result["shapes"] = decoder.shapes
   return result

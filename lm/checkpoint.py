@@ -125,7 +125,7 @@ class Checkpointer:
       force=True,
     )
 
-  def restore_newest(self, restore_step: Callable[[int], Any], log=print) -> tuple[int, Any]:
+  def restore_newest(self, restore_step: Callable[[int], Any], log=print) -> tuple[int | None, Any]:
     """(step, restore_step(step)) for the newest step that reads whole; (None, None) if there
     is no checkpoint.
 

@@ -57,15 +57,13 @@ class Logger:
     }
     self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
     self.jsonl.flush()
-    for k, v in values.items():
-      if isinstance(v, float):
-        self.tb.add_scalar(k, v, step)
+    self.tensorboard(step, {k: v for k, v in values.items() if isinstance(v, float)})
     shown = "  ".join(f"{k} {_fmt(v)}" for k, v in values.items() if k != "eta")
     eta = f"  eta {values['eta']}" if "eta" in values else ""
     self.info(f"step {step:>6}  {shown}{eta}")
 
   def tensorboard(self, step: int, values: dict[str, float]) -> None:
-    """Scalars for TensorBoard only (start-up facts such as communication per step)."""
+    """Scalars for TensorBoard (alone: start-up facts such as communication per step)."""
     if self.active:
       for k, v in values.items():
         self.tb.add_scalar(k, float(v), step)
@@ -131,6 +129,22 @@ class Throughput:
       **mfu,
       "eta": f"{eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}",
     }
+
+
+@contextlib.contextmanager
+def counting_compiles():
+  """Yields a list that gets one entry (seconds) per XLA backend compile inside the block."""
+  compiles = []
+
+  def count(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    yield compiles
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
 
 
 def matmul_peak_flops(n: int = 1024, repeats: int = 10) -> float:

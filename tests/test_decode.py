@@ -16,7 +16,7 @@ import scipy.stats
 from flax import nnx
 
 from experiments import demo
-from lm import decode, evaluate
+from lm import decode, evaluate, metrics
 from lm import train as lm_train
 from lm.data import synthetic
 from lm.data.tokenizer import BOS_ID, EOS_ID
@@ -230,19 +230,13 @@ def test_eval_mode_writes_eval_json(trained_workdir):
 
 
 def test_periodic_evaluation_compiles_once_per_run(tmp_path, monkeypatch):
-  compiles = []
-
-  def count(event, duration, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiles.append(event)
-
   per_evaluation = []
   original = evaluate.Evaluator.__call__
 
   def counted(self, params):
-    before = len(compiles)
-    results = original(self, params)
-    per_evaluation.append(len(compiles) - before)
+    with metrics.counting_compiles() as compiles:
+      results = original(self, params)
+    per_evaluation.append(len(compiles))
     return results
 
   monkeypatch.setattr(evaluate.Evaluator, "__call__", counted)
@@ -252,11 +246,7 @@ def test_periodic_evaluation_compiles_once_per_run(tmp_path, monkeypatch):
   cfg.eval.every = 10
   cfg.data.update(tokenizer_sample=2000, eval_examples=48)
   cfg.decode.batch_size = 16  # three decode batches of varied length per evaluation
-  jax.monitoring.register_event_duration_secs_listener(count)
-  try:
-    results = lm_train.train(cfg, str(tmp_path))
-  finally:
-    jax.monitoring.unregister_event_duration_listener(count)
+  results = lm_train.train(cfg, str(tmp_path))
   assert "bleu" in results and len(per_evaluation) == 3  # steps 10, 20 and the final one
   assert per_evaluation[0] >= 2  # the loss step and at least one decoder shape
   assert per_evaluation[1:] == [0, 0], per_evaluation
