@@ -64,7 +64,7 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  traffic = report.collective_traffic(compiled.as_text(), run.mesh.size)
+  traffic = report.collective_traffic(compiled.as_text(), dict(run.mesh.shape))
   abstract = run.abstract_state()
   measured = {
     "params": report.sharded_bytes(abstract.params, run.shardings.params),

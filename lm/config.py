@@ -72,6 +72,17 @@ def _base() -> ml_collections.ConfigDict:
       total_steps=1000,
       global_batch_size=64,  # rows per step over all devices and microbatches
       microbatches=1,
+      # Gradient sums over the batch axes travel in this dtype (accumulated in float32 after
+      # each reduction); bfloat16 halves gradient traffic.
+      grad_reduce_dtype="float32",
+      # Local SGD / DiLoCo: replicas along mesh.data take sync_every steps on their own
+      # batches, then average their parameter deltas (token-weighted) and apply the average
+      # with the outer optimizer: "average" (SGD, lr 1) or "nesterov" (DiLoCo: outer_lr 0.7,
+      # outer_momentum 0.9). sync_every=0: every step is synchronous (no outer loop).
+      sync_every=0,
+      outer_optimizer="average",
+      outer_lr=0.7,
+      outer_momentum=0.9,
       log_every=50,
       on_nan="skip",  # non-finite loss or grad norm: "skip" the update (counted) or "halt"
     )
@@ -230,6 +241,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for field in ("every", "examples"):
     _check_positive(cfg, "eval." + field, allow_zero=True)
   _check_choice(cfg, "train.on_nan", ("skip", "halt"))
+  _check_choice(cfg, "train.grad_reduce_dtype", ("float32", "bfloat16"))
+  _check_positive(cfg, "train.sync_every", allow_zero=True)
+  _check_choice(cfg, "train.outer_optimizer", ("average", "nesterov"))
+  _check_positive(cfg, "train.outer_lr")
+  if not 0.0 <= cfg.train.outer_momentum < 1.0:
+    _fail("train.outer_momentum", f"{cfg.train.outer_momentum!r} must lie in [0, 1)")
   for field in ("beam_size", "max_len", "batch_size"):
     _check_positive(cfg, "decode." + field)
   for field in ("alpha", "max_len_a", "max_len_b", "temperature", "top_k"):

@@ -60,3 +60,11 @@ def optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Gradien
   if cfg.clip_norm:
     opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
   return opt
+
+
+def outer_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Local SGD's outer step on the replicas' mean parameter delta (anchor - mean): "average"
+  is SGD with lr 1 (the new anchor is the mean), "nesterov" is DiLoCo's outer optimizer."""
+  if train_cfg.outer_optimizer == "average":
+    return optax.sgd(1.0)
+  return optax.sgd(train_cfg.outer_lr, momentum=train_cfg.outer_momentum, nesterov=True)

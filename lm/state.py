@@ -31,10 +31,16 @@ class TrainState:
   params: Any  # nested dict of arrays, the model's nnx.Param values
   opt_state: Any
   skipped_steps: jax.Array  # int32 scalar: updates skipped for a non-finite loss or gradient
+  # Local SGD (train.sync_every > 0): each data replica's own parameters and inner optimizer
+  # state, stacked on a leading [data] axis, and its target tokens since the last sync. Then
+  # `params` are the replicas' consensus at the last sync (what evaluation and export use) and
+  # `opt_state` is the outer optimizer's. Empty otherwise.
+  replicas: Any = dataclasses.field(default_factory=dict)
 
   @classmethod
-  def create(cls, params, opt_state):
-    return cls(jnp.zeros((), jnp.int32), params, opt_state, jnp.zeros((), jnp.int32))
+  def create(cls, params, opt_state, replicas=None):
+    zero = jnp.zeros((), jnp.int32)
+    return cls(zero, params, opt_state, zero, replicas or {})
 
 
 @dataclasses.dataclass
@@ -52,6 +58,7 @@ class Run:
   shardings: sharding.StateShardings
   state_shardings: TrainState
   vocab_limit: int  # ids >= this (mesh padding, unused rows) never enter a loss or an output
+  outer_tx: optax.GradientTransformation | None  # local SGD's outer optimizer, else None
 
   @classmethod
   def build(
@@ -72,6 +79,7 @@ class Run:
       vocab_size=rows,
       platform=mesh.devices.flat[0].platform,
       params_sharded=cfg.zero_stage == 3 and mesh.shape["fsdp"] > 1,
+      grad_reduce_dtype=cfg.train.grad_reduce_dtype,
     )
     with nnx.use_eager_sharding(False):
       abstract_model = nnx.eval_shape(lambda: build_model(cfg.task, dims, cfg.seed))
@@ -80,9 +88,9 @@ class Run:
     abstract_params = nnx.to_pure_dict(state)
     lr = optim.schedule(cfg.optim, cfg.train.total_steps)
     tx = optim.optimizer(cfg.optim, cfg.train.total_steps)
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    outer_tx = optim.outer_optimizer(cfg.train) if cfg.train.sync_every else None
 
-    def opt_state_shardings(per_param):
+    def opt_state_shardings(per_param, tx=tx):
       # Param-shaped leaves (Adam's m and v) follow the parameter; the rest (counts, and the
       # factored Adafactor statistics, which sit in param-structured trees but are smaller)
       # is small and replicated.
@@ -90,7 +98,7 @@ class Run:
       return optax.tree_map_params(
         tx,
         lambda leaf, s, param: s if leaf.shape == param.shape else replicated,
-        abstract_opt,
+        jax.eval_shape(tx.init, abstract_params),
         per_param,
         abstract_params,
         transform_non_params=lambda _: replicated,
@@ -99,11 +107,26 @@ class Run:
     shardings = sharding.stage_shardings(
       logical, abstract_params, mesh, cfg.zero_stage, opt_state_shardings
     )
+    replicas = {}
+    if outer_tx:
+      per_replica = lambda tree: jax.tree.map(
+        lambda s: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", *s.spec)),
+        tree,
+      )
+      replicas = {
+        "params": per_replica(shardings.params),
+        "opt_state": per_replica(shardings.opt_state),
+        "tokens": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
+      }
     state_shardings = TrainState(
       step=shardings.replicated,
       params=shardings.params,
-      opt_state=shardings.opt_state,
+      # Local SGD: the outer optimizer's state, laid out like the inner one's.
+      opt_state=opt_state_shardings(shardings.update, outer_tx)
+      if outer_tx
+      else shardings.opt_state,
       skipped_steps=shardings.replicated,
+      replicas=replicas,
     )
     return cls(
       cfg,
@@ -117,7 +140,25 @@ class Run:
       shardings,
       state_shardings,
       vocab_limit,
+      outer_tx,
     )
+
+  @property
+  def replica_count(self) -> int:
+    """Data replicas that train apart between syncs (local SGD); 0 = fully synchronous."""
+    return self.mesh.shape["data"] if self.outer_tx else 0
+
+  def _fresh_state(self, params) -> TrainState:
+    if not self.outer_tx:
+      return TrainState.create(params, self.tx.init(params))
+    d = self.replica_count
+    stacked = jax.tree.map(lambda p: jnp.broadcast_to(p, (d, *p.shape)), params)
+    replicas = {
+      "params": stacked,
+      "opt_state": jax.vmap(self.tx.init)(stacked),
+      "tokens": jnp.zeros((d,), jnp.float32),
+    }
+    return TrainState.create(params, self.outer_tx.init(params), replicas)
 
   def init_state(self) -> TrainState:
     """Initialized directly into its shardings: no device holds more than its share."""
@@ -125,8 +166,7 @@ class Run:
     def init():
       with nnx.use_eager_sharding(False):
         model = build_model(self.cfg.task, self.dims, self.cfg.seed)
-      params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-      return TrainState.create(params, self.tx.init(params))
+      return self._fresh_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
     with jax.set_mesh(self.mesh):
       return jax.jit(init, out_shardings=self.state_shardings)()
@@ -149,61 +189,226 @@ class Run:
     return loss, (tokens, correct)
 
   def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    """Forward, loss, gradient (accumulated over microbatches) and update."""
-    k = self.cfg.train.microbatches
-    dropout_key = jax.random.fold_in(jax.random.key(self.cfg.seed), state.step)
-    grad_fn = jax.value_and_grad(self.loss_sums, has_aux=True)
-    batch_spec = self.shardings.batch.spec
+    """Forward, loss, gradient (accumulated over microbatches) and update. Under local SGD each
+    data replica updates its own parameters with its own rows' gradient (`sync_step` merges
+    them)."""
+    local = bool(self.outer_tx)
+    params = state.replicas["params"] if local else state.params
+    opt_state = state.replicas["opt_state"] if local else state.opt_state
+    grads, sums = self.summed_grads(
+      params, batch, state.step
+    )  # sums [..., (loss, tokens, correct)]
+    tokens = sums[..., 1]  # per replica under local SGD
 
-    def microbatch(b):  # [B, L] -> [k, B/k, L]: row j*k+i goes to microbatch i; no traffic
-      b = b.reshape(b.shape[0] // k, k, *b.shape[1:]).swapaxes(0, 1)
-      return jax.lax.with_sharding_constraint(b, jax.sharding.PartitionSpec(None, *batch_spec))
+    # The mean over the target tokens, in the params' dtype, so that the optimizer state keeps
+    # the dtypes it was compiled for.
+    def mean(g, p):
+      per_row = jnp.maximum(tokens, 1.0).reshape(tokens.shape + (1,) * (g.ndim - tokens.ndim))
+      return (g / per_row).astype(p.dtype)
 
-    def accumulate(carry, scanned):
-      grads, loss, tokens, correct = carry
-      mb, i = scanned
-      (mb_loss, (mb_tokens, mb_correct)), mb_grads = grad_fn(
-        state.params, mb, jax.random.fold_in(dropout_key, i)
-      )
-      # ZeRO-2: each microbatch's gradient is reduce-scattered as soon as it exists.
-      grads = jax.lax.with_sharding_constraint(
-        jax.tree.map(jnp.add, grads, mb_grads), self.shardings.grads
-      )
-      return (grads, loss + mb_loss, tokens + mb_tokens, correct + mb_correct), None
-
-    # Accumulated in float32 whatever the parameters' dtype; the update gets the params' dtype,
-    # so that the optimizer state keeps the dtypes it was compiled for.
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    init = (jax.lax.with_sharding_constraint(zeros, self.shardings.grads), 0.0, 0.0, 0.0)
-    scanned = (jax.tree.map(microbatch, batch), jnp.arange(k))
-    (grads, loss, tokens, correct), _ = jax.lax.scan(accumulate, init, scanned)
-    # ZeRO-1: one reduce-scatter per step, to the optimizer state's layout.
     grads = jax.lax.with_sharding_constraint(
-      jax.tree.map(
-        lambda g, p: (g / jnp.maximum(tokens, 1.0)).astype(p.dtype), grads, state.params
-      ),
-      self.shardings.update,
+      jax.tree.map(mean, grads, params), self._update_shardings()
     )
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, new_opt_state = (jax.vmap(self.tx.update) if local else self.tx.update)(
+      grads, opt_state, params
+    )
+    new_params = optax.apply_updates(params, updates)
+    loss, tokens_total, correct = sums.reshape(-1, 3).sum(0)
     # A non-finite loss or gradient leaves params and optimizer state as they were.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    params, opt_state = jax.tree.map(
+    new_params, new_opt_state = jax.tree.map(
       lambda new, old: jnp.where(finite, new, old),
+      (new_params, new_opt_state),
       (params, opt_state),
-      (state.params, state.opt_state),
     )
     metrics = {
-      "loss": loss / jnp.maximum(tokens, 1.0),
-      "accuracy": correct / jnp.maximum(tokens, 1.0),
+      "loss": loss / jnp.maximum(tokens_total, 1.0),
+      "accuracy": correct / jnp.maximum(tokens_total, 1.0),
       "grad_norm": grad_norm,
       "learning_rate": self.lr_schedule(state.step),
-      "tokens": tokens,
+      "tokens": tokens_total,
       "finite": finite,
     }
     skipped = state.skipped_steps + (~finite).astype(jnp.int32)
-    return TrainState(state.step + 1, params, opt_state, skipped), metrics
+    if local:
+      replicas = {
+        "params": new_params,
+        "opt_state": new_opt_state,
+        "tokens": state.replicas["tokens"] + jnp.where(finite, tokens, 0.0),
+      }
+      return TrainState(state.step + 1, state.params, state.opt_state, skipped, replicas), metrics
+    return TrainState(state.step + 1, new_params, new_opt_state, skipped), metrics
+
+  def _update_shardings(self):
+    """The gradients' layout for the update: the opt state's, per replica under local SGD."""
+    if not self.outer_tx:
+      return self.shardings.update
+    return jax.tree.map(
+      lambda s: jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data", *s.spec)),
+      self.shardings.update,
+    )
+
+  def sync_step(self, state: TrainState) -> TrainState:
+    """Local SGD's outer step: the replicas' parameters averaged, weighted by the target tokens
+    each trained on since the last sync; the outer optimizer moves the consensus `params` by
+    (params - average) ("average": onto the average), and every replica restarts from it. The
+    replicas keep their inner optimizer states (DiLoCo). One all-reduce over data."""
+    tokens = state.replicas["tokens"]
+    total = tokens.sum()
+    weights = jnp.where(total > 0, tokens / jnp.maximum(total, 1.0), 1.0 / tokens.shape[0])
+    # Averaged into the optimizer state's layout: each device sums only its fsdp shard over
+    # data, then the new consensus is gathered over fsdp like any update.
+    average = jax.lax.with_sharding_constraint(
+      jax.tree.map(
+        lambda p: jnp.tensordot(weights, p.astype(jnp.float32), axes=1), state.replicas["params"]
+      ),
+      self.shardings.update,
+    )
+    if self.cfg.train.outer_optimizer == "average":
+      params, opt_state = average, state.opt_state
+    else:
+      delta = jax.tree.map(lambda p, a: p.astype(jnp.float32) - a, state.params, average)
+      updates, opt_state = self.outer_tx.update(delta, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+    params = jax.lax.with_sharding_constraint(
+      jax.tree.map(lambda new, old: new.astype(old.dtype), params, state.params),
+      self.shardings.params,
+    )
+    d = self.replica_count
+    replicas = {
+      **state.replicas,
+      "params": jax.tree.map(lambda p: jnp.broadcast_to(p, (d, *p.shape)), params),
+      "tokens": jnp.zeros_like(tokens),
+    }
+    return state.replace(params=params, opt_state=opt_state, replicas=replicas)
+
+  def compile_sync_step(self):
+    with jax.set_mesh(self.mesh):
+      jitted = jax.jit(
+        self.sync_step,
+        in_shardings=(self.state_shardings,),
+        out_shardings=self.state_shardings,
+        donate_argnums=0,
+      )
+      return jitted.lower(self.abstract_state()).compile()
+
+  def summed_grads(self, params, batch: dict, step: jax.Array):
+    """Gradient sums over the global batch in the update's layout, and (loss, tokens, correct)
+    sums, with every reduction over the batch axes written out (docs/architecture.md, "one
+    step").
+
+    `jax.shard_map` is manual over (data, fsdp) and leaves tensor to the partitioner. Each
+    device accumulates its own rows' gradients over the microbatches in float32, then reduces
+    once: stage 0 all-reduces; stage 1 reduce-scatters over fsdp to the optimizer state's
+    layout and all-reduces that shard over data; stage 2 reduce-scatters every microbatch into a
+    sharded accumulator; under stage 3 each layer's gather (forward, and again in the backward)
+    has a reduce-scatter as its transpose. Reductions run in `train.grad_reduce_dtype`.
+
+    Under local SGD `params` carry a leading [data] axis (one copy per replica), nothing is
+    summed over data, and the sums come per replica: [data, 3].
+    """
+    k = self.cfg.train.microbatches
+    local_sgd = bool(self.outer_tx)
+    summed_over = ("fsdp",) if local_sgd else sharding.BATCH_AXES
+    plan = self.reduction_plan()
+    reduce_dtype = jnp.dtype(self.cfg.train.grad_reduce_dtype)
+    step_key = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
+
+    def varying(x):
+      # Values that enter the region invariant over a batch axis would get their gradient
+      # summed over it by the transpose of the implicit cast, once per microbatch: cast first,
+      # so that gradients stay local until the reductions below.
+      missing = tuple(a for a in sharding.BATCH_AXES if a not in jax.typeof(x).mat.varying)
+      return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    # The partitioner keeps tensor-parallel dims sharded only where told: without these, local
+    # gradients and accumulators came out whole over tensor (twice the reduce-scatter bytes on
+    # tensor=2).
+    tensor_specs = jax.tree.map(
+      lambda s: sharding.keep_axes(s.spec, {"tensor"}), self.shardings.params
+    )
+
+    def over_tensor(tree):
+      return jax.lax.with_sharding_constraint(tree, tensor_specs)
+
+    def local(params, batch):
+      rows = jax.tree.leaves(batch)[0].shape[0]
+      first_row = jax.lax.axis_index(sharding.BATCH_AXES) * rows
+      keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, first_row + jnp.arange(rows))
+      # [rows, ...] -> [k, rows/k, ...]: local row j*k+i goes to microbatch i; no traffic.
+      split = lambda x: x.reshape(rows // k, k, *x.shape[1:]).swapaxes(0, 1)
+      if local_sgd:
+        params = jax.tree.map(lambda p: p[0], params)  # this replica's own copy
+      params = jax.tree.map(varying, params)
+      grad_fn = jax.value_and_grad(self._sharded_loss_sums, has_aux=True)
+
+      def accumulate(carry, microbatch):
+        acc, sums = carry
+        mb, mb_keys = microbatch
+        (loss, (tokens, correct)), grads = grad_fn(params, mb, mb_keys)
+        grads = jax.tree.map(
+          lambda g, p: p.per_microbatch(g, reduce_dtype).astype(jnp.float32),
+          over_tensor(grads),
+          plan,
+        )
+        acc = over_tensor(jax.tree.map(jnp.add, acc, grads))
+        return (acc, sums + jnp.stack([loss, tokens, correct])), None
+
+      zeros = over_tensor(
+        jax.tree.map(
+          lambda x, p: varying(jnp.zeros(p.accumulator_shape(x.shape), jnp.float32)),
+          params,
+          plan,
+        )
+      )
+      init = (zeros, varying(jnp.zeros(3, jnp.float32)))
+      (acc, sums), _ = jax.lax.scan(accumulate, init, jax.tree.map(split, (batch, keys)))
+      grads = over_tensor(jax.tree.map(lambda g, p: p.per_step(g, reduce_dtype), acc, plan))
+      sums = jax.lax.psum(sums, summed_over)
+      if local_sgd:
+        return jax.tree.map(lambda g: g[None], grads), sums[None]
+      return grads, sums
+
+    P = jax.sharding.PartitionSpec
+    replica = ("data",) if local_sgd else ()
+    manual = lambda tree: jax.tree.map(
+      lambda s: P(*replica, *sharding.keep_axes(s.spec, sharding.BATCH_AXES)), tree
+    )
+    batch_spec = P(sharding.BATCH_AXES)
+    region = jax.shard_map(
+      local,
+      mesh=self.mesh,
+      in_specs=(manual(self.shardings.params), jax.tree.map(lambda _: batch_spec, batch)),
+      out_specs=(manual(self.shardings.update), P(*replica)),
+      axis_names=set(sharding.BATCH_AXES),
+    )
+    return region(params, batch)
+
+  def _sharded_loss_sums(self, params, batch, dropout_keys):
+    """loss_sums inside the manual region: under ZeRO-3 the parameters outside the layer stacks
+    are gathered here, once per microbatch (each stack gathers its own layers)."""
+    if self.dims.params_sharded:
+      top = {k: v for k, v in params.items() if k not in _stacks(self.logical)}
+      top = sharding.gather_layer(
+        top,
+        {k: self.logical[k] for k in top},
+        jax.tree.map(lambda s: tuple(s.shape), {k: self.abstract_params[k] for k in top}),
+        self.dims.grad_reduce_dtype,
+      )
+      params = {**params, **top}
+    return self.loss_sums(params, batch, dropout_keys)
+
+  def reduction_plan(self):
+    """Per parameter: where its gradient is reduced over the batch axes (a tree of
+    `sharding.GradReduction`)."""
+    return jax.tree.map(
+      lambda p, u: sharding.GradReduction.for_stage(
+        self.cfg.zero_stage, p.spec, u.spec, self.mesh.shape["fsdp"], not self.outer_tx
+      ),
+      self.shardings.params,
+      self.shardings.update,
+    )
 
   def jit_train_step(self):
     return jax.jit(
@@ -220,17 +425,21 @@ class Run:
     return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.shardings.batch) for k in keys}
 
   def abstract_state(self) -> TrainState:
-    shapes = jax.eval_shape(lambda p: TrainState.create(p, self.tx.init(p)), self.abstract_params)
+    shapes = jax.eval_shape(self._fresh_state, self.abstract_params)
     return jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
       shapes,
       self.state_shardings,
     )
 
+  def lower_train_step(self) -> jax.stages.Lowered:
+    with jax.set_mesh(self.mesh):
+      return self.jit_train_step().lower(self.abstract_state(), self.abstract_batch())
+
   def compile_train_step(self):
     """The jitted step lowered and compiled once, against abstract inputs."""
     with jax.set_mesh(self.mesh):
-      return self.jit_train_step().lower(self.abstract_state(), self.abstract_batch()).compile()
+      return self.lower_train_step().compile()
 
 
 def batch_keys(task: str, packed: bool) -> tuple[str, ...]:
@@ -239,6 +448,19 @@ def batch_keys(task: str, packed: bool) -> tuple[str, ...]:
   if not packed:
     return sides
   return tuple(side + part for side in sides for part in ("", "_segment_ids", "_positions"))
+
+
+def _stacks(logical) -> set[str]:
+  """Top-level entries holding stacked layers (some leaf's first logical axis is 'layers')."""
+  return {
+    k
+    for k, v in logical.items()
+    if any(names[:1] == ("layers",) for names in jax.tree.leaves(v, is_leaf=_is_names))
+  }
+
+
+def _is_names(x) -> bool:
+  return isinstance(x, tuple)
 
 
 def param_count(params) -> int:

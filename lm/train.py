@@ -82,9 +82,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     state = restore_or_init(run, checkpoints, batches, log)
     started = time.time()
     step_fn = run.compile_train_step()
+    sync_fn = run.compile_sync_step() if run.replica_count else None
     log.info(f"train step compiled in {time.time() - started:.1f}s")
     describe_communication(run, step_fn, log)
-    return _loop(run, state, step_fn, data, batches, checkpoints, log)
+    if sync_fn:
+      describe_communication(run, sync_fn, log, "local SGD sync")
+    return _loop(run, state, step_fn, sync_fn, data, batches, checkpoints, log)
   finally:
     checkpoints.close()
     log.close()
@@ -108,17 +111,20 @@ def describe(run: Run, log) -> None:
       )
 
 
-def describe_communication(run: Run, step_fn, log) -> None:
-  """One line per collective kind of the compiled step: bytes per device per step, as the
+def describe_communication(run: Run, compiled, log, what: str = "step") -> None:
+  """One line per collective kind of a compiled step: bytes per device per call, as the
   bandwidth model of lm.parallel.report counts them (loops counted per iteration)."""
-  traffic = report.collective_traffic(step_fn.as_text(), run.mesh.size)
+  traffic = report.collective_traffic(compiled.as_text(), dict(run.mesh.shape))
+  prefix = "" if what == "step" else f"{what} "
   for kind, t in traffic.items():
     if t["count"]:
+      over = ", ".join(f"{axes or 'none'} {b / 2**20:.2f}" for axes, b in t["by_axes"].items())
       log.info(
-        f"{kind}: {t['bandwidth_bytes'] / 2**20:.2f} MB per device per step "
-        f"({t['count']} ops per step)"
+        f"{prefix}{kind}: {t['bandwidth_bytes'] / 2**20:.2f} MB per device per {what} "
+        f"({t['count']} ops; MB by mesh axes: {over})"
       )
-  log.tensorboard(0, {f"communication/{k}_bytes": t["bandwidth_bytes"] for k, t in traffic.items()})
+  tag = "communication" if what == "step" else "communication_sync"
+  log.tensorboard(0, {f"{tag}/{k}_bytes": t["bandwidth_bytes"] for k, t in traffic.items()})
 
 
 def restore_or_init(run: Run, checkpoints: checkpoint.Checkpointer, batches, log) -> TrainState:
@@ -133,7 +139,7 @@ def restore_or_init(run: Run, checkpoints: checkpoint.Checkpointer, batches, log
   return state
 
 
-def _loop(run, state, step_fn, data, batches, checkpoints, log) -> dict:
+def _loop(run, state, step_fn, sync_fn, data, batches, checkpoints, log) -> dict:
   cfg = run.cfg
   total = cfg.train.total_steps
   evaluator = evaluate.Evaluator(run, data, log)
@@ -145,6 +151,8 @@ def _loop(run, state, step_fn, data, batches, checkpoints, log) -> dict:
       with meter.waiting_for_input():
         batch = next(batches)
       state, step_metrics = step_fn(state, run.shard_batch(batch))
+      if sync_fn and (step % cfg.train.sync_every == 0 or step == total):
+        state = sync_fn(state)  # local SGD: the replicas merge (a fixed schedule: resumable)
       pending.append(step_metrics)
       if len(pending) > MAX_STEPS_IN_FLIGHT:
         jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT - 1])

@@ -58,7 +58,7 @@ def test_demo_loss_falls_by_half_in_50_steps(tmp_path, capsys):
   }
   tokenizer = tok.Tokenizer.load(str(tmp_path / "tokenizer.model"))
   run = Run.build(cfg, tokenizer_size=tokenizer.vocab_size)
-  traffic = report.collective_traffic(run.compile_train_step().as_text(), run.mesh.size)
+  traffic = report.collective_traffic(run.compile_train_step().as_text(), dict(run.mesh.shape))
   expected = {k: round(t["bandwidth_bytes"] / 2**20, 2) for k, t in traffic.items() if t["count"]}
   assert logged == expected and {"all-gather", "all-reduce"} <= set(logged), logged
 

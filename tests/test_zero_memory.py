@@ -55,14 +55,17 @@ def test_zero2_temp_is_lower_than_zero1_by_the_gradient_shards():
     run = _run((1, 8, 1), stage, microbatches=4)
     temps[stage] = run.compile_train_step().memory_analysis().temp_size_in_bytes
   gradient_bytes = 4 * param_count(run.abstract_params)
-  assert temps[1] - temps[2] >= gradient_bytes * (1 - 1 / 8), temps
+  # Stage 1 keeps a whole float32 accumulator per device, stage 2 its 1/8 shard (each still
+  # holds one microbatch's whole gradient before its reduce-scatter).
+  saved = gradient_bytes * (1 - 1 / 8)
+  assert abs((temps[1] - temps[2]) - saved) <= 0.05 * saved, temps
 
 
 def test_collective_report_counts_loop_iterations():
   # Stage 3 gathers every layer inside the scans twice per microbatch (forward, and again in
   # the rematerialized backward), and the embedding table once per step.
   run = _run((1, 8, 1), 3, microbatches=2)
-  traffic = report.collective_traffic(run.compile_train_step().as_text(), 8)
+  traffic = report.collective_traffic(run.compile_train_step().as_text(), dict(run.mesh.shape))
   gathered = traffic["all-gather"]["bytes"]
 
   def nbytes(tree):

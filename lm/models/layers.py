@@ -1,7 +1,8 @@
 """Transformer building blocks in flax.nnx. Every parameter carries logical axis names.
 
-Dropout takes an explicit key (None = deterministic) so that the train step's randomness is
-a pure function of (seed, step): a resumed run draws the same masks.
+Dropout takes explicit keys (None = deterministic), one per batch row in training, so that
+the masks are a pure function of (seed, step, global row): a resumed run draws the same ones, and
+so does any mesh or microbatch count, whichever device holds the row.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lm.parallel.sharding import constrain, fsdp_specs, gather_layer
+from lm.parallel.sharding import constrain, fsdp_specs, gather_layer, manual_axes
 
 
 def _param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
@@ -23,13 +24,27 @@ def _fan_in_init(fan_in: int):
   return jax.nn.initializers.normal(stddev=1.0 / math.sqrt(fan_in))
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-  if key is None or rate == 0.0:
+def split_keys(keys: jax.Array | None, n: int):
+  """n independent key arrays [n, *keys.shape] from one key or a key per row (None: n Nones)."""
+  if keys is None:
+    return (None,) * n
+  if keys.ndim == 0:
+    return jax.random.split(keys, n)
+  return jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, n))(keys), 1, 0)
+
+
+def dropout(x: jax.Array, rate: float, keys: jax.Array | None) -> jax.Array:
+  """x [rows, ...] with keys [rows] (one key per row) or a single key."""
+  if keys is None or rate == 0.0:
     return x
   # 8 random bits per element: a quarter of bernoulli's 32, and the PRNG dominates dropout's
   # cost. The rate is rounded to 1/256 and the scale uses the exact keep probability.
   drop = round(rate * 256)
-  keep = jax.random.bits(key, x.shape, jnp.uint8) >= drop
+  if keys.ndim == 0:
+    bits = jax.random.bits(keys, x.shape, jnp.uint8)
+  else:
+    bits = jax.vmap(lambda k: jax.random.bits(k, x.shape[1:], jnp.uint8))(keys)
+  keep = bits >= drop
   return jnp.where(keep, x * (256.0 / (256 - drop)), 0).astype(x.dtype)
 
 
@@ -167,6 +182,7 @@ class Embedding(nnx.Module):
   def __init__(self, dims, rngs: nnx.Rngs):
     shape, init = (dims.vocab_size, dims.d_model), _fan_in_init(dims.d_model)
     self.table = _param(rngs, init, shape, ("vocab", "embed"), dims.param_dtype)
+    self.shape = shape
     self.params_sharded = dims.params_sharded
 
   def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
@@ -176,7 +192,7 @@ class Embedding(nnx.Module):
     """[b, l, embed] -> logits [b, l, vocab]."""
     table = self.table[...]
     if self.params_sharded:
-      table = gather_layer(table, ("vocab", "embed"))
+      table = gather_layer(table, ("vocab", "embed"), self.shape)
     return jnp.einsum("ble,ve->blv", x, table.astype(x.dtype))
 
 
@@ -189,9 +205,10 @@ def lookup(
   gradient is summed in that layout before it goes back to the sharded one: a lookup into (or a
   scatter onto) an fsdp-sharded embed dim would need activations sharded on embed, which GSPMD
   can only reach from the batch layout by replicating them ("involuntary full
-  rematerialization").
+  rematerialization"). Inside the training step's manual region the step has gathered the table
+  already.
   """
-  if not params_sharded:
+  if not params_sharded or "fsdp" in manual_axes():
     return jnp.take(table, ids, axis=0).astype(dtype)
   gathered, sharded = fsdp_specs(names, table)
 

@@ -25,6 +25,7 @@ from lm.models.layers import (
   lookup,
   rotary,
   sinusoidal,
+  split_keys,
 )
 from lm.parallel.sharding import constrain, gather_layer
 
@@ -60,6 +61,8 @@ class ModelDims:
   # ZeRO-3 on fsdp > 1: parameters are stored sharded, so every layer, embedding and lookup
   # gathers its weights before use and reduce-scatters their gradient.
   params_sharded: bool = False
+  # The dtype a sharded parameter's gradient is reduce-scattered in (train.grad_reduce_dtype).
+  grad_reduce_dtype: jnp.dtype = jnp.dtype("float32")
 
   @classmethod
   def from_config(
@@ -68,6 +71,7 @@ class ModelDims:
     vocab_size: int | None = None,
     platform: str | None = None,
     params_sharded: bool = False,
+    grad_reduce_dtype: str = "float32",
   ) -> ModelDims:
     m = model_cfg
     dtype = m.dtype
@@ -98,6 +102,7 @@ class ModelDims:
       param_dtype=jnp.dtype(m.param_dtype),
       remat=remat,
       params_sharded=params_sharded,
+      grad_reduce_dtype=jnp.dtype(grad_reduce_dtype),
     )
 
 
@@ -110,7 +115,7 @@ class EncoderLayer(nnx.Module):
     self.rate = dims.dropout_rate
 
   def __call__(self, x, key, *, mask, positions):
-    k1, k2 = jax.random.split(key) if key is not None else (None, None)
+    k1, k2 = split_keys(key, 2)
     h = self.attn_norm(x)
     x = x + dropout(self.attn(h, h, mask, positions, positions), self.rate, k1)
     return x + dropout(self.mlp(self.mlp_norm(x)), self.rate, k2)
@@ -131,7 +136,7 @@ class DecoderLayer(nnx.Module):
     self.rate = dims.dropout_rate
 
   def __call__(self, x, key, *, mask, positions, encoded=None, cross_mask=None):
-    k1, k2, k3 = jax.random.split(key, 3) if key is not None else (None,) * 3
+    k1, k2, k3 = split_keys(key, 3)
     h = self.self_attn_norm(x)
     x = x + dropout(self.self_attn(h, h, mask, positions, positions), self.rate, k1)
     if self.has_cross:
@@ -195,11 +200,23 @@ class LayerStack(nnx.Module):
     self.num_layers = num_layers
     self.remat = dims.remat
     self.params_sharded = dims.params_sharded
+    self.grad_reduce_dtype = dims.grad_reduce_dtype
+    # One layer's global shapes, as hashable (path, shape) pairs: a manual region sees only its
+    # shards and needs them to find the sharded dimension.
+    self.layer_shapes = tuple(
+      (path, tuple(x.shape[1:])) for path, x in _flat(nnx.to_pure_dict(nnx.state(self.layers)))
+    )
 
   def _layer(self, graphdef, layer_params, per_layer_names) -> nnx.Module:
     """One layer of the stack, its weights gathered over fsdp first if they are stored sharded."""
     if self.params_sharded:
-      layer_params = gather_layer(layer_params, per_layer_names)
+      shapes = dict(self.layer_shapes)
+      layer_params = gather_layer(
+        layer_params,
+        per_layer_names,
+        _unflat([(path, shapes[path]) for path, _ in _flat(layer_params)]),
+        self.grad_reduce_dtype,
+      )
     return nnx.merge(graphdef, layer_params)
 
   def __call__(self, x: jax.Array, key: jax.Array | None, **kwargs) -> jax.Array:
@@ -208,7 +225,7 @@ class LayerStack(nnx.Module):
     per_layer_names = jax.tree.map(
       lambda n: n[1:], logical_names(state), is_leaf=lambda x: isinstance(x, tuple)
     )
-    keys = jax.random.split(key, self.num_layers) if key is not None else None
+    keys = split_keys(key, self.num_layers) if key is not None else None
 
     def body(x, scanned):
       layer_params, layer_key = scanned
@@ -244,6 +261,24 @@ class LayerStack(nnx.Module):
       lambda layer, x, _: (x, layer.cross_keys_values(x)), encoded, None
     )
     return k, v
+
+
+def _flat(tree: dict, prefix: tuple = ()) -> list:
+  """Nested dict -> [(path tuple, leaf)]."""
+  out = []
+  for k, v in tree.items():
+    out += _flat(v, (*prefix, k)) if isinstance(v, dict) else [((*prefix, k), v)]
+  return out
+
+
+def _unflat(pairs) -> dict:
+  tree: dict = {}
+  for path, leaf in pairs:
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = leaf
+  return tree
 
 
 def shift_right(targets: jax.Array, positions: jax.Array) -> jax.Array:
@@ -298,10 +333,6 @@ class _Model(nnx.Module):
     return constrain(out.astype(jnp.float32), ("batch", "length", "vocab"))
 
 
-def _split_key(key, n):
-  return jax.random.split(key, n) if key is not None else (None,) * n
-
-
 class EncoderDecoder(_Model):
   def __init__(self, dims: ModelDims, rngs: nnx.Rngs):
     self._init_io(dims, rngs)
@@ -311,14 +342,14 @@ class EncoderDecoder(_Model):
     self.decoder_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
 
   def encode(self, inputs, segments, positions, key=None) -> jax.Array:
-    k_embed, k_layers = _split_key(key, 2)
+    k_embed, k_layers = split_keys(key, 2)
     x = dropout(self.embed_tokens(inputs, positions), self.dims.dropout_rate, k_embed)
     mask = attention_mask(segments, segments, causal=False)
     x = self.encoder(x, k_layers, mask=mask, positions=positions)
     return self.encoder_norm(x)
 
   def decode(self, encoded, input_segments, decoder_inputs, segments, positions, key=None):
-    k_embed, k_layers = _split_key(key, 2)
+    k_embed, k_layers = split_keys(key, 2)
     x = dropout(self.embed_tokens(decoder_inputs, positions), self.dims.dropout_rate, k_embed)
     x = self.decoder(
       x,
@@ -347,7 +378,7 @@ class EncoderDecoder(_Model):
     return _decode_step(self, tokens, index, cache, cross_mask=cache["cross_mask"])
 
   def __call__(self, batch: dict, dropout_key=None) -> jax.Array:
-    k_enc, k_dec = _split_key(dropout_key, 2)
+    k_enc, k_dec = split_keys(dropout_key, 2)
     in_seg, in_pos = _segments_and_positions(batch, "inputs")
     tgt_seg, tgt_pos = _segments_and_positions(batch, "targets")
     encoded = self.encode(batch["inputs"], in_seg, in_pos, k_enc)
@@ -371,7 +402,7 @@ class Decoder(_Model):
     return _decode_step(self, tokens, index, cache)
 
   def __call__(self, batch: dict, dropout_key=None) -> jax.Array:
-    k_embed, k_layers = _split_key(dropout_key, 2)
+    k_embed, k_layers = split_keys(dropout_key, 2)
     segments, positions = _segments_and_positions(batch, "targets")
     tokens = shift_right(batch["targets"], positions)
     x = dropout(self.embed_tokens(tokens, positions), self.dims.dropout_rate, k_embed)

@@ -74,22 +74,49 @@ def _type_bytes(type_text: str) -> int:
   return total
 
 
-def _group_size(line: str, num_devices: int) -> int:
-  named = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+def _iota(dims: str, perm: str | None) -> np.ndarray:
+  """XLA's iota device list `[dims]T(perm)`: arange reshaped to dims, then transposed."""
+  ids = np.arange(int(np.prod([int(d) for d in dims.split(",")])))
+  ids = ids.reshape([int(d) for d in dims.split(",")])
+  return ids.transpose([int(p) for p in perm.split(",")]) if perm else ids
+
+
+def _first_group(line: str, num_devices: int) -> list[int]:
+  """The device positions of an op's first replica group."""
+  named = re.search(
+    r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))?"
+    r"\s*\{([^}]*)\}",
+    line,
+  )
   if named:
-    sizes = dict(re.findall(r"'([\w]+)'=(\d+)", named.group(1)))
-    return int(np.prod([int(sizes[a]) for a in re.findall(r"'([\w]+)'", named.group(2))]))
-  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)
+    axes, dims, perm, grouped = named.groups()
+    sizes = [(a, int(n)) for a, n in re.findall(r"'([\w]+)'=(\d+)", axes)]
+    ids = _iota(dims, perm) if dims else np.arange(num_devices)
+    ids = ids.reshape([n for _, n in sizes])
+    grouped = set(re.findall(r"'([\w]+)'", grouped))
+    return ids[tuple(slice(None) if a in grouped else 0 for a, _ in sizes)].ravel().tolist()
+  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
   if iota:
-    return int(iota.group(2))
+    groups, size, dims, perm = iota.groups()
+    return _iota(dims, perm).reshape(int(groups), int(size))[0].tolist()
   explicit = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
   if explicit and explicit.group(1):
-    return len(explicit.group(1).split(","))
-  return num_devices
+    return [int(i) for i in explicit.group(1).split(",")]
+  return list(range(num_devices))
 
 
-def collective_traffic(hlo_text: str, num_devices: int) -> dict[str, dict[str, float]]:
-  """Per op kind: count, result bytes and bandwidth bytes per device per step.
+def _group_axes(line: str, mesh_shape: dict[str, int]) -> tuple[tuple[str, ...], int]:
+  """(mesh axes an op's replica groups span, group size). Device positions index the mesh's
+  devices in row-major order, as the compiled program's device assignment does."""
+  group = _first_group(line, int(np.prod(list(mesh_shape.values()))))
+  coords = np.array(np.unravel_index(group, tuple(mesh_shape.values())))  # [axes, members]
+  axes = tuple(a for a, c in zip(mesh_shape, coords) if len(set(c.tolist())) > 1)
+  return axes, len(group)
+
+
+def collective_traffic(hlo_text: str, mesh_shape: dict[str, int]) -> dict[str, dict]:
+  """Per op kind: count, result bytes and bandwidth bytes per device per step, and the
+  bandwidth bytes per set of mesh axes the ops run over (`by_axes`, keys like "data+fsdp").
 
   Ops inside while loops (the layer and microbatch scans) count once per iteration, using
   XLA's known trip counts. Bandwidth: all-reduce 2S(N-1)/N; all-gather S(N-1)/N with S the
@@ -113,12 +140,14 @@ def collective_traffic(hlo_text: str, num_devices: int) -> dict[str, dict[str, f
     type_text, op = op_match.groups()
     base_op = op.removesuffix("-start")
     if base_op in COLLECTIVES:
-      ops[current].append((base_op, _type_bytes(type_text), _group_size(line, num_devices)))
+      ops[current].append((base_op, _type_bytes(type_text), *_group_axes(line, mesh_shape)))
     if op == "while":
       trip = re.search(r'known_trip_count[^0-9]*"?n"?\s*:\s*"?(\d+)', line)
       body = re.search(r"body=%?([\w.\-]+)", line)
       if body:
         calls[current].append((body.group(1), int(trip.group(1)) if trip else 1))
+    if op == "call":  # unoptimized HLO (Lowered.as_text(dialect="hlo")) calls by to_apply
+      calls[current] += [(c, 1) for c in re.findall(r"to_apply=%?([\w.\-]+)", line)]
     for callee in re.findall(r"(?:calls|true_computation|false_computation)=%?([\w.\-]+)", line):
       calls[current].append((callee, 1))
     branches = re.search(r"branch_computations=\{([^}]*)\}", line)
@@ -134,9 +163,11 @@ def collective_traffic(hlo_text: str, num_devices: int) -> dict[str, dict[str, f
       visit(callee, factor * trip)
 
   visit(entry, 1)
-  report = {k: {"count": 0, "bytes": 0.0, "bandwidth_bytes": 0.0} for k in COLLECTIVES}
+  report = {
+    k: {"count": 0, "bytes": 0.0, "bandwidth_bytes": 0.0, "by_axes": {}} for k in COLLECTIVES
+  }
   for name, entries in ops.items():
-    for op, size, n in entries:
+    for op, size, axes, n in entries:
       times = multiplier.get(name, 0)
       if n <= 1 or times == 0:
         continue
@@ -149,4 +180,6 @@ def collective_traffic(hlo_text: str, num_devices: int) -> dict[str, dict[str, f
       report[op]["count"] += times
       report[op]["bytes"] += times * size
       report[op]["bandwidth_bytes"] += times * cost
+      by_axes = report[op]["by_axes"]
+      by_axes["+".join(axes)] = by_axes.get("+".join(axes), 0.0) + times * cost
   return report

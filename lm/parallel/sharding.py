@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 # logical axis -> mesh axes. ZeRO decides only whether 'embed' maps to 'fsdp'.
@@ -75,7 +76,9 @@ def spec_for(
     if free:
       axes[free[0]] = "fsdp"
     elif shared:
-      axes[shared[0]] = (axes[shared[0]], "fsdp")
+      # fsdp outermost: each fsdp shard is then one contiguous block, the layout the training
+      # step's manual region (manual over fsdp, tensor automatic) receives without a reshuffle.
+      axes[shared[0]] = ("fsdp", axes[shared[0]])
   return PartitionSpec(*axes)
 
 
@@ -138,25 +141,174 @@ def stage_shardings(logical, shapes, mesh, zero_stage: int, opt_state_fn) -> Sta
   )
 
 
+BATCH_AXES = ("data", "fsdp")  # the axes the batch splits over and gradients are summed over
+
+
+def manual_axes() -> frozenset[str]:
+  """Mesh axes that the enclosing `jax.shard_map` makes manual (none outside one)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return frozenset() if mesh.empty else frozenset(mesh.manual_axes)
+
+
+def keep_axes(spec: PartitionSpec, axes) -> PartitionSpec:
+  """`spec` with every mesh axis outside `axes` dropped: a manual region's view of a layout."""
+
+  def keep(entry):
+    kept = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a in axes)
+    return kept[0] if len(kept) == 1 else (kept or None)
+
+  return PartitionSpec(*(keep(e) for e in spec))
+
+
+def fsdp_dim(spec: PartitionSpec) -> int | None:
+  """The dimension a layout shards over fsdp, if any."""
+  for i, entry in enumerate(spec):
+    if entry == "fsdp" or (isinstance(entry, tuple) and "fsdp" in entry):
+      return i
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class GradReduction:
+  """Where one parameter's gradient is summed over the batch axes inside the training step."""
+
+  # 'backward': the parameter is stored sharded (ZeRO-3); its gather's transpose reduce-scatters
+  # over fsdp in the backward pass. 'microbatch' (ZeRO-2): reduce-scattered after every
+  # microbatch. 'step': accumulated whole and local, reduced once per step.
+  when: str
+  scatter_dim: int | None  # the update layout's fsdp dimension; None = kept whole
+  fsdp: int
+  tensor_spec: PartitionSpec  # the parameter's tensor-parallel layout
+  over_data: bool = True  # False under local SGD: each data replica keeps its own gradient
+
+  @classmethod
+  def for_stage(
+    cls, zero_stage: int, param_spec, update_spec, fsdp: int, over_data: bool = True
+  ) -> GradReduction:
+    dim = fsdp_dim(update_spec)
+    if fsdp_dim(param_spec) is not None:
+      when = "backward"
+    elif dim is not None and zero_stage == 2:
+      when = "microbatch"
+    else:
+      when = "step"
+    return cls(when, dim, fsdp, keep_axes(param_spec, {"tensor"}), over_data)
+
+  def accumulator_shape(self, local_shape) -> tuple[int, ...]:
+    shape = list(local_shape)
+    if self.when == "microbatch":
+      shape[self.scatter_dim] //= self.fsdp
+    return tuple(shape)
+
+  def per_microbatch(self, grad, dtype):
+    if self.when != "microbatch":
+      return grad
+    scatter = lambda g: _scatter(g.astype(dtype), self.scatter_dim).astype(jnp.float32)
+    return _tensor_manual(scatter, grad, self.tensor_spec, self.scatter_dim)
+
+  def per_step(self, grad, dtype):
+    """The accumulated local gradient, summed over the whole batch, in float32."""
+
+    def reduce(g):
+      g = g.astype(dtype)
+      axes = ["data"] if self.over_data else []
+      if self.when == "step":
+        if self.scatter_dim is None:
+          axes.append("fsdp")
+        else:
+          g = _scatter(g, self.scatter_dim)
+      return (jax.lax.psum(g, tuple(axes)) if axes else g).astype(jnp.float32)
+
+    return _tensor_manual(reduce, grad, self.tensor_spec, self.scatter_dim)
+
+
+def _scatter(x, dim):
+  return jax.lax.psum_scatter(x, "fsdp", scatter_dimension=dim, tiled=True)
+
+
+def _tensor_manual(collective, x, tensor_spec: PartitionSpec, fsdp_dim: int | None):
+  """Runs collectives over the batch axes with tensor manual too, each device on its own
+  tensor shard. In a region manual over the batch axes only, the partitioner gathers
+  tensor-sharded dims whole around a reduce-scatter (measured: twice the bytes on tensor=2), and
+  XLA's CPU compiler aborts on a bfloat16 reduction (jax 0.10.2: the reducer carries a sharding
+  constraint). A dim that fsdp and tensor share (fsdp outermost) enters whole over tensor: in a
+  nested region its blocks would come out in tensor-major order."""
+  if "tensor" in manual_axes():
+    return collective(x)
+  spec = PartitionSpec(*(None if i == fsdp_dim else e for i, e in enumerate(tensor_spec)))
+  return jax.shard_map(collective, in_specs=spec, out_specs=spec, axis_names={"tensor"})(x)
+
+
 def _current_mesh():
   mesh = jax.sharding.get_abstract_mesh()
   return None if mesh.empty or "fsdp" not in mesh.axis_names else mesh
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """Activation sharding constraint by logical names; a no-op outside a mesh."""
+  """Activation sharding constraint by logical names; a no-op outside a mesh. Inside a manual
+  region only the automatic axes (tensor) are constrained."""
   mesh = _current_mesh()
   if mesh is None:
     return x
-  return jax.lax.with_sharding_constraint(x, spec_for(names, x.shape, mesh, False))
+  spec = spec_for(names, x.shape, mesh, False)
+  manual = manual_axes()
+  if manual:
+    spec = keep_axes(spec, set(mesh.axis_names) - manual)
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
-def gather_layer(params, logical):
-  """One layer's parameters, stored sharded over fsdp (ZeRO-3), all-gathered for compute.
+def gather_layer(params, logical, global_shapes, reduce_dtype=None):
+  """Parameters stored sharded over fsdp (ZeRO-3), gathered whole for compute; trees alike
+  (`logical` and `global_shapes` hold tuples as leaves), or one array, its names and shape.
 
-  The custom VJP constrains the gradient back to the sharded layout, so the backward pass
-  reduce-scatters each layer's gradient instead of all-reducing it.
+  The gradient goes back to the sharded layout with a reduce-scatter. Inside the training
+  step's manual region (fsdp manual) that is an explicit `all_gather` whose transpose is a
+  `psum_scatter` in `reduce_dtype`; elsewhere (evaluation, decoding) sharding constraints let
+  the partitioner place the same collectives. An array that already has its global shape (the
+  step gathers parameters outside the layer stacks itself) passes through.
   """
+  if "fsdp" not in manual_axes():
+    return _constrained_gather(params, logical)
+  mesh = _current_mesh()
+
+  def gather(x, names, shape):
+    dim = fsdp_dim(spec_for(names, shape, mesh, True))
+    if dim is None or tuple(x.shape) == tuple(shape):
+      return x
+    tensor_spec = keep_axes(spec_for(names, shape, mesh, False), {"tensor"})
+    return _all_gather_fsdp(x, dim, reduce_dtype or x.dtype, tensor_spec)
+
+  is_names = lambda x: isinstance(x, tuple) and all(isinstance(n, str | None) for n in x)
+  if not isinstance(logical, dict):
+    return gather(params, logical, global_shapes)
+  return jax.tree.map(
+    lambda names, x, shape: gather(x, names, shape),
+    logical,
+    params,
+    global_shapes,
+    is_leaf=is_names,
+  )
+
+
+def _all_gather_fsdp(x: jax.Array, dim: int, reduce_dtype, tensor_spec) -> jax.Array:
+  @jax.custom_vjp
+  def gather(x):
+    return _tensor_manual(
+      lambda x: jax.lax.all_gather(x, "fsdp", axis=dim, tiled=True), x, tensor_spec, dim
+    )
+
+  def fwd(x):
+    return gather(x), None
+
+  def bwd(_, g):
+    scatter = lambda g: _scatter(g.astype(reduce_dtype), dim).astype(g.dtype)
+    return (_tensor_manual(scatter, g, tensor_spec, dim),)
+
+  gather.defvjp(fwd, bwd)
+  return gather(x)
+
+
+def _constrained_gather(params, logical):
   gathered, sharded = fsdp_specs(logical, params)
 
   @jax.custom_vjp
