@@ -6,3 +6,19 @@ os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+# A persistent compilation cache for this test process only: identical steps built anew (a run
+# and its resume, one config in several tests) compile once. Processes the tests start do not
+# share it: jax writes entries without a lock, and some of those processes get killed.
+import atexit
+import shutil
+import tempfile
+
+import jax
+
+_cache = tempfile.mkdtemp(prefix="zerolm-xla-cache-")
+atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _cache)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -1,8 +1,11 @@
 """One process of a multi-process run that tests/test_multihost.py starts several of.
 
-A few ZeRO-3 train steps of a tiny model on mesh (2, 2, 2) from fixed global batches (each
-process feeds only the rows its devices hold, through Run.shard_batch), then a batch of greedy
-and beam decodes; process 0 writes the losses, per-tensor parameter norms and decodes as JSON.
+A few train steps of a tiny model on mesh (2, 2, 2) under each ZeRO stage, from fixed global
+batches (each process feeds only the rows its devices hold, through Run.shard_batch), then a
+batch of greedy and beam decodes with the ZeRO-3 parameters; process 0 writes the losses per
+stage, per-tensor parameter norms and decodes as JSON.
+With 2 processes the mesh is multi-slice (mesh.dcn_data=2): each process stands in for a slice,
+so `data` crosses processes as it crosses DCN between slices.
 
   launch/local.sh 2 python tests/multihost_worker.py --output=OUT.json
 """
@@ -22,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lm.data.synthetic import random_batch
 from lm.decode import DecodeOptions, Decoder
+from lm.parallel import report
 from lm.parallel.mesh import init_distributed
 from lm.state import Run
 from tests.helpers import tiny_config
@@ -29,10 +33,11 @@ from tests.helpers import tiny_config
 STEPS = 3
 
 
-def config():
+def config(dcn_data: int = 1, zero_stage: int = 3):
   cfg = tiny_config("translation", dropout_rate=0.1)  # dropout keys must not depend on P
-  cfg.mesh.update(data=2, fsdp=2, tensor=2)
-  cfg.zero_stage = 3
+  # mesh.data counts replicas within a slice; the job has data * dcn_data of them.
+  cfg.mesh.update(data=2 // dcn_data, fsdp=2, tensor=2, dcn_data=dcn_data)
+  cfg.zero_stage = zero_stage
   cfg.train.update(global_batch_size=16)
   cfg.data.pack = False
   cfg.optim.update(name="adamw", learning_rate=1e-3, eps=1e-6)
@@ -47,10 +52,9 @@ def process_rows(sharding, shape) -> slice:
   return slice(min(starts), max(stops))
 
 
-def run_and_decode(cfg) -> dict:
+def train(cfg):
   run = Run.build(cfg)
   state, step = run.init_state(), run.compile_train_step()
-  rng = np.random.RandomState(0)
   shape = (cfg.train.global_batch_size, cfg.data.seq_len)
   rows = process_rows(run.shardings.batch, shape)
   losses = []
@@ -58,6 +62,15 @@ def run_and_decode(cfg) -> dict:
     batch = random_batch(cfg, seed, padding=3)
     state, metrics = step(state, run.shard_batch({k: v[rows] for k, v in batch.items()}))
     losses.append(float(metrics["loss"]))
+  return run, state, step, losses
+
+
+def run_and_decode(dcn_data: int = 1, stages=(0, 1, 2, 3)) -> dict:
+  losses = {}
+  for stage in stages:
+    run, state, step, losses[str(stage)] = train(config(dcn_data, stage))
+  cfg = run.cfg  # the last stage's
+  rng = np.random.RandomState(0)
   norms = jax.jit(
     lambda p: jax.tree.map(lambda x: jnp.sqrt(jnp.sum(jnp.square(x))), p),
     out_shardings=run.shardings.replicated,
@@ -68,8 +81,13 @@ def run_and_decode(cfg) -> dict:
     options = DecodeOptions(beam_size=beam, max_len=12, max_len_a=1.0, max_len_b=4)
     decoder = Decoder(run, state.params, _VocabOnly(cfg.model.vocab_size), options, batch_size=8)
     decodes[str(beam)] = decoder.decode_ids(sources).tolist()
+  traffic = report.collective_traffic(step.as_text(), dict(run.mesh.shape))
+  data_processes = {d.process_index for d in run.mesh.devices[:, 0, 0]}
   return {
     "process_count": jax.process_count(),
+    # The step's reduction over data, and how many processes the data axis spans.
+    "data_reduction_bytes": traffic["all-reduce"]["by_axes"].get("data", 0.0),
+    "data_axis_processes": len(data_processes),
     "losses": losses,
     "norms": [float(x.addressable_data(0)) for x in jax.tree.leaves(norms)],
     "decodes": decodes,
@@ -92,7 +110,7 @@ def main():
   parser.add_argument("--process_id", type=int, required=True)
   args = parser.parse_args()
   init_distributed(args.coordinator_address, args.num_processes, args.process_id)
-  result = run_and_decode(config())
+  result = run_and_decode(dcn_data=args.num_processes)
   if jax.process_index() == 0:
     with open(args.output, "w") as f:
       json.dump(result, f)

@@ -123,7 +123,7 @@ def test_gradient_traffic_equals_theory(mesh, stage):
     assert _close(got["all-gather", over("fsdp")], k * 2 * g * (f - 1) / f, 0.10)
 
 
-@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(map(str, m)))
+@pytest.mark.parametrize("mesh", MESHES[1:], ids=lambda m: "x".join(map(str, m)))
 @pytest.mark.parametrize("stage", [0, 1])
 def test_stages_0_and_1_reduce_once_whatever_the_microbatch_count(mesh, stage):
   one, four = _traffic(mesh, stage, 1), _traffic(mesh, stage, 4)

@@ -33,6 +33,11 @@ BAD = [
   ),
   ("data.seq_len", lambda c: c.model.update(positions="learned", max_len=8)),
   ("model.enc_layers", lambda c: c.model.update(enc_layers=0)),
+  ("mesh.dcn_data", lambda c: c.mesh.update(data=1, fsdp=4, dcn_data=2)),  # one process
+  ("train.grad_reduce_dtype", lambda c: c.train.update(grad_reduce_dtype="float16")),
+  ("train.sync_every", lambda c: c.train.update(sync_every=-1)),
+  ("train.outer_optimizer", lambda c: c.train.update(outer_optimizer="adam")),
+  ("train.outer_momentum", lambda c: c.train.update(outer_momentum=1.0)),
 ]
 
 

@@ -60,7 +60,21 @@ def make_mesh(
   if mesh_cfg.dcn_data > 1:
     # `data` spans slices over DCN; fsdp and tensor stay inside a slice (ICI).
     ici = (shape[0] // mesh_cfg.dcn_data, shape[1], shape[2])
-    grid = mesh_utils.create_hybrid_device_mesh(ici, (mesh_cfg.dcn_data, 1, 1), devices)
+    # TPU slices name themselves (device.slice_index); elsewhere (GPU hosts, the local
+    # multi-process tests) each process is one granule of the DCN axis.
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    processes = {d.process_index for d in devices}
+    if mesh_cfg.dcn_data not in (len(slices), len(processes)):
+      raise ConfigError(
+        f"config.mesh.dcn_data: {mesh_cfg.dcn_data}, but the devices form {len(slices)} "
+        f"slice(s) in {len(processes)} process(es); set it to one of those"
+      )
+    grid = mesh_utils.create_hybrid_device_mesh(
+      ici,
+      (mesh_cfg.dcn_data, 1, 1),
+      devices,
+      process_is_granule=len(slices) != mesh_cfg.dcn_data,
+    )
   else:
     grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
   return jax.sharding.Mesh(
