@@ -109,13 +109,9 @@ class Run:
     )
     replicas = {}
     if outer_tx:
-      per_replica = lambda tree: jax.tree.map(
-        lambda s: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", *s.spec)),
-        tree,
-      )
       replicas = {
-        "params": per_replica(shardings.params),
-        "opt_state": per_replica(shardings.opt_state),
+        "params": _per_replica(shardings.params),
+        "opt_state": _per_replica(shardings.opt_state),
         "tokens": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
       }
     state_shardings = TrainState(
@@ -244,10 +240,7 @@ class Run:
     """The gradients' layout for the update: the opt state's, per replica under local SGD."""
     if not self.outer_tx:
       return self.shardings.update
-    return jax.tree.map(
-      lambda s: jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data", *s.spec)),
-      self.shardings.update,
-    )
+    return _per_replica(self.shardings.update)
 
   def sync_step(self, state: TrainState) -> TrainState:
     """Local SGD's outer step: the replicas' parameters averaged, weighted by the target tokens
@@ -448,6 +441,14 @@ def batch_keys(task: str, packed: bool) -> tuple[str, ...]:
   if not packed:
     return sides
   return tuple(side + part for side in sides for part in ("", "_segment_ids", "_positions"))
+
+
+def _per_replica(shardings):
+  """Local SGD: a layout with a leading [data] axis, one copy per data replica."""
+  return jax.tree.map(
+    lambda s: jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec("data", *s.spec)),
+    shardings,
+  )
 
 
 def _stacks(logical) -> set[str]:

@@ -12,7 +12,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import PartitionSpec
 
 from lm.models.layers import (
@@ -204,7 +204,8 @@ class LayerStack(nnx.Module):
     # One layer's global shapes, as hashable (path, shape) pairs: a manual region sees only its
     # shards and needs them to find the sharded dimension.
     self.layer_shapes = tuple(
-      (path, tuple(x.shape[1:])) for path, x in _flat(nnx.to_pure_dict(nnx.state(self.layers)))
+      (path, tuple(x.shape[1:]))
+      for path, x in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(self.layers))).items()
     )
 
   def _layer(self, graphdef, layer_params, per_layer_names) -> nnx.Module:
@@ -214,7 +215,9 @@ class LayerStack(nnx.Module):
       layer_params = gather_layer(
         layer_params,
         per_layer_names,
-        _unflat([(path, shapes[path]) for path, _ in _flat(layer_params)]),
+        traverse_util.unflatten_dict(
+          {path: shapes[path] for path in traverse_util.flatten_dict(layer_params)}
+        ),
         self.grad_reduce_dtype,
       )
     return nnx.merge(graphdef, layer_params)
@@ -261,24 +264,6 @@ class LayerStack(nnx.Module):
       lambda layer, x, _: (x, layer.cross_keys_values(x)), encoded, None
     )
     return k, v
-
-
-def _flat(tree: dict, prefix: tuple = ()) -> list:
-  """Nested dict -> [(path tuple, leaf)]."""
-  out = []
-  for k, v in tree.items():
-    out += _flat(v, (*prefix, k)) if isinstance(v, dict) else [((*prefix, k), v)]
-  return out
-
-
-def _unflat(pairs) -> dict:
-  tree: dict = {}
-  for path, leaf in pairs:
-    node = tree
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = leaf
-  return tree
 
 
 def shift_right(targets: jax.Array, positions: jax.Array) -> jax.Array:
