@@ -83,14 +83,16 @@ def main(argv):
       decode_cfg = _CONFIG.value.decode if _CONFIG.value is not None else None
       log = metrics.Console()
       results = evaluate.evaluate_workdir(_WORKDIR.value, decode_cfg, log)
-      print(json.dumps(results, indent=2))
+      if jax.process_index() == 0:
+        print(json.dumps(results, indent=2))
     elif _MODE.value == "decode":
       decode_lines(_INPUT.value, _OUTPUT.value or "-")
     elif _MODE.value == "export":
       if not _OUTPUT.value:
         raise ConfigError("--output: required with --mode=export; name a new directory")
       step = checkpoint.export(_WORKDIR.value, _OUTPUT.value, _EXPORT_DTYPE.value)
-      print(f"exported step {step} of {_WORKDIR.value} to {_OUTPUT.value}")
+      if jax.process_index() == 0:
+        print(f"exported step {step} of {_WORKDIR.value} to {_OUTPUT.value}")
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -110,7 +112,11 @@ def main(argv):
 
 
 def decode_lines(input_path: str, output_path: str) -> None:
-  from lm.decode import Decoder  # after main's jax set-up, as there
+  """Under several processes every process decodes every line (the model is sharded over all
+  of them) and process 0 writes the output."""
+  import jax  # after main's jax set-up, as there
+
+  from lm.decode import Decoder
 
   if input_path != "-" and not os.path.exists(input_path):
     raise ConfigError(f"--input: {input_path!r} does not exist")
@@ -120,10 +126,15 @@ def decode_lines(input_path: str, output_path: str) -> None:
   with source:
     lines = [line.rstrip("\n") for line in source]
 
+  writer = jax.process_index() == 0
+
   def progress(done: int, total: int) -> None:
-    print(f"\rdecoded {done}/{total} lines", end="" if done < total else "\n", file=sys.stderr)
+    if writer:
+      print(f"\rdecoded {done}/{total} lines", end="" if done < total else "\n", file=sys.stderr)
 
   outputs = decoder(lines, progress=progress)
+  if not writer:
+    return
   sink = sys.stdout if output_path == "-" else open(output_path, "w", encoding="utf-8")
   with sink:
     sink.writelines(line + "\n" for line in outputs)

@@ -5,12 +5,14 @@ directory and renames it when every item is committed, so a step directory that 
 whole; a killed save leaves only a temporary directory, which is never restored and is cleaned
 up on the next start. `state` restores into any abstract target (a tree of ShapeDtypeStructs
 with shardings): another mesh or ZeRO stage reads just its own shards. `data` holds one JSON
-file per process (grain's handler), so each process resumes its own share.
+file per process (grain's handler) with its lanes' positions; a restore reads them all, so any
+process count resumes the same global order.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gc
 import json
 import logging
@@ -22,6 +24,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -29,6 +32,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_policy
 
 from lm import config as lmc
+from lm.data import pipeline
 from lm.data import tokenizer as tok
 from lm.state import Run
 
@@ -73,6 +77,33 @@ class _IteratorItem:
     pass
 
 
+class _DataHandler(grain.checkpoint.CheckpointHandler):
+  """grain's handler, restoring from every process's file: a run saved by P processes resumes
+  on any number (the pipeline keeps its state per lane, see pipeline.TrainIterator)."""
+
+  def restore(self, directory, item=None, args=None):
+    item = item or args.item
+    own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    states = [json.loads(f.read_text()) for f in sorted(directory.glob("process_*-of-*.json"))]
+    if not states:
+      raise FileNotFoundError(f"no data state in {directory}")
+    own_state = json.loads(own.read_text()) if own.exists() else None
+    item.set_state(json.dumps(pipeline.merge_states(states, own_state)).encode())
+    return item
+
+
+@ocp.args.register_with_handler(_DataHandler, for_save=True)
+@dataclasses.dataclass
+class _DataSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(_DataHandler, for_restore=True)
+@dataclasses.dataclass
+class _DataRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
 class Checkpointer:
   """One run's CheckpointManager: periodic async saves, the latest `keep`, optionally the best."""
 
@@ -100,7 +131,7 @@ class Checkpointer:
       options=options,
       item_handlers={
         "state": ocp.StandardCheckpointHandler(),
-        "data": grain.checkpoint.CheckpointHandler(),
+        "data": _DataHandler(),
         "meta": ocp.JsonCheckpointHandler(),
       },
     )
@@ -114,12 +145,13 @@ class Checkpointer:
 
   def save(self, step: int, state, iterator, tokenizer, metrics: dict | None = None) -> None:
     """Starts an async save; the previous one is finished first (orbax does that)."""
+    meta = {**_meta(self.cfg, tokenizer), "fingerprints": fingerprints(state)}
     self.manager.save(
       step,
       args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(_IteratorItem(iterator)),
-        meta=ocp.args.JsonSave(_meta(self.cfg, tokenizer)),
+        data=_DataSave(_IteratorItem(iterator)),
+        meta=ocp.args.JsonSave(meta),
       ),
       metrics=metrics,
       force=True,
@@ -177,8 +209,14 @@ class Checkpointer:
     """The state at `step` laid out as `abstract_state` says; an iterator is set in place."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(_IteratorItem(iterator))
-    return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+      items["data"] = _DataRestore(_IteratorItem(iterator))
+    state = self.manager.restore(step, args=ocp.args.Composite(**items)).state
+    saved = self.meta(step).get("fingerprints")
+    if saved is not None:  # checkpoints from before fingerprints have none
+      for path, value in fingerprints(state).items():
+        if saved.get(path, value) != value:
+          raise DamagedCheckpoint(f"state{path} differs from what was saved (fingerprint)")
+    return state
 
   def meta(self, step: int) -> dict:
     return load_meta(self.path(step))
@@ -188,6 +226,33 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+class DamagedCheckpoint(Exception):
+  """An array restored with other contents than were saved."""
+
+
+def fingerprints(tree) -> dict[str, int]:
+  """Per array, the sum of its elements' bit patterns mod 2**32.
+
+  orbax checksums only a shard's index, not the array bytes: a flipped byte in a chunk restores
+  silently as other numbers. A sum is independent of the layout, so a restore onto another mesh
+  checks against the same values, and any one damaged element changes it.
+  """
+  sums = _bit_sums(tree)
+  return {
+    jax.tree_util.keystr(path): int(np.asarray(x.addressable_data(0)))
+    for path, x in jax.tree_util.tree_leaves_with_path(sums)
+  }
+
+
+@jax.jit
+def _bit_sums(tree):
+  def bit_sum(x):
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+    return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
+
+  return jax.tree.map(bit_sum, tree)
 
 
 def _drop_failed_reads() -> None:

@@ -76,6 +76,7 @@ def evaluate_workdir(workdir: str, decode_cfg=None, log=None) -> dict:
     run.cfg.decode = decode_cfg
   data = pipeline.load(run.cfg, workdir, log.info if log else print)
   results = {"step": step, **Evaluator(run, data, log)(params)}
-  with open(os.path.join(workdir, "eval.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  if jax.process_index() == 0:  # every process holds the same results
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(results, f, indent=2)
   return results

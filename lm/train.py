@@ -164,7 +164,7 @@ def _loop(run, state, step_fn, sync_fn, data, batches, checkpoints, log) -> dict
         )
       if step % cfg.train.log_every == 0 or step == total:
         summary = meter.summarize(step, jax.device_get(pending))
-        summary["skipped_examples"] = data.skipped_at_load + batches.skipped.value
+        summary["skipped_examples"] = data.skipped_at_load + batches.skipped
         summary["skipped_steps"] = int(state.skipped_steps)
         log.scalars(step, summary)
         pending = []

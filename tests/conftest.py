@@ -12,13 +12,28 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # and its resume, one config in several tests) compile once. Processes the tests start do not
 # share it: jax writes entries without a lock, and some of those processes get killed.
 import atexit
+import json
 import shutil
 import tempfile
 
 import jax
+import pytest
 
 _cache = tempfile.mkdtemp(prefix="zerolm-xla-cache-")
 atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(scope="session")
+def cluster_reference(tmp_path_factory) -> dict[int, float]:
+  """step -> loss of the cluster config (tests/helpers.py) trained uninterrupted for 12 steps by
+  this process on its 8 devices: what every multi-process run of it must give."""
+  from lm import train
+  from tests.helpers import cluster_config
+
+  workdir = tmp_path_factory.mktemp("cluster_reference")
+  train.train(cluster_config(train__total_steps=12, checkpoint__every=0), str(workdir))
+  with open(workdir / "metrics.jsonl") as f:
+    return {m["step"]: m["loss"] for m in map(json.loads, f) if "loss" in m}

@@ -23,3 +23,48 @@ def tiny_config(task: str = "translation", **model):
   cfg.train.update(global_batch_size=8, total_steps=10)
   cfg.optim.update(learning_rate=1e-2, schedule="constant", warmup_steps=0)
   return cfg
+
+
+# The demo as the multi-process tests run it (tests/test_multihost.py, the SLURM launcher test):
+# mesh (2, 2, 2) whether 1 process holds its 8 devices or 2 processes hold 4 each, ZeRO-3,
+# dropout on, a checkpoint every 2 steps.
+CLUSTER_OVERRIDES = {
+  "mesh.data": 2,
+  "mesh.fsdp": 2,
+  "mesh.tensor": 2,
+  "zero_stage": 3,
+  "model.dropout_rate": 0.1,
+  "train.log_every": 1,
+  "checkpoint.every": 2,
+  "data.eval_examples": 16,
+  "eval.examples": 0,
+}
+
+
+def cluster_flags(**overrides) -> list[str]:
+  """CLUSTER_OVERRIDES (and `overrides`, dots as __) as experiments.run flags."""
+  values = {**CLUSTER_OVERRIDES, **{k.replace("__", "."): v for k, v in overrides.items()}}
+  return ["--config=experiments/demo.py:tiny", *(f"--config.{k}={v}" for k, v in values.items())]
+
+
+def cluster_config(**overrides):
+  """The config cluster_flags(**overrides) gives experiments.run."""
+  from experiments import demo
+
+  cfg = demo.get_config("tiny")
+  values = {**CLUSTER_OVERRIDES, **{k.replace("__", "."): v for k, v in overrides.items()}}
+  for key, value in values.items():
+    section, _, field = key.rpartition(".")
+    (cfg[section] if section else cfg)[field] = value
+  return cfg
+
+
+def damage_largest_array_file(step_dir) -> None:
+  """Flips a byte in every KiB of the largest array file of a checkpoint step's state (its
+  parts are not all read back: one flipped byte can land where nothing reads it)."""
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  largest = max(files, key=lambda p: p.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  for i in range(512, len(data), 1024):
+    data[i] ^= 0xFF
+  largest.write_bytes(bytes(data))

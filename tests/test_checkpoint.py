@@ -17,8 +17,10 @@ import pytest
 from experiments import demo
 from lm import checkpoint, evaluate
 from lm import train as lm_train
+from lm.config import ConfigError
 from lm.data import pipeline
 from lm.state import Run
+from tests.helpers import damage_largest_array_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,12 +105,15 @@ def test_sigterm_then_resume_matches_the_uninterrupted_run(
     assert [losses[s] for s in after] == [full_losses[s] for s in after]
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(full_params)):
       np.testing.assert_array_equal(a, b)
-  else:  # another mesh and stage: other reduction orders, equal within fp32 tolerance
+  else:  # another mesh and stage: other reduction orders, equal within fp32 tolerance. Adam
+    # normalises each element's update, so where a gradient is near zero (a rare token's
+    # embedding) a rounding-level difference moves it by a fraction of the learning rate: the
+    # losses agree to 1e-5, each element to within one step's largest update.
     np.testing.assert_allclose(
       [losses[s] for s in after], [full_losses[s] for s in after], rtol=1e-5
     )
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(full_params)):
-      np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max() + 5e-6)
+      np.testing.assert_allclose(a, b, rtol=0, atol=cfg.optim.learning_rate)
 
 
 def test_sigkill_during_saves_never_leaves_a_partial_checkpoint(tmp_path):
@@ -255,7 +260,7 @@ def test_sigterm_exits_within_a_step_and_a_save(tmp_path):
     "--config=experiments/demo.py",
     f"--workdir={tmp_path}",
     "--config.train.total_steps=100000",
-    "--config.train.log_every=100",
+    "--config.train.log_every=20",  # without the bound the host could queue 20 steps
     "--config.checkpoint.every=0",
     "--config.model.d_model=256",  # a step slower than the input pipeline: the host can run ahead
     "--config.model.mlp_dim=1024",
@@ -278,64 +283,52 @@ def test_sigterm_exits_within_a_step_and_a_save(tmp_path):
   assert elapsed < 3 * step_seconds + 3.0, (elapsed, step_seconds)
 
 
-def _damage(step_dir, how: str) -> None:
-  """Damages every array data file of a checkpoint step's state."""
+def _truncate(step_dir) -> None:
+  """Cuts every array data file of a checkpoint step's state in half."""
   files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
   assert files
   for path in files:
-    data = bytearray(path.read_bytes())
-    if how == "flip":
-      data[len(data) // 2] ^= 0xFF
-    else:  # truncate
-      data = data[: len(data) // 2]
-    path.write_bytes(bytes(data))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-def test_damaged_checkpoints_fall_back_to_the_newest_whole_one(tmp_path, capsys):
-  cfg = _config(total_steps=6)
-  cfg.checkpoint.update(every=2, keep=3)
+def test_damaged_checkpoints_fall_back_to_the_newest_whole_one(tmp_path, capsys, uninterrupted):
+  _, full_losses, _ = uninterrupted
+  cfg = _config(total_steps=8, zero_stage=3)
+  cfg.checkpoint.update(every=2, keep=4)
   lm_train.train(cfg, str(tmp_path))
-  _damage(tmp_path / "checkpoints" / "6", "flip")  # fails TensorStore's checksum
-  _damage(tmp_path / "checkpoints" / "4", "truncate")  # fails the read
+  damage_largest_array_file(tmp_path / "checkpoints" / "8")
+  _truncate(tmp_path / "checkpoints" / "6")  # fails the read
+  # An array that reads as other numbers than were saved, without a read error: what a flipped
+  # byte in a chunk does (orbax checksums only shard indices).
+  meta = tmp_path / "checkpoints" / "4" / "meta" / "metadata"
+  saved = json.loads(meta.read_text())
+  saved["fingerprints"][".params['embed']['table']"] ^= 1
+  meta.write_text(json.dumps(saved))
   capsys.readouterr()
   assert checkpoint.restore_latest(str(tmp_path))[3] == 2  # eval / export / decode fall back too
 
-  cfg.train.total_steps = 8
+  cfg.train.total_steps = 12
   lm_train.train(cfg, str(tmp_path))
   out = capsys.readouterr().out
-  for step in (6, 4):
-    assert f"checkpoints/{step} is unreadable" in out, out[-3000:]
+  for step in (8, 6, 4):
+    assert out.count(f"checkpoints/{step} is unreadable") == 1, out[-3000:]
+  assert "state.params['embed']['table'] differs from what was saved" in out
   assert "resumed from step 2" in out
   aside = sorted(p.name.split("-")[0] for p in (tmp_path / "unreadable_checkpoints").iterdir())
-  assert aside == ["4", "6"]
-  assert set(range(1, 9)) <= set(_losses(tmp_path))
+  assert aside == ["4", "6", "8"]
+  losses = _losses(tmp_path)
+  assert [losses[s] for s in range(3, 13)] == [full_losses[s] for s in range(3, 13)]
   run, params, _, step = checkpoint.restore_latest(str(tmp_path))
-  assert step == 8 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+  assert step == 12 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
 def test_on_corrupt_fail_stops_in_one_line(tmp_path):
+  """(The command line's one-line form of this error: tests/test_multihost.py, 2 processes.)"""
   cfg = _config(total_steps=4)
   cfg.checkpoint.update(every=2, keep=3)
   lm_train.train(cfg, str(tmp_path))
-  _damage(tmp_path / "checkpoints" / "4", "flip")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.run",
-      "--config=experiments/demo.py:tiny",
-      f"--workdir={tmp_path}",
-      "--config.checkpoint.on_corrupt=fail",
-    ],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  lines = [line for line in result.stderr.splitlines() if line.strip()]
-  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-  assert lines[-1].startswith("error: --workdir: checkpoint") and "checkpoints/4" in lines[-1]
-  assert len(lines) == 1, lines
+  damage_largest_array_file(tmp_path / "checkpoints" / "4")
+  cfg.checkpoint.on_corrupt = "fail"
+  with pytest.raises(ConfigError, match=r"^--workdir: checkpoint .*/checkpoints/4 is unreadable"):
+    lm_train.train(cfg, str(tmp_path))
   assert (tmp_path / "checkpoints" / "4").exists()  # nothing moved: the user decides

@@ -233,27 +233,49 @@ def _line_ids(batch):
   return [int(row[0]) for row in batch["targets"]]
 
 
-@pytest.mark.parametrize("processes", [1, 2, 4])
-def test_process_shares_are_disjoint_and_cover_the_data(tmp_path, processes):
+def _global_batches(data, processes: int, count: int, state=None):
+  """`count` global batches as `processes` processes build them (rows concatenated in process
+  order), and the state each process would save after them."""
+  iterators = [
+    pipeline.TrainIterator(data, process_index=p, process_count=processes) for p in range(processes)
+  ]
+  if state is not None:
+    for it in iterators:
+      it.set_state(state)
+  batches = [[next(it) for it in iterators] for _ in range(count)]
+  joined = [{k: np.concatenate([part[k] for part in parts]) for k in parts[0]} for parts in batches]
+  return joined, [json.loads(json.dumps(it.get_state())) for it in iterators]
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_global_batches_and_resume_do_not_depend_on_the_process_count(tmp_path, pack):
   path = tmp_path / "docs.txt"
   path.write_text("".join(f"w{i}\n" for i in range(101)))
-  cfg = _data_config("lm", f"text:{path}", pack=False, spm_model_type="word")
+  cfg = _data_config("lm", f"text:{path}", pack=pack, spm_model_type="word", seq_len=8)
   cfg.data.eval_source = f"text:{path}"  # keep all 101 lines for training
   cfg.train.global_batch_size = 4
   cfg.model.vocab_size = 128  # a piece per line
   data = pipeline.load(cfg, str(tmp_path / "run"))
-  seen = []
-  for p in range(processes):
-    share_size = len(range(p, 101, processes))
-    it = pipeline.TrainIterator(data, process_index=p, process_count=processes)
-    rows = []
-    while len(rows) < share_size:
-      rows += [data.tokenizer.decode(r) for r in next(it)["targets"]]
-    share = rows[:share_size]  # exactly one epoch of this process's share
-    assert len(set(share)) == share_size
-    seen.append(set(share))
-  assert set().union(*seen) == {f"w{i}" for i in range(101)}
-  assert sum(len(s) for s in seen) == 101
+  reference, _ = _global_batches(data, 1, 45)
+  if not pack:  # one line per row: the first 25 batches are one epoch, each line once
+    lines = [data.tokenizer.decode(r) for b in reference[:25] for r in b["targets"]]
+    assert len(set(lines)) == 100
+  for processes in (2, 4):
+    batches, states = _global_batches(data, processes, 40)
+    for got, want in zip(batches, reference[:40], strict=True):
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+  # Saved by 2 processes after 15 batches, resumed by 1 and by 4; saved by 4, resumed by 2.
+  _, states = _global_batches(data, 2, 15)
+  merged = pipeline.merge_states(states, own=None)
+  for processes in (1, 4):
+    resumed, states4 = _global_batches(data, processes, 25, state=merged)
+    for got, want in zip(resumed, reference[15:40], strict=True):
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+  resumed, _ = _global_batches(data, 2, 5, state=pipeline.merge_states(states4, own=None))
+  for got, want in zip(resumed, reference[15 + 25 :], strict=True):
+    np.testing.assert_array_equal(got["targets"], want["targets"])
 
 
 @pytest.mark.parametrize("prefetch,workers", [(0, 0), (3, 0), (0, 2)])

@@ -15,15 +15,17 @@ import jax
 import numpy as np
 import pytest
 
-from lm import checkpoint
+from lm import checkpoint, evaluate
+from lm.decode import Decoder
 from tests import multihost_worker
+from tests.helpers import cluster_flags, damage_largest_array_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _start(command: list[str], processes: int, logdir) -> subprocess.Popen:
+def _start(command: list[str], processes: int, logdir, devices: int = 4) -> subprocess.Popen:
   """Starts `command` as the processes of one job through launch/local.sh."""
-  env = dict(os.environ, LOGDIR=str(logdir), DEVICES="4")
+  env = dict(os.environ, LOGDIR=str(logdir), DEVICES=str(devices))
   script = os.path.join(ROOT, "launch", "local.sh")
   return subprocess.Popen(["bash", script, str(processes), *command], cwd=ROOT, env=env)
 
@@ -63,112 +65,160 @@ def test_two_slices_train_and_decode_like_one_process(tmp_path):
   assert two["decodes"] == one["decodes"]
 
 
-@pytest.fixture(scope="module")
-def two_process_workdir(tmp_path_factory):
-  """The demo trained by 2 processes until process 1 alone gets SIGTERM, then resumed by 2
-  processes to step 10."""
-  workdir = tmp_path_factory.mktemp("multihost")
-  command = [
-    sys.executable,
-    "-m",
-    "experiments.run",
-    "--config=experiments/demo.py:tiny",
-    f"--workdir={workdir}",
-    "--config.mesh.data=2",
-    "--config.mesh.fsdp=2",
-    "--config.mesh.tensor=2",
-    "--config.zero_stage=3",
-    "--config.train.total_steps=10",
-    "--config.train.log_every=1",
-    "--config.data.eval_examples=16",
-  ]
-  logs = [tmp_path_factory.mktemp("logs") for _ in range(2)]
-  first = _start(command, 2, logs[0])
+def _start_run(workdir, processes: int, logdir, *flags, **overrides) -> subprocess.Popen:
+  """experiments.run on the cluster config as `processes` processes over 8 devices in all."""
+  command = [sys.executable, "-m", "experiments.run", f"--workdir={workdir}", *flags]
+  return _start([*command, *cluster_flags(**overrides)], processes, logdir, 8 // processes)
+
+
+def _when_logged(job, workdir, steps: int) -> None:
+  """Waits until metrics.jsonl holds `steps` more loss lines than it had."""
   metrics = workdir / "metrics.jsonl"
+  target = steps + (metrics.read_text().count('"loss"') if metrics.exists() else 0)
   deadline = time.time() + 300
-  while not (metrics.exists() and metrics.read_text().count('"loss"') >= 3):
-    assert first.poll() is None and time.time() < deadline, "no step 3 logged"
+  while not (metrics.exists() and metrics.read_text().count('"loss"') >= target):
+    assert job.poll() is None and time.time() < deadline, f"{steps} more steps never logged"
     time.sleep(0.2)
-  os.kill(int((logs[0] / "process_1.pid").read_text()), signal.SIGTERM)
-  first_outputs = _finish(first, 2, logs[0])
-  second_outputs = _finish(_start(command, 2, logs[1]), 2, logs[1])
-  return workdir, first_outputs, second_outputs
 
 
-def test_a_signal_to_one_process_stops_all_at_one_step_and_they_resume(two_process_workdir):
-  workdir, first, second = two_process_workdir
+@pytest.fixture(scope="module")
+def resumed_runs(tmp_path_factory):
+  """{(P, P'): (workdir, outputs before, outputs after)}: the cluster config trained by P
+  processes until its last process alone gets SIGTERM, then resumed by P' processes to step 10."""
+  runs = {}
+  for before, after in ((2, 1), (1, 2)):
+    workdir = tmp_path_factory.mktemp(f"from{before}to{after}")
+    logs = [tmp_path_factory.mktemp("logs") for _ in range(2)]
+    first = _start_run(workdir, before, logs[0], train__total_steps=10)
+    _when_logged(first, workdir, 3)
+    os.kill(int((logs[0] / f"process_{before - 1}.pid").read_text()), signal.SIGTERM)
+    outputs = _finish(first, before, logs[0])
+    resumed = _finish(_start_run(workdir, after, logs[1], train__total_steps=10), after, logs[1])
+    runs[before, after] = workdir, outputs, resumed
+  return runs
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_a_run_resumes_on_another_process_count_with_the_same_batches(
+  resumed_runs, cluster_reference, before, after
+):
+  """Every loss after the resume equals the uninterrupted 1-process run's: the global batches
+  depend on neither process count, and the resume continues them where they stopped."""
+  workdir, first, second = resumed_runs[before, after]
+  # The SIGTERM went to the last process alone: process 0 stopped at the same step.
   stopped = re.search(r"SIGTERM: stopped after step (\d+)", first[0])
   assert stopped, first[0][-2000:]
   step = int(stopped.group(1))
-  assert f"resumed from step {step}" in second[0]
-  assert "resumed" not in second[1], "only process 0 logs"
-  data = workdir / "checkpoints" / str(step) / "data"
-  shares = sorted(p.name for p in data.iterdir() if p.name.startswith("process_"))
-  assert shares == ["process_0-of-2.json", "process_1-of-2.json"]
+  assert f"resumed from step {step}" in second[0], second[0][-2000:]
   with open(workdir / "metrics.jsonl") as f:
-    steps = [m["step"] for m in map(json.loads, f) if "loss" in m]
-  assert steps == list(range(1, 11))  # every step once, written by process 0 only
+    rows = [m for m in map(json.loads, f) if "loss" in m]
+  assert [m["step"] for m in rows] == list(range(1, 11))  # none skipped or repeated
+  losses = [m["loss"] for m in rows]
+  np.testing.assert_allclose(losses, [cluster_reference[s] for s in range(1, 11)], rtol=1e-5)
+  if after == 2:
+    assert "resumed" not in second[1], "only process 0 logs"
 
 
-def test_one_process_evaluates_what_two_processes_trained_alike(two_process_workdir):
-  """Eval loss (each process its share of the padded eval rows) and BLEU (every process decodes
-  the same rows) of the 2-process run equal a 1-process --mode=eval of its checkpoint."""
-  workdir, _, _ = two_process_workdir
-  result = subprocess.run(
-    [sys.executable, "-m", "experiments.run", "--mode=eval", f"--workdir={workdir}"],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
+def test_two_processes_fall_back_from_a_damaged_checkpoint_together(
+  resumed_runs, cluster_reference, tmp_path
+):
+  """The newest checkpoint's largest array file flipped: on_corrupt=fail stops both processes in
+  one line; the default warns once and both resume from the step before, as if uninterrupted."""
+  workdir, _, _ = resumed_runs[1, 2]
+  damage_largest_array_file(workdir / "checkpoints" / "10")
+  logs = [tmp_path / "fail", tmp_path / "fallback"]
+  for log in logs:
+    log.mkdir()
+  failing = _start_run(workdir, 2, logs[0], train__total_steps=12, checkpoint__on_corrupt="fail")
+  assert failing.wait(timeout=300) != 0
+  for i in range(2):
+    lines = [x for x in (logs[0] / f"process_{i}.log").read_text().splitlines() if x.strip()]
+    assert lines[-1].startswith("error: --workdir: checkpoint") and "checkpoints/10" in lines[-1]
+    assert not any("Traceback" in x for x in lines), lines[-20:]
+  outputs = _finish(_start_run(workdir, 2, logs[1], train__total_steps=12), 2, logs[1])
+  assert outputs[0].count("is unreadable") == 1 and "checkpoints/10 is unreadable" in outputs[0]
+  assert "resumed from step 8" in outputs[0], outputs[0][-2000:]
+  losses = {}
+  with open(workdir / "metrics.jsonl") as f:
+    for m in map(json.loads, f):
+      if "loss" in m:
+        losses[m["step"]] = m["loss"]  # the resumed lines win
+  np.testing.assert_allclose(
+    [losses[s] for s in range(9, 13)], [cluster_reference[s] for s in range(9, 13)], rtol=1e-5
   )
-  assert result.returncode == 0, result.stderr[-3000:]
-  alone = json.loads((workdir / "eval.json").read_text())
-  with open(workdir / "metrics.jsonl") as f:
-    together = [m for m in map(json.loads, f) if "eval_loss" in m][-1]
-  assert alone["step"] == together["step"] == 10
-  np.testing.assert_allclose(alone["eval_loss"], together["eval_loss"], rtol=1e-5)
-  np.testing.assert_allclose(alone["eval_accuracy"], together["eval_accuracy"], rtol=1e-6)
-  assert alone["bleu"] == pytest.approx(together["bleu"], abs=1e-6)
 
 
-def test_a_lost_process_ends_the_job_within_the_heartbeat_timeout(tmp_path):
-  command = [
-    sys.executable,
-    "-m",
-    "experiments.run",
-    "--config=experiments/demo.py:tiny",
-    f"--workdir={tmp_path / 'run'}",
-    "--config.mesh.data=2",
-    "--config.train.total_steps=100000",
-    "--config.train.log_every=1",
-    "--config.checkpoint.every=2",
-    "--heartbeat_timeout=10",
-  ]
-  job = _start(command, 2, tmp_path)
-  metrics = tmp_path / "run" / "metrics.jsonl"
-  deadline = time.time() + 300
-  while not (metrics.exists() and metrics.read_text().count('"loss"') >= 3):
-    assert job.poll() is None and time.time() < deadline, "no step 3 logged"
-    time.sleep(0.2)
-  os.kill(int((tmp_path / "process_1.pid").read_text()), signal.SIGKILL)
-  killed = time.time()
-  survivor = int((tmp_path / "process_0.pid").read_text())
-  while time.time() - killed < 120:
-    try:
-      os.kill(survivor, 0)
-    except ProcessLookupError:
-      break
-    time.sleep(0.5)
-  else:
-    os.kill(survivor, signal.SIGKILL)
-    pytest.fail("process 0 still runs 120 s after process 1 was killed")
-  elapsed = time.time() - killed
-  assert job.wait(timeout=30) != 0
-  assert elapsed < 60, elapsed  # the 10 s heartbeat timeout plus detection and shutdown
-  # Either the coordination service ends process 0, naming the silent task, or a collective with
-  # the dead peer fails first and the runner says so in one line.
-  log = (tmp_path / "process_0.log").read_text()
-  named = re.search(r"stopped sending heartbeats\):\s*1\b|Task 1 heartbeat timeout", log)
-  assert named or "\nerror: a collective failed" in log, log[-3000:]
-  run, params, _, step = checkpoint.restore_latest(str(tmp_path / "run"))
-  assert step >= 2 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+def test_eval_decode_and_export_under_two_processes_equal_one(resumed_runs, tmp_path):
+  workdir, _, _ = resumed_runs[2, 1]
+  lines = ["the cat sees a dog", "two birds", "a big red fish eats the small fish", "hello"]
+  (tmp_path / "input.txt").write_text("".join(line + "\n" for line in lines))
+  base = [sys.executable, "-m", "experiments.run", f"--workdir={workdir}"]
+  modes = {
+    "eval": ["--mode=eval"],
+    "decode": [
+      "--mode=decode",
+      f"--input={tmp_path / 'input.txt'}",
+      f"--output={tmp_path / 'out'}",
+    ],
+    "export": ["--mode=export", f"--output={tmp_path / 'export'}"],
+  }
+  outputs = {}
+  for mode, flags in modes.items():
+    logdir = tmp_path / f"logs_{mode}"
+    logdir.mkdir()
+    outputs[mode] = _finish(_start([*base, *flags], 2, logdir), 2, logdir)
+
+  # One process, 8 devices: this test process, through the same functions the modes call.
+  alone = evaluate.evaluate_workdir(str(workdir))
+  together = json.loads(outputs["eval"][0][outputs["eval"][0].index("{") :])
+  assert together["step"] == alone["step"] == 10
+  for key in ("eval_loss", "eval_accuracy", "bleu"):
+    np.testing.assert_allclose(together[key], alone[key], rtol=1e-5)
+  decoder = Decoder.from_workdir(str(workdir))
+  assert (tmp_path / "out").read_text().splitlines() == decoder(lines)
+  run, params, _, _ = checkpoint.restore_latest(str(workdir))
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params
+  )
+  exported = checkpoint.load_export(str(tmp_path / "export"), abstract)
+  for got, want in zip(jax.tree.leaves(exported), jax.tree.leaves(params), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_a_lost_process_ends_the_job_within_the_heartbeat_timeout_three_times(tmp_path):
+  """SIGKILL one of 2 processes mid-run, three times over: each time the other exits non-zero
+  within the bound, naming what happened, and the next start resumes from the latest
+  checkpoint."""
+  workdir = tmp_path / "run"
+  resumed_from = None
+  for round_ in range(3):
+    logdir = tmp_path / f"round{round_}"
+    logdir.mkdir()
+    job = _start_run(workdir, 2, logdir, "--heartbeat_timeout=10", train__total_steps=100000)
+    _when_logged(job, workdir, 4)
+    os.kill(int((logdir / "process_1.pid").read_text()), signal.SIGKILL)
+    killed = time.time()
+    survivor = int((logdir / "process_0.pid").read_text())
+    while time.time() - killed < 120:
+      try:
+        os.kill(survivor, 0)
+      except ProcessLookupError:
+        break
+      time.sleep(0.5)
+    else:
+      os.kill(survivor, signal.SIGKILL)
+      pytest.fail(f"round {round_}: process 0 still runs 120 s after process 1 was killed")
+    elapsed = time.time() - killed
+    assert job.wait(timeout=30) != 0
+    assert elapsed < 60, elapsed  # the 10 s heartbeat timeout plus detection and shutdown
+    # Either the coordination service ends process 0, naming the silent task, or a collective
+    # with the dead peer fails first and the runner says so in one line.
+    log = (logdir / "process_0.log").read_text()
+    named = re.search(r"stopped sending heartbeats\):\s*1\b|Task 1 heartbeat timeout", log)
+    assert named or "\nerror: a collective failed" in log, log[-3000:]
+    if resumed_from is not None:
+      assert f"resumed from step {resumed_from}" in log, log[-3000:]
+    previous = resumed_from or 0
+    run, params, _, resumed_from = checkpoint.restore_latest(str(workdir))
+    assert resumed_from > previous  # each round got further and its checkpoint reads whole
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
