@@ -6,6 +6,7 @@ python -m experiments.run --config=experiments/wmt_ende.py:base --config.zero_st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -21,11 +22,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs, metrics and
 _MODE = flags.DEFINE_enum(
   "mode",
   "train",
-  ["train", "eval", "decode", "export"],
+  ["train", "eval", "decode", "export", "serve"],
   "train (resumes from WORKDIR's latest checkpoint) | eval (its held-out metrics and BLEU to "
   "WORKDIR/eval.json) | decode (--input lines to --output lines) | export (its parameters to "
-  "--output).",
+  "--output) | serve (an HTTP API and web page on --host:--port; with --config, its serve, "
+  "decode, mesh and zero_stage settings apply).",
 )
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "serve: the address to listen on.")
+_PORT = flags.DEFINE_integer("port", 8000, "serve: the port to listen on.")
+_EXPORT = flags.DEFINE_string("export", None, "serve: an export directory instead of WORKDIR.")
 _INPUT = flags.DEFINE_string("input", "-", "decode: one source (or prompt) per line; - = stdin.")
 _OUTPUT = flags.DEFINE_string(
   "output", None, "decode: one output per input line (- = stdout); export: a new directory."
@@ -93,6 +98,8 @@ def main(argv):
       step = checkpoint.export(_WORKDIR.value, _OUTPUT.value, _EXPORT_DTYPE.value)
       if jax.process_index() == 0:
         print(f"exported step {step} of {_WORKDIR.value} to {_OUTPUT.value}")
+    elif _MODE.value == "serve":
+      serve_model()
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -138,6 +145,26 @@ def decode_lines(input_path: str, output_path: str) -> None:
   sink = sys.stdout if output_path == "-" else open(output_path, "w", encoding="utf-8")
   with sink:
     sink.writelines(line + "\n" for line in outputs)
+
+
+def serve_model() -> None:
+  from lm import checkpoint, serve  # after main's jax set-up, as there
+  from lm import config as lm_config
+  from lm.decode import DecodeOptions, Decoder
+
+  cfg = _CONFIG.value
+  if cfg is not None:
+    lm_config.validate(cfg)  # before loading anything
+  if _EXPORT.value:
+    run, params, tokenizer, step = checkpoint.restore_export(_EXPORT.value, layout=cfg)
+  else:
+    run, params, tokenizer, step = checkpoint.restore_latest(_WORKDIR.value, layout=cfg)
+  settings = cfg if cfg is not None else run.cfg
+  options = DecodeOptions.from_config(settings.decode)
+  buckets = tuple(settings.serve.length_buckets) or options.length_buckets
+  options = dataclasses.replace(options, length_buckets=buckets)
+  decoder = Decoder(run, params, tokenizer, options, settings.serve.max_batch)
+  serve.serve(decoder, step, settings.serve, _HOST.value, _PORT.value)
 
 
 def _fail(message: str):

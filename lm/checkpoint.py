@@ -280,16 +280,18 @@ def _on_every_process(ok: bool) -> bool:
 
 
 def write_export(
-  directory: str, params, cfg, tokenizer: tok.Tokenizer, dtype: str = "float32"
+  directory: str, params, cfg, tokenizer: tok.Tokenizer, dtype: str = "float32", step: int = 0
 ) -> None:
-  """Parameters only (optionally cast), with the config and tokenizer: what decoding loads."""
+  """Parameters only (optionally cast), with the config, tokenizer and training step: what
+  decoding and serving load."""
   if dtype != "float32":
     params = jax.tree.map(lambda x: x.astype(dtype) if x.dtype == np.float32 else x, params)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     checkpointer.save(
       os.path.abspath(directory),
       args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(_meta(cfg, tokenizer))
+        params=ocp.args.StandardSave(params),
+        meta=ocp.args.JsonSave({**_meta(cfg, tokenizer), "step": step}),
       ),
       force=True,
     )
@@ -311,17 +313,28 @@ def load_export(directory: str, abstract_params) -> Any:
   return restored.params
 
 
-def restore_latest(workdir: str, devices=None) -> tuple[Run, Any, tok.Tokenizer, int]:
+def _inference_config(meta: dict, layout) -> ml_collections.ConfigDict:
+  """The saved config on `layout`'s mesh and ZeRO stage, or (None) fsdp over every device."""
+  cfg = meta_config(meta)
+  if layout is None:
+    cfg.mesh.update(data=1, fsdp=-1, tensor=1, dcn_data=1)
+  else:
+    cfg.mesh.update(layout.mesh.to_dict())
+    cfg.zero_stage = layout.zero_stage
+  return cfg
+
+
+def restore_latest(workdir: str, devices=None, layout=None) -> tuple[Run, Any, tok.Tokenizer, int]:
   """(run, params, tokenizer, step) of the workdir's latest checkpoint, for inference.
 
-  The model comes from the checkpoint's own config; the mesh fills the given devices.
+  The model comes from the checkpoint's own config; the mesh fills the given devices, as fsdp
+  or as `layout` (a config) says.
   """
   checkpoints = Checkpointer(workdir)
 
   def read(step):
     meta = checkpoints.meta(step)
-    cfg, tokenizer = meta_config(meta), meta_tokenizer(meta)
-    cfg.mesh.update(data=1, fsdp=-1, tensor=1, dcn_data=1)
+    cfg, tokenizer = _inference_config(meta, layout), meta_tokenizer(meta)
     run = Run.build(cfg, devices, tokenizer_size=tokenizer.vocab_size)
     return run, checkpoints.restore(step, run.abstract_state()).params, tokenizer
 
@@ -338,5 +351,17 @@ def restore_latest(workdir: str, devices=None) -> tuple[Run, Any, tok.Tokenizer,
 def export(workdir: str, output: str, dtype: str = "float32") -> int:
   """Writes the latest checkpoint's parameters (+ config, tokenizer) to `output`; its step."""
   run, params, tokenizer, step = restore_latest(workdir)
-  write_export(output, params, run.cfg, tokenizer, dtype)
+  write_export(output, params, run.cfg, tokenizer, dtype, step)
   return step
+
+
+def restore_export(
+  directory: str, devices=None, layout=None
+) -> tuple[Run, Any, tok.Tokenizer, int]:
+  """(run, params, tokenizer, step) of an export, laid out as restore_latest does."""
+  if not os.path.isfile(os.path.join(directory, "meta", "metadata")):
+    raise lmc.ConfigError(f"--export: {directory!r} is not an export (no meta/metadata)")
+  meta = load_meta(directory)
+  cfg, tokenizer = _inference_config(meta, layout), meta_tokenizer(meta)
+  run = Run.build(cfg, devices, tokenizer_size=tokenizer.vocab_size)
+  return run, load_export(directory, run.abstract_state().params), tokenizer, meta.get("step", 0)

@@ -102,6 +102,18 @@ def _base() -> ml_collections.ConfigDict:
       length_buckets=(),  # source widths batches are padded to; () = powers of two to seq_len
     )
   )
+  cfg.serve = ml_collections.ConfigDict(
+    dict(
+      max_batch=32,  # rows one decode batch holds (requests that arrive together share it)
+      max_wait_ms=10,  # a batch waits at most this long after its first row for more rows
+      length_buckets=(),  # source widths compiled at start-up; () = decode.length_buckets
+      max_input_tokens=0,  # longest accepted input; 0 = what the model takes (data.seq_len)
+      max_items=64,  # texts in one request
+      max_beam=8,  # largest beam_size a request may ask for
+      timeout_s=30.0,  # a request not answered by then gets 504
+      max_queue=1024,  # rows waiting; past this a request gets 503 with Retry-After
+    )
+  )
   cfg.eval = ml_collections.ConfigDict(
     dict(
       every=0,  # steps between evaluations during training; 0 = only at the end
@@ -219,6 +231,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     )
   if m.positions == "rotary" and (m.head_dim or m.d_model // m.num_heads) % 2:
     _fail("model.head_dim", "rotary positions need an even head dimension")
+  for field in ("max_batch", "max_items", "max_beam", "max_queue", "timeout_s"):
+    _check_positive(cfg, "serve." + field)
+  for field in ("max_wait_ms", "max_input_tokens"):
+    _check_positive(cfg, "serve." + field, allow_zero=True)
   _check_choice(cfg, "model.activation", ACTIVATIONS)
   _check_choice(cfg, "model.positions", POSITIONS)
   _check_choice(cfg, "model.norm", NORMS)

@@ -117,6 +117,7 @@ def sample(
   top_k: int = 0,
   top_p: float = 1.0,
   prompt: jax.Array | None = None,
+  limits: jax.Array | None = None,
 ) -> jax.Array:
   """Tokens [batch, max_len] drawn from the filtered softmax (see filter_logits)."""
 
@@ -124,7 +125,7 @@ def sample(
     logits = filter_logits(_forbid(logits, vocab_limit), temperature, top_k, top_p)
     return jax.random.categorical(subkey, logits)
 
-  return _generate(model, cache, batch, max_len, pick, prompt, key)
+  return _generate(model, cache, batch, max_len, pick, prompt, key, limits)
 
 
 def _repeat_rows(cache: dict, beam: int) -> dict:
@@ -307,21 +308,28 @@ class Decoder:
       ids = ids[:limit]
     return ids + [EOS_ID] if self.run.cfg.task == "translation" else ids
 
-  def decode_ids(self, batch_ids: list[list[int]]) -> np.ndarray:
+  def decode_ids(self, batch_ids: list[list[int]], caps: list[int] | None = None) -> np.ndarray:
     """Token ids of one batch (at most batch_size rows) -> output tokens [rows, max_len].
 
-    Under several processes every process passes the same rows (as a server broadcasts its
-    requests) and gets every output."""
+    `caps`: per row, at most this many output tokens (0 = the options' limit; an LM counts the
+    continuation only), as data: any caps share one compiled program. Under several processes
+    every process passes the same rows (as a server broadcasts its requests) and gets every
+    output."""
     rows = len(batch_ids)
     width, max_len = self._shape([len(ids) for ids in batch_ids])
     tokens = np.zeros((self.batch_size, width), np.int32)
     for r, ids in enumerate(batch_ids):
       tokens[r, : len(ids)] = ids
+    row_caps = np.zeros((self.batch_size,), np.int32)
+    row_caps[:rows] = caps if caps is not None else 0
     with jax.set_mesh(self.run.mesh):
       array = jax.make_array_from_callback(
         tokens.shape, self.run.shardings.batch, lambda index: tokens[index]
       )
-      out = self._compiled(max_len)(self.params, array)
+      caps_array = jax.make_array_from_callback(
+        row_caps.shape, self.run.shardings.batch, lambda index: row_caps[index]
+      )
+      out = self._compiled(max_len)(self.params, array, caps_array)
     return np.asarray(out.addressable_data(0))[:rows]
 
   def __call__(
@@ -350,21 +358,28 @@ class Decoder:
 
 
 def _decode_batch(
-  run: Run, options: DecodeOptions, max_len: int, vocab_limit: int, params, tokens: jax.Array
+  run: Run,
+  options: DecodeOptions,
+  max_len: int,
+  vocab_limit: int,
+  params,
+  tokens: jax.Array,
+  caps: jax.Array,
 ) -> jax.Array:
   model = nnx.merge(run.graphdef, params)
   batch = tokens.shape[0]
+  lengths = (tokens > 0).sum(-1)
   if run.cfg.task == "translation":
     cache = model.init_cache(tokens, max_len)
-    source_lengths = (tokens > 0).sum(-1)
-    limits = jnp.ceil(options.max_len_a * source_lengths + options.max_len_b).astype(jnp.int32)
-    limits = jnp.clip(limits, 1, max_len)
+    limits = jnp.ceil(options.max_len_a * lengths + options.max_len_b).astype(jnp.int32)
+    limits = jnp.clip(jnp.where(caps > 0, jnp.minimum(limits, caps), limits), 1, max_len)
     if options.beam_size > 1:
       return beam_search(
         model, cache, batch, options.beam_size, max_len, vocab_limit, options.alpha, limits
       )[0]
     return greedy(model, cache, batch, max_len, vocab_limit, limits=limits)
   cache = model.init_cache(batch, max_len)
+  limits = jnp.where(caps > 0, jnp.minimum(lengths + caps, max_len), max_len)
   if options.temperature > 0:
     key = jax.random.key(options.seed)
     return sample(
@@ -378,5 +393,6 @@ def _decode_batch(
       options.top_k,
       options.top_p,
       prompt=tokens,
+      limits=limits,
     )
-  return greedy(model, cache, batch, max_len, vocab_limit, prompt=tokens)
+  return greedy(model, cache, batch, max_len, vocab_limit, prompt=tokens, limits=limits)

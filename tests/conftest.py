@@ -37,3 +37,18 @@ def cluster_reference(tmp_path_factory) -> dict[int, float]:
   train.train(cluster_config(train__total_steps=12, checkpoint__every=0), str(workdir))
   with open(workdir / "metrics.jsonl") as f:
     return {m["step"]: m["loss"] for m in map(json.loads, f) if "loss" in m}
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+  """The demo trained 20 steps (fsdp over 8 devices): what decoding, eval and serving read."""
+  from experiments import demo
+  from lm import train
+
+  workdir = tmp_path_factory.mktemp("demo")
+  cfg = demo.get_config("tiny")
+  cfg.train.total_steps = 20
+  cfg.data.update(tokenizer_sample=2000, eval_examples=16)
+  cfg.mesh.update(data=1, fsdp=8)
+  train.train(cfg, str(workdir))
+  return workdir

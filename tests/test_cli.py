@@ -42,6 +42,13 @@ BAD_COMMAND_LINES = [
   ("export without output", ["--mode=export"], "--output"),
   ("decode without checkpoint", ["--mode=decode", "--input=-"], "no checkpoint"),
   ("decode of a missing input", ["--mode=decode", "--input=/nonexistent.txt"], "--input"),
+  ("serve without checkpoint", ["--mode=serve"], "no checkpoint"),
+  ("serve of a missing export", ["--mode=serve", "--export=/nonexistent"], "--export"),
+  (
+    "serve with a bad setting",
+    [DEMO, "--mode=serve", "--config.serve.max_batch=0"],
+    "serve.max_batch",
+  ),
 ]
 
 

@@ -169,17 +169,6 @@ def test_each_translation_stops_at_its_own_length_limit(beam):
   assert (out[0, len(sources[0]) + 1 :] == 0).all() and lengths.max() > len(sources[0]) + 1
 
 
-@pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("demo")
-  cfg = demo.get_config("tiny")
-  cfg.train.total_steps = 20
-  cfg.data.update(tokenizer_sample=2000, eval_examples=16)
-  cfg.mesh.update(data=1, fsdp=8)
-  lm_train.train(cfg, str(workdir))
-  return workdir
-
-
 def _run_cli(*args, stdin=None):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   return subprocess.run(

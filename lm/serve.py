@@ -1,0 +1,437 @@
+"""The HTTP service (--mode=serve): translation and generation with dynamic batching.
+
+starlette + uvicorn. A request is validated and encoded, then queued as rows. One batching loop
+takes rows with the same decode settings, up to serve.max_batch, waiting at most
+serve.max_wait_ms after the oldest, and decodes them on the mesh in a worker thread, one batch
+at a time (the accelerator is the bottleneck; batches are how requests share it). Every shape
+the default settings use is compiled at start-up; other settings (a beam size, a sampling
+temperature) compile once on first use, counted on /v1/model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import prometheus_client as prom
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from lm import metrics
+from lm.data.tokenizer import EOS_ID
+from lm.decode import DecodeOptions, Decoder
+from lm.state import param_count
+
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
+TRANSLATE_FIELDS = {"text", "beam_size", "alpha", "max_length"}
+DISCONNECT_POLL_S = 0.05  # how often a waiting request checks that its client is still there
+GENERATE_FIELDS = {"prompt", "max_tokens", "temperature", "top_k", "top_p", "seed", "stream"}
+
+
+class RequestError(Exception):
+  """A bad request: its HTTP status, a readable message and the field at fault."""
+
+  def __init__(self, message: str, field: str | None = None, status: int = 400, headers=None):
+    super().__init__(message)
+    self.message, self.field, self.status, self.headers = message, field, status, headers
+
+  def response(self) -> JSONResponse:
+    error = {"message": self.message, **({"field": self.field} if self.field else {})}
+    return JSONResponse({"error": error}, status_code=self.status, headers=self.headers)
+
+
+@dataclasses.dataclass
+class _Row:
+  ids: list[int]
+  cap: int  # most output tokens (0 = the settings' limit)
+  future: asyncio.Future
+  queued: float
+
+
+class _Metrics:
+  """Prometheus metrics of one server (its own registry: several servers in one process)."""
+
+  def __init__(self, max_batch: int):
+    self.registry = prom.CollectorRegistry()
+    r = self.registry
+    self.requests = prom.Counter(
+      "zerolm_requests",
+      "Requests answered, by endpoint and status.",
+      ["endpoint", "status"],
+      registry=r,
+    )
+    self.latency = prom.Histogram(
+      "zerolm_request_seconds",
+      "Request latency.",
+      ["endpoint"],
+      registry=r,
+      buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+    )
+    sizes = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, max_batch})
+    self.batch_rows = prom.Histogram(
+      "zerolm_batch_rows",
+      "Rows per decode batch.",
+      registry=r,
+      buckets=[s for s in sizes if s <= max_batch],
+    )
+    self.queue = prom.Gauge("zerolm_queue_rows", "Rows waiting for a batch.", registry=r)
+    self.tokens = prom.Counter("zerolm_output_tokens", "Tokens generated.", registry=r)
+    self.tokens_per_second = prom.Gauge(
+      "zerolm_tokens_per_second", "Output tokens per second of the last batch.", registry=r
+    )
+    self.compiles = prom.Gauge(
+      "zerolm_compiles_after_startup", "XLA compiles since start-up finished.", registry=r
+    )
+
+
+class Service:
+  """The model behind the API: validation, the queue and the batching loop."""
+
+  def __init__(self, decoder: Decoder, step: int, serve_cfg, log=print):
+    self.decoder, self.step, self.cfg, self.log = decoder, step, serve_cfg, log
+    self.task = decoder.run.cfg.task
+    self.max_batch = serve_cfg.max_batch
+    limit = decoder.src_len - (1 if self.task == "translation" else 2)
+    self.max_input_tokens = min(serve_cfg.max_input_tokens or limit, limit)
+    self.decoders = {decoder.options: decoder}
+    self.queues: dict[DecodeOptions, list[_Row]] = {}
+    self.queued = 0
+    self.metrics = _Metrics(decoder.batch_size)
+    self.compiled_shapes: list[tuple[int, int, int]] = []
+    self.compiles_after_startup: list[float] | None = None
+    self._arrived: asyncio.Event | None = None
+    self._loop_task: asyncio.Task | None = None
+
+  # -- start-up -------------------------------------------------------------------------------
+
+  def warm_up(self) -> tuple[int, float]:
+    """Compiles every shape of the default settings: (programs compiled, seconds)."""
+    start = time.perf_counter()
+    with metrics.counting_compiles() as compiles:
+      for width, out_len in self.decoder.shapes:
+        self.decoder.decode_ids([[4] * (width - 1) + [EOS_ID]])
+        self.compiled_shapes.append((self.decoder.batch_size, width, out_len))
+    return len(compiles), time.perf_counter() - start
+
+  def _decoder(self, options: DecodeOptions) -> Decoder:
+    if options not in self.decoders:
+      d = self.decoder
+      self.decoders[options] = Decoder(d.run, d.params, d.tokenizer, options, self.max_batch)
+    return self.decoders[options]
+
+  # -- the batching loop ----------------------------------------------------------------------
+
+  async def submit(self, rows: list[list[int]], caps: list[int], options: DecodeOptions):
+    """Output tokens per row, once batches holding them have run."""
+    if self.queued + len(rows) > self.cfg.max_queue:
+      raise RequestError(
+        f"the queue is full ({self.queued} rows waiting); retry shortly",
+        status=503,
+        headers={"Retry-After": "1"},
+      )
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    pending = [_Row(ids, cap, loop.create_future(), now) for ids, cap in zip(rows, caps)]
+    self.queues.setdefault(options, []).extend(pending)
+    self.queued += len(pending)
+    self.metrics.queue.set(self.queued)
+    self._arrived.set()
+    try:
+      return await asyncio.wait_for(
+        asyncio.gather(*(r.future for r in pending)), self.cfg.timeout_s
+      )
+    except TimeoutError:
+      raise RequestError(
+        f"not answered within serve.timeout_s={self.cfg.timeout_s:g} s", status=504
+      ) from None
+    finally:  # a timed-out or disconnected request's rows leave the queue (their slots free)
+      for row in pending:
+        row.future.cancel()
+
+  async def _batches(self) -> None:
+    loop = asyncio.get_running_loop()
+    wait = self.cfg.max_wait_ms / 1000
+    while True:
+      await self._arrived.wait()
+      self._arrived.clear()
+      while any(self.queues.values()):
+        for options, queue in list(self.queues.items()):
+          queue[:] = [r for r in queue if not r.future.done()]
+          if not queue:
+            self.queued = sum(len(q) for q in self.queues.values())
+            del self.queues[options]
+        if not self.queues:
+          break
+        options = min(self.queues, key=lambda o: self.queues[o][0].queued)
+        queue = self.queues[options]
+        decoder = self._decoder(options)
+        deadline = queue[0].queued + wait
+        while len(queue) < decoder.batch_size and loop.time() < deadline:
+          self._arrived.clear()
+          with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
+        batch = [r for r in queue[: decoder.batch_size] if not r.future.done()]
+        del queue[: decoder.batch_size]
+        self.queued = sum(len(q) for q in self.queues.values())
+        self.metrics.queue.set(self.queued)
+        if batch:
+          await self._run(decoder, batch)
+
+  async def _run(self, decoder: Decoder, batch: list[_Row]) -> None:
+    start = time.perf_counter()
+    try:
+      out = await asyncio.to_thread(
+        decoder.decode_ids, [r.ids for r in batch], [r.cap for r in batch]
+      )
+    except Exception as e:  # the batch's requests get a 500 each; the server goes on
+      for row in batch:
+        if not row.future.done():
+          row.future.set_exception(e)
+      return
+    tokens = int((out > 0).sum())
+    self.metrics.batch_rows.observe(len(batch))
+    self.metrics.tokens.inc(tokens)
+    self.metrics.tokens_per_second.set(tokens / max(time.perf_counter() - start, 1e-9))
+    for row, tokens_row in zip(batch, out):
+      if not row.future.done():
+        row.future.set_result(tokens_row)
+
+  @contextlib.asynccontextmanager
+  async def running(self, app=None):
+    """Starlette's lifespan: the batching loop runs while the app serves."""
+    self._arrived = asyncio.Event()
+    self._loop_task = asyncio.create_task(self._batches())
+    with metrics.counting_compiles() as compiles:
+      self.compiles_after_startup = compiles
+      yield
+    self._loop_task.cancel()
+
+  # -- requests -------------------------------------------------------------------------------
+
+  def _encode(self, text: Any, field: str) -> list[int]:
+    if not isinstance(text, str):
+      raise RequestError(f"{field} must be a string, not {type(text).__name__}", field)
+    if not text.strip():
+      raise RequestError(f"{field} is empty", field)
+    ids = self.decoder.tokenizer.encode(text)
+    if len(ids) > self.max_input_tokens:
+      raise RequestError(f"text too long ({len(ids)} tokens, limit {self.max_input_tokens})", field)
+    return ids + [EOS_ID] if self.task == "translation" else ids
+
+  async def translate(self, body: dict) -> dict:
+    if self.task != "translation":
+      raise RequestError("this model is a language model: use /v1/generate", status=404)
+    _known(body, TRANSLATE_FIELDS)
+    text = _required(body, "text")
+    texts = text if isinstance(text, list) else [text]
+    if isinstance(text, list) and not text:
+      raise RequestError("text is an empty list", "text")
+    if len(texts) > self.cfg.max_items:
+      raise RequestError(f"{len(texts)} texts, limit {self.cfg.max_items}", "text")
+    rows = [self._encode(t, "text") for t in texts]
+    default = self.decoder.options
+    options = dataclasses.replace(
+      default,
+      beam_size=_integer(body, "beam_size", default.beam_size, 1, self.cfg.max_beam),
+      alpha=_number(body, "alpha", default.alpha, 0.0, 2.0),
+    )
+    cap = _integer(body, "max_length", 0, 1, default.max_len)
+    outputs = await self.submit(rows, [cap] * len(rows), options)
+    translations = [self.decoder.tokenizer.decode(row) for row in outputs]
+    return {"translations": translations, "model_step": self.step}
+
+  async def generate(self, body: dict) -> tuple[dict, bool]:
+    if self.task != "lm":
+      raise RequestError("this model translates: use /v1/translate", status=404)
+    _known(body, GENERATE_FIELDS)
+    ids = self._encode(_required(body, "prompt"), "prompt")
+    default = self.decoder.options
+    room = self.decoder.shapes[0][1] - len(ids)
+    options = dataclasses.replace(
+      default,
+      temperature=_number(body, "temperature", default.temperature, 0.0, 5.0),
+      top_k=_integer(body, "top_k", default.top_k, 0, self.decoder.run.vocab_limit),
+      top_p=_number(body, "top_p", default.top_p, 1e-6, 1.0),
+      seed=_integer(body, "seed", default.seed, 0, 2**31 - 1),
+    )
+    cap = _integer(body, "max_tokens", room, 1, room)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+      raise RequestError("stream must be true or false", "stream")
+    (row,) = await self.submit([ids], [cap], options)
+    tokens = [int(t) for t in row[len(ids) :] if t > 0]
+    text = self.decoder.tokenizer.decode(tokens)
+    return {"text": text, "tokens": tokens, "model_step": self.step}, stream
+
+  def model_info(self) -> dict:
+    run = self.decoder.run
+    m = run.cfg.model
+    return {
+      "task": self.task,
+      "model": {
+        "d_model": m.d_model,
+        "num_heads": m.num_heads,
+        "mlp_dim": m.mlp_dim,
+        "enc_layers": m.enc_layers if self.task == "translation" else 0,
+        "dec_layers": m.dec_layers,
+        "params": param_count(self.decoder.params),
+      },
+      "vocab_size": self.decoder.tokenizer.vocab_size,
+      "model_step": self.step,
+      "mesh": dict(run.mesh.shape),
+      "zero_stage": run.cfg.zero_stage,
+      "max_batch": self.decoder.batch_size,
+      "max_input_tokens": self.max_input_tokens,
+      "compiled_shapes": [list(s) for s in self.compiled_shapes],
+      "compiles_after_startup": len(self.compiles_after_startup or []),
+    }
+
+
+def _known(body: dict, fields: set[str]) -> None:
+  for name in body:
+    if name not in fields:
+      raise RequestError(f"unknown field {name!r}; known: {', '.join(sorted(fields))}", name)
+
+
+def _required(body: dict, field: str):
+  if field not in body:
+    raise RequestError(f"{field} is required", field)
+  return body[field]
+
+
+def _integer(body: dict, field: str, default: int, low: int, high: int) -> int:
+  if field not in body:
+    return default
+  value = body[field]
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise RequestError(f"{field} must be an integer", field)
+  if not low <= value <= high:
+    raise RequestError(f"{field}={value} is out of range [{low}, {high}]", field)
+  return value
+
+
+def _number(body: dict, field: str, default: float, low: float, high: float) -> float:
+  if field not in body:
+    return default
+  value = body[field]
+  if isinstance(value, bool) or not isinstance(value, int | float):
+    raise RequestError(f"{field} must be a number", field)
+  if not low <= value <= high:
+    raise RequestError(f"{field}={value} is out of range [{low:g}, {high:g}]", field)
+  return float(value)
+
+
+async def _json_body(request: Request) -> dict:
+  raw = await request.body()
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError:
+    raise RequestError("the body is not UTF-8") from None
+  try:
+    body = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise RequestError(f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+  if not isinstance(body, dict):
+    raise RequestError("the body must be a JSON object")
+  return body
+
+
+def app(service: Service) -> Starlette:
+  """The ASGI app over a warmed-up service."""
+  m = service.metrics
+
+  def endpoint(name: str, handle):
+    async def respond(request: Request) -> Response:
+      start = time.perf_counter()
+      try:
+        work = asyncio.create_task(handle(request, await _json_body(request)))
+        # A client that goes away before its answer frees its rows: the handler is cancelled,
+        # and Service.submit takes its rows out of the queue.
+        while not (await asyncio.wait({work}, timeout=DISCONNECT_POLL_S))[0]:
+          if await request.is_disconnected():
+            work.cancel()
+            m.requests.labels(name, "499").inc()
+            return Response(status_code=499)
+        response = work.result()
+      except RequestError as e:
+        response = e.response()
+      except Exception as e:  # one bad batch must not take the server down
+        response = RequestError(f"internal error: {type(e).__name__}: {e}", status=500).response()
+      m.requests.labels(name, str(response.status_code)).inc()
+      m.latency.labels(name).observe(time.perf_counter() - start)
+      return response
+
+    return respond
+
+  async def translate(request: Request, body: dict) -> Response:
+    return JSONResponse(await service.translate(body))
+
+  async def generate(request: Request, body: dict) -> Response:
+    result, stream = await service.generate(body)
+    if not stream:
+      return JSONResponse(result)
+    tokenizer = service.decoder.tokenizer
+
+    async def events():
+      for i, token in enumerate(result["tokens"]):
+        if await request.is_disconnected():
+          return
+        piece = tokenizer.decode(result["tokens"][: i + 1])[
+          len(tokenizer.decode(result["tokens"][:i])) :
+        ]
+        yield f"data: {json.dumps({'token': token, 'text': piece})}\n\n"
+      yield f"event: done\ndata: {json.dumps({'model_step': service.step})}\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+  async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok", **service.model_info()})
+
+  async def model(request: Request) -> Response:
+    return JSONResponse(service.model_info())
+
+  async def metrics_text(request: Request) -> Response:
+    m.compiles.set(len(service.compiles_after_startup or []))
+    return Response(prom.generate_latest(m.registry), media_type=prom.CONTENT_TYPE_LATEST)
+
+  async def page(request: Request) -> Response:
+    return FileResponse(PAGE, media_type="text/html")
+
+  routes = [
+    Route("/", page),
+    Route("/healthz", health),
+    Route("/v1/model", model),
+    Route("/metrics", metrics_text),
+    Route("/v1/translate", endpoint("translate", translate), methods=["POST"]),
+    Route("/v1/generate", endpoint("generate", generate), methods=["POST"]),
+  ]
+  return Starlette(routes=routes, lifespan=service.running)
+
+
+def serve(decoder: Decoder, step: int, serve_cfg, host: str, port: int, log=print) -> None:
+  """Warms up, then serves until SIGTERM/SIGINT (uvicorn stops taking connections, finishes
+  the requests in flight, then returns)."""
+  import uvicorn
+
+  service = Service(decoder, step, serve_cfg, log)
+  count, seconds = service.warm_up()
+  log(
+    f"serve: compiled {count} decode programs for {len(service.compiled_shapes)} shapes "
+    f"(rows, width, output) {service.compiled_shapes} in {seconds:.1f}s; "
+    f"listening on http://{host}:{port}"
+  )
+  # uvicorn handles SIGTERM/SIGINT (stop accepting, finish what is in flight), then raises the
+  # signal again for the handler that was there before: this one lets the process exit 0.
+  stopped = []
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda number, frame: stopped.append(number))
+  uvicorn.run(app(service), host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
+  log(f"serve: stopped by {signal.Signals(stopped[0]).name}" if stopped else "serve: stopped")
