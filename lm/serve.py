@@ -104,7 +104,7 @@ class Service:
     self.decoders = {decoder.options: decoder}
     self.queues: dict[DecodeOptions, list[_Row]] = {}
     self.queued = 0
-    self.metrics = _Metrics(decoder.batch_size)
+    self.metrics = _Metrics(self.max_batch)
     self.compiled_shapes: list[tuple[int, int, int]] = []
     self.compiles_after_startup: list[float] | None = None
     self._arrived: asyncio.Event | None = None
@@ -141,8 +141,7 @@ class Service:
     now = loop.time()
     pending = [_Row(ids, cap, loop.create_future(), now) for ids, cap in zip(rows, caps)]
     self.queues.setdefault(options, []).extend(pending)
-    self.queued += len(pending)
-    self.metrics.queue.set(self.queued)
+    self._count_queued()
     self._arrived.set()
     try:
       return await asyncio.wait_for(
@@ -162,28 +161,32 @@ class Service:
     while True:
       await self._arrived.wait()
       self._arrived.clear()
-      while any(self.queues.values()):
-        for options, queue in list(self.queues.items()):
-          queue[:] = [r for r in queue if not r.future.done()]
-          if not queue:
-            self.queued = sum(len(q) for q in self.queues.values())
+      while True:
+        for options in list(self.queues):  # rows of cancelled requests leave here
+          queue = [r for r in self.queues[options] if not r.future.done()]
+          if queue:
+            self.queues[options] = queue
+          else:
             del self.queues[options]
+        self._count_queued()
         if not self.queues:
           break
         options = min(self.queues, key=lambda o: self.queues[o][0].queued)
         queue = self.queues[options]
-        decoder = self._decoder(options)
         deadline = queue[0].queued + wait
-        while len(queue) < decoder.batch_size and loop.time() < deadline:
+        while len(queue) < self.max_batch and loop.time() < deadline:
           self._arrived.clear()
           with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
-        batch = [r for r in queue[: decoder.batch_size] if not r.future.done()]
-        del queue[: decoder.batch_size]
-        self.queued = sum(len(q) for q in self.queues.values())
-        self.metrics.queue.set(self.queued)
+        batch = [r for r in queue[: self.max_batch] if not r.future.done()]
+        del queue[: self.max_batch]
+        self._count_queued()
         if batch:
-          await self._run(decoder, batch)
+          await self._run(self._decoder(options), batch)
+
+  def _count_queued(self) -> None:
+    self.queued = sum(len(q) for q in self.queues.values())
+    self.metrics.queue.set(self.queued)
 
   async def _run(self, decoder: Decoder, batch: list[_Row]) -> None:
     start = time.perf_counter()
@@ -288,7 +291,7 @@ class Service:
       "model_step": self.step,
       "mesh": dict(run.mesh.shape),
       "zero_stage": run.cfg.zero_stage,
-      "max_batch": self.decoder.batch_size,
+      "max_batch": self.max_batch,
       "max_input_tokens": self.max_input_tokens,
       "compiled_shapes": [list(s) for s in self.compiled_shapes],
       "compiles_after_startup": len(self.compiles_after_startup or []),
