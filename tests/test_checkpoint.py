@@ -302,7 +302,8 @@ def test_damaged_checkpoints_fall_back_to_the_newest_whole_one(tmp_path, capsys,
   # byte in a chunk does (orbax checksums only shard indices).
   meta = tmp_path / "checkpoints" / "4" / "meta" / "metadata"
   saved = json.loads(meta.read_text())
-  saved["fingerprints"][".params['embed']['table']"] ^= 1
+  dtype, value = saved["fingerprints"][".params['embed']['table']"].split(":")
+  saved["fingerprints"][".params['embed']['table']"] = f"{dtype}:{int(value) ^ 1}"
   meta.write_text(json.dumps(saved))
   capsys.readouterr()
   assert checkpoint.restore_latest(str(tmp_path))[3] == 2  # eval / export / decode fall back too

@@ -312,22 +312,19 @@ def test_a_client_that_goes_away_frees_its_rows(translation_server):
     metrics = httpx.get(f"{url}/metrics").text
     return float(re.search(r"zerolm_batch_rows_sum ([0-9.e+]+)", metrics).group(1))
 
-  before, gone_before = (
-    rows_decoded(),
-    _counter(httpx.get(f"{url}/metrics").text, "translate", "499"),
-  )
-  big = threading.Thread(
-    target=lambda: httpx.post(f"{url}/v1/translate", json={"text": _lines(64, 5)}, timeout=120)
-  )
-  big.start()
-  time.sleep(0.3)  # its first batch runs, its second waits
+  before = rows_decoded()
+  gone_before = _counter(httpx.get(f"{url}/metrics").text, "translate", "499")
+  # 8 requests of 64 rows ahead of it keep the server busy for 16 batches.
+  busy = threading.Thread(target=lambda: asyncio.run(_post_all(url, [{"text": _lines(64, 5)}] * 8)))
+  busy.start()
+  time.sleep(0.1)
   with pytest.raises(httpx.TimeoutException):
-    httpx.post(f"{url}/v1/translate", json={"text": "the cat sees a dog"}, timeout=0.2)
-  big.join(timeout=120)
+    httpx.post(f"{url}/v1/translate", json={"text": "the cat sees a dog"}, timeout=0.1)
+  busy.join(timeout=300)
   time.sleep(0.5)
   metrics = httpx.get(f"{url}/metrics").text
   assert _counter(metrics, "translate", "499") == gone_before + 1
-  assert rows_decoded() - before == 64  # the big request's rows, not the abandoned one
+  assert rows_decoded() - before == 8 * 64  # the busy requests' rows, not the abandoned one
 
 
 def test_sigterm_finishes_requests_in_flight_then_exits_0(translation_server, decoded):
