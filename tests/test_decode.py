@@ -183,9 +183,9 @@ def _run_cli(*args, stdin=None):
 
 
 def test_decode_mode_keeps_every_line_in_order(trained_workdir, tmp_path):
-  sentences = synthetic.DemoSource(200, 123)
-  lines = [sentences[i][0] for i in range(200)]
-  for i in range(0, 200, 17):
+  sentences = synthetic.DemoSource(100, 123)
+  lines = [sentences[i][0] for i in range(100)]
+  for i in range(0, 100, 17):
     lines[i] = ""
   lines[5] = " ".join([lines[6]] * 20)  # far longer than data.seq_len
   (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
@@ -196,15 +196,15 @@ def test_decode_mode_keeps_every_line_in_order(trained_workdir, tmp_path):
     f"--output={tmp_path / 'out.txt'}",
   )
   assert result.returncode == 0, result.stderr[-2000:]
-  assert "truncated" in result.stderr and "decoded 188/188 lines" in result.stderr
+  assert "truncated" in result.stderr and "decoded 94/94 lines" in result.stderr
   outputs = (tmp_path / "out.txt").read_text().split("\n")[:-1]
-  assert len(outputs) == 200
+  assert len(outputs) == 100
   assert [i for i, o in enumerate(outputs) if not o] == [
     i for i, line in enumerate(lines) if not line
   ]
   # In order: the same lines decoded one by one in this process give the same outputs.
   decoder = decode.Decoder.from_workdir(str(trained_workdir), devices=jax.devices()[:1])
-  for i in (1, 2, 5, 100, 199):
+  for i in (1, 2, 5, 50, 99):
     assert decoder([lines[i]], warn=lambda _: None) == [outputs[i]]
 
 

@@ -130,7 +130,7 @@ def test_slurm_script_starts_processes_that_detect_the_job_from_slurm(tmp_path, 
     "JAX_PLATFORMS": "cpu",
   }
   workdir = tmp_path / "run"
-  args = [f"--workdir={workdir}", *cluster_flags(train__total_steps=3, eval__bleu=False)]
+  args = [f"--workdir={workdir}", *cluster_flags(train__total_steps=3)]
   result = subprocess.run(
     ["bash", os.path.join(ROOT, "launch", "gpu_slurm.sbatch"), *args],
     env=env,

@@ -172,7 +172,7 @@ def test_eval_decode_and_export_under_two_processes_equal_one(resumed_runs, tmp_
   alone = evaluate.evaluate_workdir(str(workdir))
   together = json.loads(outputs["eval"][0][outputs["eval"][0].index("{") :])
   assert together["step"] == alone["step"] == 10
-  for key in ("eval_loss", "eval_accuracy", "bleu"):
+  for key in ("eval_loss", "eval_accuracy"):
     np.testing.assert_allclose(together[key], alone[key], rtol=1e-5)
   decoder = Decoder.from_workdir(str(workdir))
   assert (tmp_path / "out").read_text().splitlines() == decoder(lines)
