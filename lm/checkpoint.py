@@ -214,8 +214,11 @@ class Checkpointer:
     saved = self.meta(step).get("fingerprints")
     if saved is not None:  # checkpoints from before fingerprints have none
       for path, value in fingerprints(state).items():
-        expected = saved.get(path, value)  # an array added since: nothing to check
-        if expected.split(":")[0] == value.split(":")[0] and expected != value:
+        expected = str(saved.get(path, value))  # an array added since: nothing to check
+        dtype = value.split(":")[0]
+        if ":" not in expected:  # written before fingerprints named the dtype
+          expected = f"{dtype}:{expected}"
+        if expected.split(":")[0] == dtype and expected != value:
           raise DamagedCheckpoint(f"state{path} differs from what was saved (fingerprint)")
     return state
 
