@@ -384,12 +384,12 @@ def app(service: Service) -> Starlette:
     tokenizer = service.decoder.tokenizer
 
     async def events():
+      shown = ""  # the text of the tokens sent so far: each event carries what its token adds
       for i, token in enumerate(result["tokens"]):
         if await request.is_disconnected():
           return
-        piece = tokenizer.decode(result["tokens"][: i + 1])[
-          len(tokenizer.decode(result["tokens"][:i])) :
-        ]
+        text = tokenizer.decode(result["tokens"][: i + 1])
+        piece, shown = text[len(shown) :], text
         yield f"data: {json.dumps({'token': token, 'text': piece})}\n\n"
       yield f"event: done\ndata: {json.dumps({'model_step': service.step})}\n\n"
 
