@@ -56,17 +56,8 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
 flags.mark_flags_as_required(["workdir"])
 
 
-def _drop_closed_loop_reports(unraisable) -> None:
-  """orbax's reads of a damaged checkpoint can complete after their event loop has closed; the
-  checkpoint code has already reported the step in one line, so these reports are noise."""
-  error = unraisable.exc_value
-  if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
-    sys.__unraisablehook__(unraisable)
-
-
 def main(argv):
   del argv
-  sys.unraisablehook = _drop_closed_loop_reports
   logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
   if _DISTRIBUTED.value:
     from lm.parallel import mesh

@@ -264,7 +264,12 @@ def _bit_sums(tree):
 
 def _drop_failed_reads() -> None:
   """A damaged step fails orbax's concurrent array reads; the first error is reported, and the
-  others would print a traceback each ("Future exception was never retrieved") when collected."""
+  others would print a traceback each when collected, now or at exit: "Future exception was
+  never retrieved", "Event loop is closed", or a read coroutine closed mid-read."""
+  if sys.unraisablehook is not _quiet_failed_reads:
+    global _reporter
+    _reporter = sys.unraisablehook
+    sys.unraisablehook = _quiet_failed_reads
   asyncio_log = logging.getLogger("asyncio")
   level = asyncio_log.level
   asyncio_log.setLevel(logging.CRITICAL)
@@ -272,6 +277,20 @@ def _drop_failed_reads() -> None:
     gc.collect()
   finally:
     asyncio_log.setLevel(level)
+
+
+_reporter = sys.__unraisablehook__
+
+
+def _quiet_failed_reads(unraisable) -> None:
+  error = unraisable.exc_value
+  closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+  code = getattr(unraisable.object, "cr_code", None)
+  closed_read = isinstance(error.__cause__, GeneratorExit) and "orbax" in str(
+    getattr(code, "co_filename", "")
+  )
+  if not (closed_loop or closed_read):
+    _reporter(unraisable)
 
 
 def _brief(error: Exception) -> str:

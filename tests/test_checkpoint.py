@@ -291,6 +291,7 @@ def _truncate(step_dir) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no leftovers
 def test_damaged_checkpoints_fall_back_to_the_newest_whole_one(tmp_path, capsys, uninterrupted):
   _, full_losses, _ = uninterrupted
   cfg = _config(total_steps=8, zero_stage=3)
@@ -323,6 +324,7 @@ def test_damaged_checkpoints_fall_back_to_the_newest_whole_one(tmp_path, capsys,
   assert step == 12 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no leftovers
 def test_on_corrupt_fail_stops_in_one_line(tmp_path):
   """(The command line's one-line form of this error: tests/test_multihost.py, 2 processes.)"""
   cfg = _config(total_steps=4)
