@@ -167,6 +167,9 @@ class Checkpointer:
     steps aside to UNREADABLE_DIR, so that later saves can reuse their numbers. Raises
     ConfigError if no step reads.
     """
+    if sys.unraisablehook is not _quiet_failed_reads:
+      global _reporter
+      _reporter, sys.unraisablehook = sys.unraisablehook, _quiet_failed_reads
     steps = sorted(self.manager.all_steps(), reverse=True)
     damaged = []
     for step in steps:
@@ -264,12 +267,7 @@ def _bit_sums(tree):
 
 def _drop_failed_reads() -> None:
   """A damaged step fails orbax's concurrent array reads; the first error is reported, and the
-  others would print a traceback each when collected, now or at exit: "Future exception was
-  never retrieved", "Event loop is closed", or a read coroutine closed mid-read."""
-  if sys.unraisablehook is not _quiet_failed_reads:
-    global _reporter
-    _reporter = sys.unraisablehook
-    sys.unraisablehook = _quiet_failed_reads
+  others would print a traceback each ("Future exception was never retrieved") when collected."""
   asyncio_log = logging.getLogger("asyncio")
   level = asyncio_log.level
   asyncio_log.setLevel(logging.CRITICAL)
@@ -283,6 +281,9 @@ _reporter = sys.__unraisablehook__
 
 
 def _quiet_failed_reads(unraisable) -> None:
+  """The rest of a failed read, reported from TensorStore's threads whenever they finish (during
+  the restore, or seconds later): a result sent to the read's closed event loop, or a read
+  coroutine closed mid-read. The failure itself has been reported in one line."""
   error = unraisable.exc_value
   closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
   code = getattr(unraisable.object, "cr_code", None)
