@@ -105,7 +105,10 @@ def _base() -> ml_collections.ConfigDict:
   cfg.serve = ml_collections.ConfigDict(
     dict(
       max_batch=32,  # rows one decode batch holds (requests that arrive together share it)
-      max_wait_ms=10,  # a batch waits at most this long after its first row for more rows
+      # A batch waits at most this long after its first row for more rows. 0: rows that arrive
+      # while a batch runs form the next one, and a lone row never waits (measured on the demo,
+      # beam 4: 10 ms cost 5x the throughput at concurrency 1 and gained nothing at 64).
+      max_wait_ms=0,
       length_buckets=(),  # source widths compiled at start-up; () = decode.length_buckets
       max_input_tokens=0,  # longest accepted input; 0 = what the model takes (data.seq_len)
       max_items=64,  # texts in one request

@@ -57,35 +57,37 @@ def filter_logits(
 
 
 def _generate(
-  model, cache, batch: int, max_len: int, pick: Callable, prompt=None, key=None, limits=None
+  model, cache, batch: int, max_len: int, pick: Callable, prompt=None, seeds=None, limits=None
 ):
   """Token by token until every row has emitted EOS or reached its length limit.
 
   `prompt` [batch, max_len] (0 = free) forces those positions; `limits` [batch] (default
-  max_len) caps each row. Tokens after the end are PAD; a row that reaches its limit without
-  EOS keeps all its tokens.
+  max_len) caps each row; `seeds` [batch] (default 0) seed each row's own random stream, so a
+  row's draws do not depend on the rows beside it. Tokens after the end are PAD; a row that
+  reaches its limit without EOS keeps all its tokens.
   """
   limits = jnp.full((batch,), max_len) if limits is None else limits
+  seeds = jnp.zeros((batch,), jnp.int32) if seeds is None else seeds
   out = jnp.zeros((batch, max_len), jnp.int32)
-  key = jax.random.key(0) if key is None else key
+  keys = jax.vmap(jax.random.key)(seeds)
 
   def cond(carry):
-    t, _, _, done, _, _ = carry
+    t, _, _, done, _ = carry
     return (t < max_len) & ~done.all()
 
   def body(carry):
-    t, out, previous, done, cache, key = carry
+    t, out, previous, done, cache = carry
     logits, cache = model.decode_step(previous, t, cache)
-    key, subkey = jax.random.split(key)
-    token = pick(logits, subkey).astype(jnp.int32)
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
+    token = pick(logits, step_keys).astype(jnp.int32)
     if prompt is not None:
       forced = prompt[:, t]
       token = jnp.where(forced > 0, forced, token)
     token = jnp.where(done, PAD_ID, token)
     done = done | (token == EOS_ID) | (t + 1 >= limits)
-    return t + 1, out.at[:, t].set(token), token, done, cache, key
+    return t + 1, out.at[:, t].set(token), token, done, cache
 
-  start = (0, out, jnp.full((batch,), BOS_ID, jnp.int32), jnp.zeros((batch,), bool), cache, key)
+  start = (0, out, jnp.full((batch,), BOS_ID, jnp.int32), jnp.zeros((batch,), bool), cache)
   return jax.lax.while_loop(cond, body, start)[1]
 
 
@@ -112,20 +114,21 @@ def sample(
   batch: int,
   max_len: int,
   vocab_limit: int,
-  key: jax.Array,
+  seeds: jax.Array,
   temperature: float = 1.0,
   top_k: int = 0,
   top_p: float = 1.0,
   prompt: jax.Array | None = None,
   limits: jax.Array | None = None,
 ) -> jax.Array:
-  """Tokens [batch, max_len] drawn from the filtered softmax (see filter_logits)."""
+  """Tokens [batch, max_len] drawn from the filtered softmax (see filter_logits); row r's
+  draws come from its own seed, seeds[r]."""
 
-  def pick(logits, subkey):
+  def pick(logits, keys):
     logits = filter_logits(_forbid(logits, vocab_limit), temperature, top_k, top_p)
-    return jax.random.categorical(subkey, logits)
+    return jax.vmap(jax.random.categorical)(keys, logits)
 
-  return _generate(model, cache, batch, max_len, pick, prompt, key, limits)
+  return _generate(model, cache, batch, max_len, pick, prompt, seeds, limits)
 
 
 def _repeat_rows(cache: dict, beam: int) -> dict:
@@ -246,17 +249,30 @@ def source_buckets(seq_len: int, buckets: tuple[int, ...] = ()) -> tuple[int, ..
 class Decoder:
   """Batched text -> text with a trained model on its mesh; the API the CLI (and a server) use.
 
-  Each batch is padded to a fixed shape (a source length bucket for translation), so the set of
-  compiled programs is small and known up front: `shapes`. `params` may be replaced between
-  calls (periodic evaluation does) without recompiling.
+  Each batch is padded to a fixed shape (a source length bucket for translation, and with
+  `row_buckets` a row count), so the set of compiled programs is small and known up front:
+  `row_counts` x `shapes`. `params` may be replaced between calls (periodic evaluation does)
+  without recompiling.
   """
 
   def __init__(
-    self, run: Run, params: Any, tokenizer: Tokenizer, options: DecodeOptions, batch_size: int
+    self,
+    run: Run,
+    params: Any,
+    tokenizer: Tokenizer,
+    options: DecodeOptions,
+    batch_size: int,
+    row_buckets: bool = False,
   ):
     self.run, self.params, self.tokenizer, self.options = run, params, tokenizer, options
     rows_multiple = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
     self.batch_size = -(-batch_size // rows_multiple) * rows_multiple
+    # Row counts a batch is padded to: a few rows need not pay for a full batch (a server's
+    # batches are as large as the traffic); powers of two times the mesh's batch divisor.
+    counts = {self.batch_size}
+    if row_buckets:
+      counts |= {rows_multiple << i for i in range(self.batch_size.bit_length())}
+    self.row_counts = tuple(sorted(c for c in counts if c <= self.batch_size))
     self.src_len = run.cfg.data.seq_len
     self.buckets = source_buckets(self.src_len, options.length_buckets)
     self._jitted = {}
@@ -308,28 +324,34 @@ class Decoder:
       ids = ids[:limit]
     return ids + [EOS_ID] if self.run.cfg.task == "translation" else ids
 
-  def decode_ids(self, batch_ids: list[list[int]], caps: list[int] | None = None) -> np.ndarray:
+  def decode_ids(
+    self,
+    batch_ids: list[list[int]],
+    caps: list[int] | None = None,
+    seeds: list[int] | None = None,
+  ) -> np.ndarray:
     """Token ids of one batch (at most batch_size rows) -> output tokens [rows, max_len].
 
     `caps`: per row, at most this many output tokens (0 = the options' limit; an LM counts the
-    continuation only), as data: any caps share one compiled program. Under several processes
-    every process passes the same rows (as a server broadcasts its requests) and gets every
-    output."""
+    continuation only); `seeds`: per row, the sampling seed (default the options' seed). Both
+    are data: any values share one compiled program, and a row's output depends on neither the
+    rows beside it nor its place in the batch. Under several processes every process passes the
+    same rows (as a server broadcasts its requests) and gets every output."""
     rows = len(batch_ids)
+    padded = next(c for c in self.row_counts if c >= rows)
     width, max_len = self._shape([len(ids) for ids in batch_ids])
-    tokens = np.zeros((self.batch_size, width), np.int32)
+    tokens = np.zeros((padded, width), np.int32)
     for r, ids in enumerate(batch_ids):
       tokens[r, : len(ids)] = ids
-    row_caps = np.zeros((self.batch_size,), np.int32)
-    row_caps[:rows] = caps if caps is not None else 0
+    per_row = np.zeros((2, padded), np.int32)
+    per_row[0, :rows] = caps if caps is not None else 0
+    per_row[1, :rows] = seeds if seeds is not None else self.options.seed
     with jax.set_mesh(self.run.mesh):
-      array = jax.make_array_from_callback(
-        tokens.shape, self.run.shardings.batch, lambda index: tokens[index]
+      array, caps_array, seeds_array = (
+        jax.make_array_from_callback(x.shape, self.run.shardings.batch, lambda i, x=x: x[i])
+        for x in (tokens, per_row[0], per_row[1])
       )
-      caps_array = jax.make_array_from_callback(
-        row_caps.shape, self.run.shardings.batch, lambda index: row_caps[index]
-      )
-      out = self._compiled(max_len)(self.params, array, caps_array)
+      out = self._compiled(max_len)(self.params, array, caps_array, seeds_array)
     return np.asarray(out.addressable_data(0))[:rows]
 
   def __call__(
@@ -347,7 +369,9 @@ class Decoder:
     todo.sort(key=lambda item: len(item[1]))
     for start in range(0, len(todo), self.batch_size):
       chunk = todo[start : start + self.batch_size]
-      tokens = self.decode_ids([ids for _, ids in chunk])
+      # Line i samples with seed + i: reproducible whatever the batch size.
+      seeds = [self.options.seed + i for i, _ in chunk]
+      tokens = self.decode_ids([ids for _, ids in chunk], seeds=seeds)
       for (i, ids), row in zip(chunk, tokens):
         if self.run.cfg.task == "lm":  # a continuation: what follows the prompt
           row = row[len(ids) :]
@@ -365,6 +389,7 @@ def _decode_batch(
   params,
   tokens: jax.Array,
   caps: jax.Array,
+  seeds: jax.Array,
 ) -> jax.Array:
   model = nnx.merge(run.graphdef, params)
   batch = tokens.shape[0]
@@ -381,14 +406,13 @@ def _decode_batch(
   cache = model.init_cache(batch, max_len)
   limits = jnp.where(caps > 0, jnp.minimum(lengths + caps, max_len), max_len)
   if options.temperature > 0:
-    key = jax.random.key(options.seed)
     return sample(
       model,
       cache,
       batch,
       max_len,
       vocab_limit,
-      key,
+      seeds,
       options.temperature,
       options.top_k,
       options.top_p,

@@ -3,9 +3,11 @@
 starlette + uvicorn. A request is validated and encoded, then queued as rows. One batching loop
 takes rows with the same decode settings, up to serve.max_batch, waiting at most
 serve.max_wait_ms after the oldest, and decodes them on the mesh in a worker thread, one batch
-at a time (the accelerator is the bottleneck; batches are how requests share it). Every shape
-the default settings use is compiled at start-up; other settings (a beam size, a sampling
-temperature) compile once on first use, counted on /v1/model.
+at a time (the accelerator is the bottleneck; batches are how requests share it). A batch is
+padded to the smallest row bucket (powers of two up to max_batch) that holds it, so light
+traffic does not pay for full batches. Every shape the default settings use is compiled at
+start-up; other settings (a beam size, a sampling temperature) compile once on first use,
+counted on /v1/model. Caps and seeds are per-row data and never split batches.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class RequestError(Exception):
 class _Row:
   ids: list[int]
   cap: int  # most output tokens (0 = the settings' limit)
+  seed: int  # sampling: the row's own random stream
   future: asyncio.Future
   queued: float
 
@@ -96,12 +99,14 @@ class Service:
   """The model behind the API: validation, the queue and the batching loop."""
 
   def __init__(self, decoder: Decoder, step: int, serve_cfg, log=print):
-    self.decoder, self.step, self.cfg, self.log = decoder, step, serve_cfg, log
+    self.step, self.cfg, self.log = step, serve_cfg, log
     self.task = decoder.run.cfg.task
     self.max_batch = serve_cfg.max_batch
+    self.decoders: dict[DecodeOptions, Decoder] = {}
+    self._model = decoder  # the model, tokenizer and default settings; batches use their own
+    self.decoder = self._decoder(decoder.options)
     limit = decoder.src_len - (1 if self.task == "translation" else 2)
     self.max_input_tokens = min(serve_cfg.max_input_tokens or limit, limit)
-    self.decoders = {decoder.options: decoder}
     self.queues: dict[DecodeOptions, list[_Row]] = {}
     self.queued = 0
     self.metrics = _Metrics(self.max_batch)
@@ -116,21 +121,27 @@ class Service:
     """Compiles every shape of the default settings: (programs compiled, seconds)."""
     start = time.perf_counter()
     with metrics.counting_compiles() as compiles:
-      for width, out_len in self.decoder.shapes:
-        self.decoder.decode_ids([[4] * (width - 1) + [EOS_ID]])
-        self.compiled_shapes.append((self.decoder.batch_size, width, out_len))
+      for rows in self.decoder.row_counts:
+        for width, out_len in self.decoder.shapes:
+          self.decoder.decode_ids([[4] * (width - 1) + [EOS_ID]] * rows)
+          self.compiled_shapes.append((rows, width, out_len))
     return len(compiles), time.perf_counter() - start
 
   def _decoder(self, options: DecodeOptions) -> Decoder:
     if options not in self.decoders:
-      d = self.decoder
-      self.decoders[options] = Decoder(d.run, d.params, d.tokenizer, options, self.max_batch)
+      d = self._model
+      self.decoders[options] = Decoder(
+        d.run, d.params, d.tokenizer, options, self.max_batch, row_buckets=True
+      )
     return self.decoders[options]
 
   # -- the batching loop ----------------------------------------------------------------------
 
-  async def submit(self, rows: list[list[int]], caps: list[int], options: DecodeOptions):
-    """Output tokens per row, once batches holding them have run."""
+  async def submit(
+    self, rows: list[list[int]], caps: list[int], options: DecodeOptions, seed: int = 0
+  ):
+    """Output tokens per row, once batches holding them have run. Requests that differ only
+    in their seed share batches: a row's draws come from its own seed wherever it sits."""
     if self.queued + len(rows) > self.cfg.max_queue:
       raise RequestError(
         f"the queue is full ({self.queued} rows waiting); retry shortly",
@@ -139,7 +150,7 @@ class Service:
       )
     loop = asyncio.get_running_loop()
     now = loop.time()
-    pending = [_Row(ids, cap, loop.create_future(), now) for ids, cap in zip(rows, caps)]
+    pending = [_Row(ids, cap, seed, loop.create_future(), now) for ids, cap in zip(rows, caps)]
     self.queues.setdefault(options, []).extend(pending)
     self._count_queued()
     self._arrived.set()
@@ -192,7 +203,7 @@ class Service:
     start = time.perf_counter()
     try:
       out = await asyncio.to_thread(
-        decoder.decode_ids, [r.ids for r in batch], [r.cap for r in batch]
+        decoder.decode_ids, [r.ids for r in batch], [r.cap for r in batch], [r.seed for r in batch]
       )
     except Exception as e:  # the batch's requests get a 500 each; the server goes on
       for row in batch:
@@ -263,13 +274,13 @@ class Service:
       temperature=_number(body, "temperature", default.temperature, 0.0, 5.0),
       top_k=_integer(body, "top_k", default.top_k, 0, self.decoder.run.vocab_limit),
       top_p=_number(body, "top_p", default.top_p, 1e-6, 1.0),
-      seed=_integer(body, "seed", default.seed, 0, 2**31 - 1),
     )
+    seed = _integer(body, "seed", default.seed, 0, 2**31 - 1)
     cap = _integer(body, "max_tokens", room, 1, room)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
       raise RequestError("stream must be true or false", "stream")
-    (row,) = await self.submit([ids], [cap], options)
+    (row,) = await self.submit([ids], [cap], options, seed)
     tokens = [int(t) for t in row[len(ids) :] if t > 0]
     text = self.decoder.tokenizer.decode(tokens)
     return {"text": text, "tokens": tokens, "model_step": self.step}, stream

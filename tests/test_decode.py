@@ -99,14 +99,15 @@ def test_beam_one_and_top_k_one_equal_greedy():
   np.testing.assert_array_equal(beam1, greedy)
   lm_run, lm = _model("lm")
   lm_greedy = decode.greedy(lm, lm.init_cache(3, 8), 3, 8, 60)
-  sampled = decode.sample(lm, lm.init_cache(3, 8), 3, 8, 60, jax.random.key(5), top_k=1)
+  sampled = decode.sample(lm, lm.init_cache(3, 8), 3, 8, 60, jnp.arange(3), top_k=1)
   np.testing.assert_array_equal(sampled, lm_greedy)
 
 
 def test_sampled_frequencies_match_the_softmax():
   run, model = _model("lm")
   draws, vocab_limit = 20_000, 12
-  first = decode.sample(model, model.init_cache(draws, 1), draws, 1, vocab_limit, jax.random.key(0))
+  seeds = jnp.arange(draws)  # one draw from each row's own stream
+  first = decode.sample(model, model.init_cache(draws, 1), draws, 1, vocab_limit, seeds)
   logits, _ = model.decode_step(jnp.full((1,), BOS_ID, jnp.int32), 0, model.init_cache(1, 1))
   probs = np.asarray(jax.nn.softmax(decode._forbid(logits[0], vocab_limit)), np.float64)
   allowed = np.flatnonzero(probs > 1e-12)
@@ -150,6 +151,19 @@ def test_sharded_zero3_decoding_equals_one_device(beam):
 
 class _Ids:  # token ids in, ids out: no tokenizer needed
   vocab_size = 60
+
+
+def test_a_sampled_row_depends_on_neither_its_neighbours_nor_its_place():
+  """Row buckets pad a batch to 1, 2, 4 or 8 rows; each row samples from its own seed."""
+  run = Run.build(tiny_config("lm"), devices=jax.devices()[:1])
+  options = decode.DecodeOptions(temperature=1.0, max_len=12)
+  decoder = decode.Decoder(run, run.init_state().params, _Ids(), options, 8, row_buckets=True)
+  assert decoder.row_counts == (1, 2, 4, 8)
+  a, b, c = [5, 9], [11, 12, 13], [7]
+  alone = decoder.decode_ids([a], seeds=[3])
+  among = decoder.decode_ids([b, c, a], seeds=[4, 5, 3])
+  np.testing.assert_array_equal(alone[0], among[2])
+  assert (among[0] != among[2]).any()  # other seeds, other draws
 
 
 @pytest.mark.parametrize("beam", [1, 3])

@@ -242,7 +242,10 @@ class _Page:
           break
       assert time.time() < deadline, "Chromium did not open its debugging port"
       time.sleep(0.2)
-    self.socket = websockets.sync.client.connect(pages[0]["webSocketDebuggerUrl"], max_size=None)
+    self.connection = contextlib.ExitStack()
+    self.socket = self.connection.enter_context(
+      websockets.sync.client.connect(pages[0]["webSocketDebuggerUrl"], max_size=None)
+    )
     self.next_id = 0
 
   def call(self, method: str, **params) -> dict:
@@ -267,7 +270,7 @@ class _Page:
     return value
 
   def close(self):
-    self.socket.close()
+    self.connection.close()
     self.proc.kill()
     self.proc.wait(timeout=30)
 
