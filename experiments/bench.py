@@ -51,12 +51,15 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
   from lm import metrics
   from lm.data.synthetic import random_batch
   from lm.parallel import report, sharding
-  from lm.state import Run, param_count
+  from lm.state import Run, param_count, param_paths, select
 
   run = Run.build(cfg)
   n_params = param_count(run.abstract_params)
   unsharded = sharding.replicated_over_fsdp(run.logical, run.abstract_params, run.mesh)
   whole = sum(math.prod(shape) for shape, _ in unsharded.values())  # params ZeRO keeps whole
+  trained_paths = set(jax.tree.leaves(param_paths(select(run.abstract_params, run.trainable))))
+  trainable = param_count(select(run.abstract_params, run.trainable))
+  whole_trainable = sum(math.prod(s) for p, (s, _) in unsharded.items() if p in trained_paths)
   fsdp = run.mesh.shape["fsdp"]
   start = time.perf_counter()
   compiled = run.compile_train_step()
@@ -68,7 +71,9 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
   abstract = run.abstract_state()
   measured = {
     "params": report.sharded_bytes(abstract.params, run.shardings.params),
-    "grads": report.sharded_bytes(run.abstract_params, run.shardings.grads),
+    "grads": report.sharded_bytes(
+      select(run.abstract_params, run.trainable), select(run.shardings.grads, run.trainable)
+    ),
     "opt_state": report.sharded_bytes(abstract.opt_state, run.shardings.opt_state),
   }
   state = run.init_state()
@@ -88,9 +93,16 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
     "zero_stage": cfg.zero_stage,
     "microbatches": cfg.train.microbatches,
     "num_params": n_params,
+    "trainable_params": trainable,
     "bytes_measured": measured,
     "bytes_formula": report.formula_bytes(
-      n_params, cfg.zero_stage, fsdp, run.mesh.shape["tensor"], replicated=whole
+      n_params,
+      cfg.zero_stage,
+      fsdp,
+      run.mesh.shape["tensor"],
+      replicated=whole,
+      trainable=trainable,
+      replicated_trainable=whole_trainable,
     ),
     "replicated_over_fsdp": whole,
     "memory_analysis": {
@@ -100,7 +112,7 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
       "alias": memory.alias_size_in_bytes,
     },
     "collectives": traffic,
-    "gradient_bytes": 4 * n_params,
+    "gradient_bytes": 4 * trainable,
     "compile_seconds": compile_s,
     "step_seconds": step_s,
     "tokens_per_second": tokens / step_s,

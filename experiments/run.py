@@ -35,6 +35,11 @@ _INPUT = flags.DEFINE_string("input", "-", "decode: one source (or prompt) per l
 _OUTPUT = flags.DEFINE_string(
   "output", None, "decode: one output per input line (- = stdout); export: a new directory."
 )
+_MERGE_LORA = flags.DEFINE_bool(
+  "merge_lora",
+  False,
+  "--mode=export: fold LoRA's factors into the weights they adapt, so serving pays nothing.",
+)
 _EXPORT_DTYPE = flags.DEFINE_enum(
   "export_dtype", "float32", ["float32", "bfloat16"], "export: parameter dtype."
 )
@@ -74,7 +79,9 @@ def main(argv):
     if _MODE.value == "train":
       if _CONFIG.value is None:
         raise ConfigError("--config: required to train; e.g. --config=experiments/demo.py")
-      train.train(_CONFIG.value, _WORKDIR.value)
+      prefix = "--config."
+      overridden = {a[len(prefix) :].split("=")[0] for a in sys.argv if a.startswith(prefix)}
+      train.train(_CONFIG.value, _WORKDIR.value, overridden)
     elif _MODE.value == "eval":
       decode_cfg = _CONFIG.value.decode if _CONFIG.value is not None else None
       log = metrics.Console()
@@ -86,7 +93,9 @@ def main(argv):
     elif _MODE.value == "export":
       if not _OUTPUT.value:
         raise ConfigError("--output: required with --mode=export; name a new directory")
-      step = checkpoint.export(_WORKDIR.value, _OUTPUT.value, _EXPORT_DTYPE.value)
+      step = checkpoint.export(
+        _WORKDIR.value, _OUTPUT.value, _EXPORT_DTYPE.value, merge_lora=_MERGE_LORA.value
+      )
       if jax.process_index() == 0:
         print(f"exported step {step} of {_WORKDIR.value} to {_OUTPUT.value}")
     elif _MODE.value == "serve":

@@ -34,6 +34,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_pol
 from lm import config as lmc
 from lm.data import pipeline
 from lm.data import tokenizer as tok
+from lm.models import layers
 from lm.state import Run
 
 CHECKPOINT_DIR = "checkpoints"
@@ -375,10 +376,48 @@ def restore_latest(workdir: str, devices=None, layout=None) -> tuple[Run, Any, t
   return run, params, tokenizer, step
 
 
-def export(workdir: str, output: str, dtype: str = "float32") -> int:
-  """Writes the latest checkpoint's parameters (+ config, tokenizer) to `output`; its step."""
+def source_meta(path: str, field: str = "train.init_from") -> dict:
+  """The meta (config, tokenizer, step) of a trained model given as an export or a workdir (its
+  latest checkpoint)."""
+  if os.path.isfile(os.path.join(path, "meta", "metadata")):
+    return load_meta(path)
+  checkpoints = Checkpointer(path) if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)) else None
+  try:
+    step = checkpoints.latest_step() if checkpoints else None
+    if step is None:
+      raise lmc.ConfigError(
+        f"config.{field}: {path!r} is neither an export nor a workdir with a checkpoint"
+      )
+    return {**checkpoints.meta(step), "step": step}
+  finally:
+    if checkpoints:
+      checkpoints.close()
+
+
+def restore_params(path: str, layout, devices=None) -> tuple[Any, int]:
+  """(params, step) of an export or a workdir's latest checkpoint, laid out on `layout`'s mesh
+  and ZeRO stage: the model's own parameters, without LoRA or adapters that `layout` adds."""
+  if os.path.isfile(os.path.join(path, "meta", "metadata")):
+    _, params, _, step = restore_export(path, devices, layout)
+  else:
+    _, params, _, step = restore_latest(path, devices, layout)
+  return params, step
+
+
+def export(workdir: str, output: str, dtype: str = "float32", merge_lora: bool = False) -> int:
+  """Writes the latest checkpoint's parameters (+ config, tokenizer) to `output`; its step.
+  `merge_lora`: LoRA's updates folded into the kernels, the export a model without LoRA."""
   run, params, tokenizer, step = restore_latest(workdir)
-  write_export(output, params, run.cfg, tokenizer, dtype, step)
+  cfg = run.cfg
+  if merge_lora:
+    m = cfg.model
+    if not m.lora_rank:
+      raise lmc.ConfigError(f"--merge_lora: {workdir!r} has no LoRA (model.lora_rank is 0)")
+    with jax.set_mesh(run.mesh):
+      params = jax.jit(lambda p: layers.merge_lora(p, m.lora_alpha / m.lora_rank))(params)
+    cfg = cfg.copy_and_resolve_references()
+    cfg.model.lora_rank = 0
+  write_export(output, params, cfg, tokenizer, dtype, step)
   return step
 
 

@@ -7,6 +7,8 @@ locked, so a misspelt key raises instead of being silently added.
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
 TASKS = ("translation", "lm")
@@ -64,6 +66,15 @@ def _base() -> ml_collections.ConfigDict:
       # save_dots (keep matmul outputs); auto = save_dots under ZeRO-3 (the backward re-gathers
       # each layer instead of keeping every gathered layer), else none.
       remat="auto",
+      # LoRA (Hu et al. 2021): a rank-r update beside each projection whose <block>/<name>
+      # matches lora_targets (blocks attn, self_attn, cross_attn with query, key, value, out;
+      # mlp with wi, wi_gate, wo), scaled by lora_alpha / lora_rank; 0 = none.
+      lora_rank=0,
+      lora_alpha=16.0,
+      lora_targets="query|value",
+      # Houlsby adapters: a residual bottleneck of this width after every attention and MLP
+      # block; 0 = none.
+      adapter_dim=0,
     )
   )
   cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1))
@@ -85,6 +96,13 @@ def _base() -> ml_collections.ConfigDict:
       outer_momentum=0.9,
       log_every=50,
       on_nan="skip",  # non-finite loss or grad norm: "skip" the update (counted) or "halt"
+      # Start from a trained model: a workdir (its latest checkpoint) or an export. Its model
+      # shape and tokenizer are used; training starts at step 0 with a fresh optimizer.
+      init_from="",
+      # A regex over parameter paths (e.g. decoder/layers/mlp/wi) that train; the rest stay
+      # frozen: no gradient, no optimizer state. "" = every parameter, or with LoRA / adapters
+      # on, only theirs.
+      trainable="",
     )
   )
   cfg.decode = ml_collections.ConfigDict(
@@ -183,6 +201,45 @@ def lm_defaults() -> ml_collections.ConfigDict:
   return cfg
 
 
+# The model fields that decide parameter shapes: a run started from a trained model
+# (train.init_from) takes them from it.
+SHAPE_FIELDS = (
+  "vocab_size",
+  "d_model",
+  "num_heads",
+  "head_dim",
+  "mlp_dim",
+  "enc_layers",
+  "dec_layers",
+  "activation",
+  "positions",
+  "max_len",
+  "norm",
+  "use_bias",
+  "tie_embeddings",
+  "param_dtype",
+)
+
+
+def adopt_model(cfg, source, overridden=()) -> ml_collections.ConfigDict:
+  """A copy of `cfg` with the source config's task and shape fields; a field in `overridden`
+  (set on the command line) that differs from the source's is an error."""
+  if cfg.task != source.task:
+    _fail("task", f"{cfg.task!r}, but train.init_from is a {source.task!r} model")
+  if cfg.data.tokenizer:
+    _fail("data.tokenizer", "train.init_from brings its own tokenizer; leave this empty")
+  cfg = cfg.copy_and_resolve_references()
+  for field in SHAPE_FIELDS:
+    if f"model.{field}" in overridden and cfg.model[field] != source.model[field]:
+      _fail(
+        f"model.{field}",
+        f"{cfg.model[field]!r} changes a parameter's shape from train.init_from's "
+        f"{source.model[field]!r}; drop the override",
+      )
+    cfg.model[field] = source.model[field]
+  return cfg
+
+
 def _fail(field: str, message: str):
   raise ConfigError(f"config.{field}: {message}")
 
@@ -244,6 +301,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _check_choice(cfg, "model.remat", REMAT)
   _check_choice(cfg, "model.dtype", DTYPES)
   _check_choice(cfg, "model.param_dtype", ("float32", "bfloat16"))
+  for field in ("lora_rank", "adapter_dim"):
+    _check_positive(cfg, "model." + field, allow_zero=True)
+  _check_positive(cfg, "model.lora_alpha")
+  for field in ("model.lora_targets", "train.trainable"):
+    try:
+      re.compile(_lookup(cfg, field))
+    except re.error as e:
+      _fail(field, f"{_lookup(cfg, field)!r} is not a regular expression ({e})")
+  adapting = cfg.train.trainable or m.lora_rank or m.adapter_dim
+  if adapting and cfg.train.sync_every:
+    _fail("train.sync_every", "local SGD trains every parameter; set it to 0 to freeze some")
   for field in ("dropout_rate", "label_smoothing"):
     value = m[field]
     if not 0.0 <= value < 1.0:

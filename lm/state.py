@@ -8,6 +8,7 @@ shardings and a donated state. Training, evaluation, decoding and export all sta
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax
@@ -59,6 +60,9 @@ class Run:
   state_shardings: TrainState
   vocab_limit: int  # ids >= this (mesh padding, unused rows) never enter a loss or an output
   outer_tx: optax.GradientTransformation | None  # local SGD's outer optimizer, else None
+  # Per parameter: does it train (train.trainable)? Frozen ones get no gradient, no optimizer
+  # state and no update; the optimizer sees only `select(params, trainable)`.
+  trainable: dict
 
   @classmethod
   def build(
@@ -86,6 +90,7 @@ class Run:
     graphdef, state = nnx.split(abstract_model, nnx.Param)
     logical = logical_names(state)
     abstract_params = nnx.to_pure_dict(state)
+    trainable = trainable_mask(cfg, abstract_params)
     lr = optim.schedule(cfg.optim, cfg.train.total_steps)
     tx = optim.optimizer(cfg.optim, cfg.train.total_steps)
     outer_tx = optim.outer_optimizer(cfg.train) if cfg.train.sync_every else None
@@ -95,12 +100,13 @@ class Run:
       # factored Adafactor statistics, which sit in param-structured trees but are smaller)
       # is small and replicated.
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      trained = select(abstract_params, trainable)
       return optax.tree_map_params(
         tx,
         lambda leaf, s, param: s if leaf.shape == param.shape else replicated,
-        jax.eval_shape(tx.init, abstract_params),
-        per_param,
-        abstract_params,
+        jax.eval_shape(tx.init, trained),
+        select(per_param, trainable),
+        trained,
         transform_non_params=lambda _: replicated,
       )
 
@@ -137,6 +143,7 @@ class Run:
       state_shardings,
       vocab_limit,
       outer_tx,
+      trainable,
     )
 
   @property
@@ -146,7 +153,7 @@ class Run:
 
   def _fresh_state(self, params) -> TrainState:
     if not self.outer_tx:
-      return TrainState.create(params, self.tx.init(params))
+      return TrainState.create(params, self.tx.init(select(params, self.trainable)))
     d = self.replica_count
     stacked = jax.tree.map(lambda p: jnp.broadcast_to(p, (d, *p.shape)), params)
     replicas = {
@@ -156,16 +163,19 @@ class Run:
     }
     return TrainState.create(params, self.outer_tx.init(params), replicas)
 
-  def init_state(self) -> TrainState:
-    """Initialized directly into its shardings: no device holds more than its share."""
+  def init_state(self, trained: dict | None = None) -> TrainState:
+    """Initialized directly into its shardings: no device holds more than its share.
+    `trained`: parameters to start from (a trained model's, laid out as `shardings.params`
+    lays them); those it lacks (LoRA, adapters) start fresh."""
 
-    def init():
+    def init(trained):
       with nnx.use_eager_sharding(False):
         model = build_model(self.cfg.task, self.dims, self.cfg.seed)
-      return self._fresh_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+      params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+      return self._fresh_state(merge(params, trained or {}))
 
     with jax.set_mesh(self.mesh):
-      return jax.jit(init, out_shardings=self.state_shardings)()
+      return jax.jit(init, out_shardings=self.state_shardings)(trained)
 
   def shard_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows -> one global array per key, split over (data, fsdp)."""
@@ -202,14 +212,15 @@ class Run:
       per_row = jnp.maximum(tokens, 1.0).reshape(tokens.shape + (1,) * (g.ndim - tokens.ndim))
       return (g / per_row).astype(p.dtype)
 
+    trained = select(params, self.trainable)
     grads = jax.lax.with_sharding_constraint(
-      jax.tree.map(mean, grads, params), self._update_shardings()
+      jax.tree.map(mean, grads, trained), select(self._update_shardings(), self.trainable)
     )
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = (jax.vmap(self.tx.update) if local else self.tx.update)(
-      grads, opt_state, params
+      grads, opt_state, trained
     )
-    new_params = optax.apply_updates(params, updates)
+    new_params = merge(params, optax.apply_updates(trained, updates))
     loss, tokens_total, correct = sums.reshape(-1, 3).sum(0)
     # A non-finite loss or gradient leaves params and optimizer state as they were.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -304,7 +315,7 @@ class Run:
     k = self.cfg.train.microbatches
     local_sgd = bool(self.outer_tx)
     summed_over = ("fsdp",) if local_sgd else sharding.BATCH_AXES
-    plan = self.reduction_plan()
+    plan = select(self.reduction_plan(), self.trainable)
     reduce_dtype = jnp.dtype(self.cfg.train.grad_reduce_dtype)
     step_key = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
 
@@ -319,7 +330,8 @@ class Run:
     # gradients and accumulators came out whole over tensor (twice the reduce-scatter bytes on
     # tensor=2).
     tensor_specs = jax.tree.map(
-      lambda s: sharding.keep_axes(s.spec, {"tensor"}), self.shardings.params
+      lambda s: sharding.keep_axes(s.spec, {"tensor"}),
+      select(self.shardings.params, self.trainable),
     )
 
     def over_tensor(tree):
@@ -334,12 +346,15 @@ class Run:
       if local_sgd:
         params = jax.tree.map(lambda p: p[0], params)  # this replica's own copy
       params = jax.tree.map(varying, params)
-      grad_fn = jax.value_and_grad(self._sharded_loss_sums, has_aux=True)
+      trained = select(params, self.trainable)  # the rest is frozen: no gradient
+      grad_fn = jax.value_and_grad(
+        lambda t, mb, keys: self._sharded_loss_sums(merge(params, t), mb, keys), has_aux=True
+      )
 
       def accumulate(carry, microbatch):
         acc, sums = carry
         mb, mb_keys = microbatch
-        (loss, (tokens, correct)), grads = grad_fn(params, mb, mb_keys)
+        (loss, (tokens, correct)), grads = grad_fn(trained, mb, mb_keys)
         grads = jax.tree.map(
           lambda g, p: p.per_microbatch(g, reduce_dtype).astype(jnp.float32),
           over_tensor(grads),
@@ -351,7 +366,7 @@ class Run:
       zeros = over_tensor(
         jax.tree.map(
           lambda x, p: varying(jnp.zeros(p.accumulator_shape(x.shape), jnp.float32)),
-          params,
+          trained,
           plan,
         )
       )
@@ -373,7 +388,7 @@ class Run:
       local,
       mesh=self.mesh,
       in_specs=(manual(self.shardings.params), jax.tree.map(lambda _: batch_spec, batch)),
-      out_specs=(manual(self.shardings.update), P(*replica)),
+      out_specs=(manual(select(self.shardings.update, self.trainable)), P(*replica)),
       axis_names=set(sharding.BATCH_AXES),
     )
     return region(params, batch)
@@ -462,6 +477,52 @@ def _stacks(logical) -> set[str]:
 
 def _is_names(x) -> bool:
   return isinstance(x, tuple)
+
+
+# With LoRA or adapters on and train.trainable empty, only their parameters train.
+ADAPTATION_PARAMS = r"_lora/|_adapter/"
+
+
+def param_paths(tree) -> dict:
+  """The tree with each leaf replaced by its path, "decoder/layers/mlp/wi"."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: jax.tree_util.keystr(path, simple=True, separator="/"), tree
+  )
+
+
+def trainable_mask(cfg, abstract_params) -> dict:
+  """Per parameter: whether train.trainable (or, by default, the adaptation) trains it."""
+  pattern = cfg.train.trainable
+  if not pattern and (cfg.model.lora_rank or cfg.model.adapter_dim):
+    pattern = ADAPTATION_PARAMS
+  mask = jax.tree.map(lambda path: bool(re.search(pattern, path)), param_paths(abstract_params))
+  if not any(jax.tree.leaves(mask)):
+    raise lmc.ConfigError(
+      f"config.train.trainable: {pattern!r} matches no parameter; paths look like "
+      "decoder/layers/mlp/wi or embed/table"
+    )
+  return mask
+
+
+def select(tree: dict, mask: dict) -> dict:
+  """The entries of a nested dict whose mask is True (emptied branches dropped)."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      part = select(value, mask[key])
+      if part:
+        out[key] = part
+    elif mask[key]:
+      out[key] = value
+  return out
+
+
+def merge(tree: dict, part: dict) -> dict:
+  """`tree` with the entries of `part` (a `select` of a tree of its structure) replaced."""
+  out = dict(tree)
+  for key, value in part.items():
+    out[key] = merge(tree[key], value) if isinstance(value, dict) else value
+  return out
 
 
 def param_count(params) -> int:

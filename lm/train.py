@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 from lm import checkpoint, evaluate, metrics
 from lm import config as lmc
 from lm.data import pipeline
+from lm.data import tokenizer as tok
 from lm.parallel import report, sharding
 from lm.state import Run, TrainState, param_count
 
@@ -66,12 +67,20 @@ class StopSignals:
     return self.received
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-  """The training loop, resumed from the workdir's latest checkpoint if there is one.
+def train(cfg: ml_collections.ConfigDict, workdir: str, overridden=()) -> dict:
+  """The training loop, resumed from the workdir's latest checkpoint if there is one, else
+  started from train.init_from's parameters or from scratch.
 
-  Returns the final evaluation metrics, or {"stopped_at": step} after a stop signal.
+  `overridden`: config fields set on the command line ("model.d_model"), which init_from must
+  not see changed. Returns the final evaluation metrics, or {"stopped_at": step} after a stop
+  signal.
   """
   lmc.validate(cfg)
+  if cfg.train.init_from:
+    source = checkpoint.source_meta(cfg.train.init_from)
+    cfg = lmc.adopt_model(cfg, checkpoint.meta_config(source), overridden)
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, tok.TOKENIZER_FILE)):
+      tok.save(checkpoint.meta_tokenizer(source), workdir)
   log = metrics.Logger(workdir, cfg)
   data = pipeline.load(cfg, workdir, log.info)
   run = Run.build(cfg, tokenizer_size=data.tokenizer.vocab_size)
@@ -133,6 +142,11 @@ def restore_or_init(run: Run, checkpoints: checkpoint.Checkpointer, batches, log
   step, state = checkpoints.restore_newest(
     lambda step: checkpoints.restore(step, run.abstract_state(), batches), log.info
   )
+  if step is None and run.cfg.train.init_from:
+    source = run.cfg.train.init_from
+    params, source_step = checkpoint.restore_params(source, run.cfg)
+    log.info(f"initialized from {source} (its step {source_step}); training starts at step 0")
+    return run.init_state(params)
   if step is None:
     return run.init_state()
   log.info(f"resumed from step {step} ({checkpoints.path(step)})")

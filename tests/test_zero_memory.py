@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lm.parallel import report
-from lm.state import Run, param_count
+from lm.state import Run, param_count, select
 from tests.helpers import tiny_config
 
 
@@ -23,12 +23,16 @@ def _state_bytes(run):
   return report.shard_bytes(arrays(state.params)), report.shard_bytes(arrays(state.opt_state))
 
 
-def test_state_bytes_per_device_match_formula_on_fsdp_mesh():
+@pytest.mark.parametrize("adaptation", [{}, dict(lora_rank=8), dict(adapter_dim=16)])
+def test_state_bytes_per_device_match_formula_on_fsdp_mesh(adaptation):
+  """Full training, and LoRA or adapters, whose optimizer state covers their factors alone."""
   for stage in range(4):
-    run = _run((1, 8, 1), stage)
+    run = _run((1, 8, 1), stage, **adaptation)
     psi = param_count(run.abstract_params)
+    trainable = param_count(select(run.abstract_params, run.trainable))
+    assert (trainable == psi) == (not adaptation)
     params, opt = _state_bytes(run)
-    formula = report.formula_bytes(psi, stage, fsdp=8)
+    formula = report.formula_bytes(psi, stage, fsdp=8, trainable=trainable)
     assert params == formula["params"], (stage, params, formula)
     assert opt == formula["opt_state"], (stage, opt, formula)
 

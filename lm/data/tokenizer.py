@@ -74,6 +74,18 @@ def train(texts: Iterable[str], vocab_size: int, model_type: str) -> Tokenizer:
   return Tokenizer(proto.getvalue())
 
 
+def save(tokenizer: Tokenizer, workdir: str) -> None:
+  """WORKDIR/tokenizer.model, written atomically: readers see no file or the whole file."""
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  os.makedirs(workdir, exist_ok=True)
+  partial = f"{path}.tmp{os.getpid()}"
+  with open(partial, "wb") as f:
+    f.write(tokenizer.model_proto)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(partial, path)
+
+
 def load_or_train(data_cfg, vocab_size: int, workdir: str, sample_texts, log=print) -> Tokenizer:
   """`data.tokenizer` if set; else WORKDIR/tokenizer.model, trained by process 0 if absent.
 
@@ -90,13 +102,7 @@ def load_or_train(data_cfg, vocab_size: int, workdir: str, sample_texts, log=pri
   if jax.process_index() == 0:
     started = time.time()
     tokenizer = train(sample_texts(), vocab_size, data_cfg.spm_model_type)
-    os.makedirs(workdir, exist_ok=True)
-    partial = f"{path}.tmp{os.getpid()}"
-    with open(partial, "wb") as f:
-      f.write(tokenizer.model_proto)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(partial, path)  # atomic: readers see no file or the whole file
+    save(tokenizer, workdir)
     log(
       f"tokenizer: trained {tokenizer.vocab_size} pieces in {time.time() - started:.1f}s -> {path}"
     )

@@ -8,6 +8,7 @@ so does any mesh or microbatch count, whichever device holds the row.
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -98,10 +99,90 @@ def rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
+# Letters of the einsum subscripts below -> logical axis names.
+_AXIS_NAMES = {"e": "embed", "h": "heads", "k": "kv", "f": "mlp"}
+
+
+class LowRank(nnx.Module):
+  """LoRA: x -> (x A) B * alpha / rank beside a projection from dims `inputs` to `outputs`
+  (einsum letters of _AXIS_NAMES). A and B carry logical names, so ZeRO and tensor parallelism
+  shard them like any parameter; B starts at zero, so the model starts exactly as without."""
+
+  def __init__(self, cfg, inputs: str, outputs: str, rngs: nnx.Rngs):
+    size = {"e": cfg.d_model, "h": cfg.num_heads, "k": cfg.head_dim, "f": cfg.mlp_dim}
+    r = cfg.lora_rank
+    names = lambda dims: tuple(_AXIS_NAMES[c] for c in dims)
+    fan_in = math.prod(size[c] for c in inputs)
+    self.a = _param(
+      rngs,
+      _fan_in_init(fan_in),
+      (*(size[c] for c in inputs), r),
+      (*names(inputs), "lora"),
+      cfg.param_dtype,
+    )
+    self.b = _param(
+      rngs,
+      jax.nn.initializers.zeros,
+      (r, *(size[c] for c in outputs)),
+      ("lora", *names(outputs)),
+      cfg.param_dtype,
+    )
+    self.inputs, self.outputs, self.scale = inputs, outputs, cfg.lora_alpha / r
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [batch, length, *inputs] -> [batch, length, *outputs]."""
+    low = jnp.einsum(f"bl{self.inputs},{self.inputs}r->blr", x, self.a[...].astype(x.dtype))
+    y = jnp.einsum(f"blr,r{self.outputs}->bl{self.outputs}", low, self.b[...].astype(x.dtype))
+    return y * jnp.asarray(self.scale, x.dtype)
+
+
+def _lora(cfg, block: str, name: str, inputs: str, outputs: str, rngs) -> LowRank | None:
+  if cfg.lora_rank and re.search(cfg.lora_targets, f"{block}/{name}"):
+    return LowRank(cfg, inputs, outputs, rngs)
+  return None
+
+
+class Adapter(nnx.Module):
+  """Houlsby adapter: y + up(gelu(down(y))) on a block's output; up starts at zero, so the
+  model starts exactly as without."""
+
+  def __init__(self, cfg, rngs: nnx.Rngs):
+    d, a = cfg.d_model, cfg.adapter_dim
+    self.down = _param(rngs, _fan_in_init(d), (d, a), ("embed", "adapter"), cfg.param_dtype)
+    self.up = _param(rngs, jax.nn.initializers.zeros, (a, d), ("adapter", "embed"), cfg.param_dtype)
+
+  def __call__(self, y: jax.Array) -> jax.Array:
+    return y + dense(jax.nn.gelu(dense(y, self.down[...])), self.up[...])
+
+
+def merge_lora(params: dict, scale: float) -> dict:
+  """Parameters (a nested dict) with every LoRA update folded into its projection's kernel,
+  kernel + scale * A B, and the factors dropped: the model without LoRA computes the same."""
+  out = {}
+  for key, value in params.items():
+    if key.endswith("_lora"):
+      continue
+    lora = params.get(f"{key}_lora")
+    if lora is not None:
+      a, b = lora["a"], lora["b"]
+      lead = a.ndim + b.ndim - 2 - value.ndim  # stacked layers
+      rank = a.shape[-1]
+      a2 = a.reshape(*a.shape[:lead], -1, rank).astype(jnp.float32)
+      b2 = b.reshape(*b.shape[:lead], rank, -1).astype(jnp.float32)
+      update = jnp.matmul(a2, b2).reshape(value.shape)
+      value = (value.astype(jnp.float32) + scale * update).astype(value.dtype)
+    out[key] = merge_lora(value, scale) if isinstance(value, dict) else value
+  return out
+
+
+def adapter(cfg, rngs: nnx.Rngs) -> Adapter | None:
+  return Adapter(cfg, rngs) if cfg.adapter_dim else None
+
+
 class Attention(nnx.Module):
   """Multi-head attention; heads shard over 'tensor' (Megatron column/row split)."""
 
-  def __init__(self, cfg, rngs: nnx.Rngs):
+  def __init__(self, cfg, rngs: nnx.Rngs, block: str = "attn"):
     d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
     self.use_rotary = cfg.positions == "rotary"
     init_in, init_out = _fan_in_init(d), _fan_in_init(h * k)
@@ -117,10 +198,15 @@ class Attention(nnx.Module):
       for name in ("query_bias", "value_bias"):
         setattr(self, name, _param(rngs, zeros, (h, k), ("heads", "kv"), cfg.param_dtype))
       self.out_bias = _param(rngs, zeros, (d,), ("embed",), cfg.param_dtype)
+    for name in ("query", "key", "value"):
+      setattr(self, f"{name}_lora", _lora(cfg, block, name, "e", "hk", rngs))
+    self.out_lora = _lora(cfg, block, "out", "hk", "e", rngs)
 
   def project(self, x: jax.Array, name: str) -> jax.Array:
     """[batch, length, embed] -> [batch, length, heads, kv]."""
     y = jnp.einsum("ble,ehk->blhk", x, getattr(self, name)[...].astype(x.dtype))
+    if (lora := getattr(self, f"{name}_lora")) is not None:
+      y = y + lora(x)
     if self.use_bias and name != "key":
       y = y + getattr(self, name + "_bias")[...].astype(x.dtype)
     return constrain(y, ("batch", "length", "heads", "kv"))
@@ -129,6 +215,8 @@ class Attention(nnx.Module):
     """q [b, t, h, kv], k/v [b, s, h, kv], mask [b, 1, t, s] -> [b, t, embed]."""
     y = jax.nn.dot_product_attention(q, k, v, mask=mask)
     out = jnp.einsum("blhk,hke->ble", y, self.out[...].astype(y.dtype))
+    if self.out_lora is not None:
+      out = out + self.out_lora(y)
     if self.use_bias:
       out = out + self.out_bias[...].astype(out.dtype)
     return constrain(out, ("batch", "length", "embed"))
@@ -155,22 +243,34 @@ class Mlp(nnx.Module):
     if cfg.activation == "swiglu":
       self.wi_gate = _param(rngs, _fan_in_init(d), (d, f), ("embed", "mlp"), cfg.param_dtype)
     self.wo = _param(rngs, _fan_in_init(f), (f, d), ("mlp", "embed"), cfg.param_dtype)
+    self.wi_lora = _lora(cfg, "mlp", "wi", "e", "f", rngs)
+    self.wi_gate_lora = (
+      _lora(cfg, "mlp", "wi_gate", "e", "f", rngs) if self.activation == "swiglu" else None
+    )
+    self.wo_lora = _lora(cfg, "mlp", "wo", "f", "e", rngs)
     if cfg.use_bias:
       self.wi_bias = _param(rngs, jax.nn.initializers.zeros, (f,), ("mlp",), cfg.param_dtype)
       self.wo_bias = _param(rngs, jax.nn.initializers.zeros, (d,), ("embed",), cfg.param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = dense(x, self.wi[...])  # [b, l, mlp]
+    if self.wi_lora is not None:
+      h = h + self.wi_lora(x)
     if self.use_bias:
       h = h + self.wi_bias[...].astype(x.dtype)
     if self.activation == "swiglu":
-      h = jax.nn.silu(dense(x, self.wi_gate[...])) * h
+      gate = dense(x, self.wi_gate[...])
+      if self.wi_gate_lora is not None:
+        gate = gate + self.wi_gate_lora(x)
+      h = jax.nn.silu(gate) * h
     elif self.activation == "gelu":
       h = jax.nn.gelu(h)
     else:
       h = jax.nn.relu(h)
     h = constrain(h, ("batch", "length", "mlp"))
     y = dense(h, self.wo[...])
+    if self.wo_lora is not None:
+      y = y + self.wo_lora(h)
     if self.use_bias:
       y = y + self.wo_bias[...].astype(x.dtype)
     return constrain(y, ("batch", "length", "embed"))

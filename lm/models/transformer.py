@@ -20,6 +20,7 @@ from lm.models.layers import (
   Embedding,
   Mlp,
   Norm,
+  adapter,
   attention_mask,
   dropout,
   lookup,
@@ -63,6 +64,10 @@ class ModelDims:
   params_sharded: bool = False
   # The dtype a sharded parameter's gradient is reduce-scattered in (train.grad_reduce_dtype).
   grad_reduce_dtype: jnp.dtype = jnp.dtype("float32")
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: str = ""
+  adapter_dim: int = 0
 
   @classmethod
   def from_config(
@@ -103,22 +108,34 @@ class ModelDims:
       remat=remat,
       params_sharded=params_sharded,
       grad_reduce_dtype=jnp.dtype(grad_reduce_dtype),
+      lora_rank=m.lora_rank,
+      lora_alpha=m.lora_alpha,
+      lora_targets=m.lora_targets,
+      adapter_dim=m.adapter_dim,
     )
 
 
 class EncoderLayer(nnx.Module):
   def __init__(self, dims: ModelDims, rngs: nnx.Rngs):
     self.attn_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
-    self.attn = Attention(dims, rngs)
+    self.attn = Attention(dims, rngs, "attn")
+    self.attn_adapter = adapter(dims, rngs)
     self.mlp_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
     self.mlp = Mlp(dims, rngs)
+    self.mlp_adapter = adapter(dims, rngs)
     self.rate = dims.dropout_rate
 
   def __call__(self, x, key, *, mask, positions):
     k1, k2 = split_keys(key, 2)
     h = self.attn_norm(x)
-    x = x + dropout(self.attn(h, h, mask, positions, positions), self.rate, k1)
-    return x + dropout(self.mlp(self.mlp_norm(x)), self.rate, k2)
+    y = _adapted(self.attn_adapter, self.attn(h, h, mask, positions, positions))
+    x = x + dropout(y, self.rate, k1)
+    return x + dropout(_adapted(self.mlp_adapter, self.mlp(self.mlp_norm(x))), self.rate, k2)
+
+
+def _adapted(adapter_module, y):
+  """A block's output through its adapter, if it has one."""
+  return y if adapter_module is None else adapter_module(y)
 
 
 class DecoderLayer(nnx.Module):
@@ -126,33 +143,34 @@ class DecoderLayer(nnx.Module):
 
   def __init__(self, dims: ModelDims, cross_attention: bool, rngs: nnx.Rngs):
     self.self_attn_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
-    self.self_attn = Attention(dims, rngs)
+    self.self_attn = Attention(dims, rngs, "self_attn")
+    self.self_attn_adapter = adapter(dims, rngs)
     if cross_attention:
       self.cross_attn_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
-      self.cross_attn = Attention(dims, rngs)
+      self.cross_attn = Attention(dims, rngs, "cross_attn")
+      self.cross_attn_adapter = adapter(dims, rngs)
     self.has_cross = cross_attention
     self.mlp_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
     self.mlp = Mlp(dims, rngs)
+    self.mlp_adapter = adapter(dims, rngs)
     self.rate = dims.dropout_rate
 
   def __call__(self, x, key, *, mask, positions, encoded=None, cross_mask=None):
     k1, k2, k3 = split_keys(key, 3)
     h = self.self_attn_norm(x)
-    x = x + dropout(self.self_attn(h, h, mask, positions, positions), self.rate, k1)
+    y = _adapted(self.self_attn_adapter, self.self_attn(h, h, mask, positions, positions))
+    x = x + dropout(y, self.rate, k1)
     if self.has_cross:
       h = self.cross_attn_norm(x)
       # Rotary is for self-attention only: source and target positions are not comparable.
-      x = x + dropout(
-        self.cross_attn.attend(
-          self.cross_attn.project(h, "query"),
-          self.cross_attn.project(encoded, "key"),
-          self.cross_attn.project(encoded, "value"),
-          cross_mask,
-        ),
-        self.rate,
-        k2,
+      y = self.cross_attn.attend(
+        self.cross_attn.project(h, "query"),
+        self.cross_attn.project(encoded, "key"),
+        self.cross_attn.project(encoded, "value"),
+        cross_mask,
       )
-    return x + dropout(self.mlp(self.mlp_norm(x)), self.rate, k3)
+      x = x + dropout(_adapted(self.cross_attn_adapter, y), self.rate, k2)
+    return x + dropout(_adapted(self.mlp_adapter, self.mlp(self.mlp_norm(x))), self.rate, k3)
 
   def decode_step(self, x, cache, *, index, positions, cross_mask=None):
     """One new position: x [b, 1, embed]; cache holds this layer's keys/values [b, T, h, kv]
@@ -170,12 +188,13 @@ class DecoderLayer(nnx.Module):
       cache["v"], v.astype(cache["v"].dtype), index, 1
     )
     visible = (jnp.arange(cache["k"].shape[1]) <= index)[None, None, None, :]
-    x = x + attn.attend(q, cache["k"], cache["v"], visible)
+    x = x + _adapted(self.self_attn_adapter, attn.attend(q, cache["k"], cache["v"], visible))
     if self.has_cross:
       h = self.cross_attn_norm(x)
       q = self.cross_attn.project(h, "query")
-      x = x + self.cross_attn.attend(q, cache["cross_k"], cache["cross_v"], cross_mask)
-    return x + self.mlp(self.mlp_norm(x)), cache
+      y = self.cross_attn.attend(q, cache["cross_k"], cache["cross_v"], cross_mask)
+      x = x + _adapted(self.cross_attn_adapter, y)
+    return x + _adapted(self.mlp_adapter, self.mlp(self.mlp_norm(x))), cache
 
   def cross_keys_values(self, encoded):
     return self.cross_attn.project(encoded, "key"), self.cross_attn.project(encoded, "value")

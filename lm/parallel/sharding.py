@@ -25,6 +25,8 @@ RULES = (
   ("kv", None),
   ("length", None),
   ("layers", None),
+  ("lora", None),  # LoRA's rank: small; A and B shard on their other dims
+  ("adapter", None),  # an adapter's bottleneck
 )
 _RULES = dict(RULES)
 

@@ -1,0 +1,194 @@
+"""Starting from a trained model: init_from, frozen parameters, LoRA and adapters."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import demo
+from lm import checkpoint, evaluate, metrics, train
+from lm import config as lmc
+from lm.data import pipeline
+from lm.data import tokenizer as tok
+from lm.data.synthetic import random_batch
+from lm.decode import DecodeOptions, Decoder
+from lm.state import Run, param_paths, select
+from tests.helpers import tiny_config
+
+
+def _logits(run: Run, params, batch) -> np.ndarray:
+  with jax.set_mesh(run.mesh):
+    forward = jax.jit(lambda p, b: nnx.merge(run.graphdef, p)(b))
+    return np.asarray(forward(params, run.shard_batch(batch)))
+
+
+def _adapted_config(mesh=(1, 1, 1), stage=0, **model):
+  cfg = tiny_config("translation", lora_rank=4, lora_targets=".", adapter_dim=8, **model)
+  cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+  cfg.zero_stage = stage
+  cfg.train.global_batch_size = 16
+  cfg.data.pack = False
+  cfg.optim.update(name="adamw", learning_rate=1e-2, eps=1e-6, weight_decay=0.1)
+  return cfg
+
+
+@functools.cache
+def _base_params():
+  """A base model's parameters (what LoRA and adapters start beside), on one device."""
+  cfg = tiny_config("translation")
+  run = Run.build(cfg, devices=jax.devices()[:1])
+  return jax.tree.map(np.asarray, run.init_state().params)
+
+
+@pytest.mark.parametrize("adaptation", [dict(lora_rank=4, lora_targets="."), dict(adapter_dim=8)])
+def test_lora_and_adapters_start_exactly_as_the_base_model(adaptation):
+  """B (LoRA) and the up-projection (adapters) start at zero: logits equal bitwise."""
+  base = Run.build(tiny_config("translation"), devices=jax.devices()[:1])
+  adapted = Run.build(tiny_config("translation", **adaptation), devices=jax.devices()[:1])
+  assert len(jax.tree.leaves(adapted.abstract_params)) > len(jax.tree.leaves(base.abstract_params))
+  params = adapted.init_state(_base_params()).params
+  batch = random_batch(base.cfg, seed=1, padding=2)
+  np.testing.assert_array_equal(
+    _logits(adapted, params, batch), _logits(base, _base_params(), batch)
+  )
+
+
+def _train(cfg, steps: int = 3):
+  n = cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor
+  run = Run.build(cfg, devices=jax.devices()[:n])
+  state = run.init_state(_base_params())
+  step = run.compile_train_step()
+  losses = []
+  for seed in range(steps):
+    state, m = step(state, run.shard_batch(random_batch(cfg, seed=seed, padding=2)))
+    losses.append(float(m["loss"]))
+  return run, state, losses
+
+
+@functools.cache
+def _reference_losses():
+  return _train(_adapted_config())[2]
+
+
+CASES = [(m, s) for m in [(1, 8, 1), (2, 2, 2)] for s in range(4)] + [
+  ((1, 2, 4), s) for s in (0, 3)
+]
+
+
+@pytest.mark.parametrize(
+  "mesh,stage", CASES, ids=[f"{'x'.join(map(str, m))}-{s}" for m, s in CASES]
+)
+def test_lora_and_adapter_training_is_sharded_like_one_device_and_leaves_the_rest_frozen(
+  mesh, stage
+):
+  """LoRA on every projection plus adapters, from a base model: the losses equal one device's,
+  every base parameter is bitwise what it was, and the optimizer holds state for the factors
+  alone (Adam: two numbers per trainable parameter)."""
+  run, state, losses = _train(_adapted_config(mesh, stage))
+  np.testing.assert_allclose(losses, _reference_losses(), rtol=1e-5)
+  params = jax.device_get(state.params)
+  base = _base_params()
+  for path, old in zip(jax.tree.leaves(param_paths(base)), jax.tree.leaves(base)):
+    new = params
+    for key in path.split("/"):
+      new = new[key]
+    np.testing.assert_array_equal(new, old, err_msg=path)
+  trained = select(params, run.trainable)
+  assert all("_lora/" in p or "_adapter/" in p for p in jax.tree.leaves(param_paths(trained)))
+  assert any(np.abs(x).max() > 0 for x in jax.tree.leaves(trained))
+  trainable = sum(x.size for x in jax.tree.leaves(trained))
+  optimizer = sum(x.size for x in jax.tree.leaves(state.opt_state))
+  assert 2 * trainable <= optimizer <= 2 * trainable + 8
+
+
+def test_a_trainable_regex_freezes_everything_else():
+  cfg = tiny_config("translation")
+  cfg.train.update(trainable="^decoder/layers/mlp/", global_batch_size=16)
+  cfg.data.pack = False
+  run = Run.build(cfg, devices=jax.devices()[:1])
+  start = jax.tree.map(np.asarray, run.init_state().params)
+  state, step = run.init_state(), run.compile_train_step()
+  for seed in range(2):
+    state, _ = step(state, run.shard_batch(random_batch(cfg, seed=seed, padding=2)))
+  paths = param_paths(start)
+  for path, old, new in zip(
+    jax.tree.leaves(paths), jax.tree.leaves(start), jax.tree.leaves(jax.device_get(state.params))
+  ):
+    assert np.array_equal(old, new) != path.startswith("decoder/layers/mlp/"), path
+  cfg.train.trainable = "no_such_parameter"
+  with pytest.raises(lmc.ConfigError, match=r"config\.train\.trainable: .* matches no parameter"):
+    Run.build(cfg, devices=jax.devices()[:1])
+
+
+def _demo(mesh, stage, **train_fields):
+  cfg = demo.get_config("tiny")
+  cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+  cfg.zero_stage = stage
+  cfg.data.update(tokenizer_sample=2000, eval_examples=16)
+  cfg.eval.update(bleu=False, examples=0)
+  cfg.train.update(log_every=1, **train_fields)
+  return cfg
+
+
+def test_init_from_restores_onto_another_mesh_and_lora_merges_into_the_export(tmp_path):
+  """A source trained on (1, 8, 1) ZeRO-3, fine-tuned with LoRA on (2, 2, 2) ZeRO-1: at step 0
+  the eval loss is the source's; after training the base weights are the source's bitwise; a
+  resume takes the fine-tune's own checkpoint; the merged export computes what LoRA did."""
+  source = str(tmp_path / "source")
+  results = train.train(_demo((1, 8, 1), 3, total_steps=4), source)
+
+  workdir = str(tmp_path / "fine_tune")
+  cfg = _demo((2, 2, 2), 1, total_steps=3, init_from=source)
+  cfg.model.update(lora_rank=4, d_model=64)  # d_model: not an override, taken from the source
+  cfg.optim.update(schedule="constant", learning_rate=1e-2)
+  with pytest.raises(lmc.ConfigError, match=r"config\.model\.d_model: 64 changes .* 128"):
+    lmc.adopt_model(cfg, checkpoint.meta_config(checkpoint.source_meta(source)), {"model.d_model"})
+  adopted = lmc.adopt_model(cfg, checkpoint.meta_config(checkpoint.source_meta(source)))
+  assert adopted.model.d_model == 128
+
+  def start(workdir):
+    tok.save(checkpoint.meta_tokenizer(checkpoint.source_meta(source)), workdir)
+    data = pipeline.load(adopted, workdir, print)
+    run = Run.build(adopted, tokenizer_size=data.tokenizer.vocab_size)
+    checkpoints = checkpoint.Checkpointer(workdir, adopted)
+    try:
+      batches = pipeline.TrainIterator(data)
+      state = train.restore_or_init(run, checkpoints, batches, metrics.Console())
+    finally:
+      checkpoints.close()
+    return run, data, state
+
+  run, data, state = start(workdir)
+  assert int(state.step) == 0
+  at_start = evaluate.Evaluator(run, data, None).teacher_forced(state.params)
+  np.testing.assert_allclose(at_start["eval_loss"], results["eval_loss"], rtol=1e-5)
+
+  train.train(cfg, workdir)
+  _, tuned, _, step = checkpoint.restore_latest(workdir)
+  _, original, _, _ = checkpoint.restore_latest(source)
+  assert step == 3
+  for path, x in zip(jax.tree.leaves(param_paths(original)), jax.tree.leaves(original)):
+    y = tuned
+    for key in path.split("/"):
+      y = y[key]
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=path)
+  assert int(start(workdir)[2].step) == 3  # its own checkpoint wins over init_from
+
+  export = str(tmp_path / "merged")
+  checkpoint.export(workdir, export, merge_lora=True)
+  merged_run, merged, tokenizer, _ = checkpoint.restore_export(export)
+  lora_run, lora, _, _ = checkpoint.restore_latest(workdir)
+  assert merged_run.cfg.model.lora_rank == 0 and "query_lora" not in str(param_paths(merged))
+  batch = random_batch(merged_run.cfg, seed=3, padding=2)
+  np.testing.assert_allclose(
+    _logits(merged_run, merged, batch), _logits(lora_run, lora, batch), rtol=1e-5, atol=1e-5
+  )
+  lines = [text for text, _ in data.eval_text[:8]]
+  options = DecodeOptions(beam_size=2, max_len=24)
+  assert Decoder(merged_run, merged, tokenizer, options, 8)(lines) == Decoder(
+    lora_run, lora, tokenizer, options, 8
+  )(lines)
