@@ -394,14 +394,15 @@ def source_meta(path: str, field: str = "train.init_from") -> dict:
       checkpoints.close()
 
 
-def restore_params(path: str, layout, devices=None) -> tuple[Any, int]:
-  """(params, step) of an export or a workdir's latest checkpoint, laid out on `layout`'s mesh
-  and ZeRO stage: the model's own parameters, without LoRA or adapters that `layout` adds."""
+def restore_model(
+  path: str, layout, field: str, devices=None
+) -> tuple[Run, Any, tok.Tokenizer, int]:
+  """(run, params, tokenizer, step) of an export or a workdir's latest checkpoint (the model
+  named by config field `field`), laid out on `layout`'s mesh and ZeRO stage."""
+  source_meta(path, field)  # a clear error for a path that holds no model
   if os.path.isfile(os.path.join(path, "meta", "metadata")):
-    _, params, _, step = restore_export(path, devices, layout)
-  else:
-    _, params, _, step = restore_latest(path, devices, layout)
-  return params, step
+    return restore_export(path, devices, layout)
+  return restore_latest(path, devices, layout)
 
 
 def export(workdir: str, output: str, dtype: str = "float32", merge_lora: bool = False) -> int:

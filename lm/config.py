@@ -103,6 +103,12 @@ def _base() -> ml_collections.ConfigDict:
       # frozen: no gradient, no optimizer state. "" = every parameter, or with LoRA / adapters
       # on, only theirs.
       trainable="",
+      # Distillation: a trained model (workdir or export) with the same tokenizer, run frozen
+      # in the same step; the loss is (1 - w) * cross-entropy + w * T^2 * KL(teacher's
+      # softmax(logits / T) || the student's), w = distill_weight, T = distill_temperature.
+      teacher="",
+      distill_weight=0.5,
+      distill_temperature=2.0,
     )
   )
   cfg.decode = ml_collections.ConfigDict(
@@ -309,6 +315,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       re.compile(_lookup(cfg, field))
     except re.error as e:
       _fail(field, f"{_lookup(cfg, field)!r} is not a regular expression ({e})")
+  if not 0.0 <= cfg.train.distill_weight <= 1.0:
+    _fail("train.distill_weight", f"{cfg.train.distill_weight!r} must lie in [0, 1]")
+  _check_positive(cfg, "train.distill_temperature")
+  if cfg.train.teacher and cfg.train.sync_every:
+    _fail("train.sync_every", "local SGD does not run a teacher; set it to 0 to distill")
   adapting = cfg.train.trainable or m.lora_rank or m.adapter_dim
   if adapting and cfg.train.sync_every:
     _fail("train.sync_every", "local SGD trains every parameter; set it to 0 to freeze some")

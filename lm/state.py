@@ -20,7 +20,7 @@ from flax import nnx, struct
 
 from lm import config as lmc
 from lm import optim
-from lm.models.loss import cross_entropy_sums
+from lm.models.loss import cross_entropy_sums, distill_sums
 from lm.models.transformer import ModelDims, build_model, logical_names
 from lm.parallel import mesh as lm_mesh
 from lm.parallel import sharding
@@ -63,15 +63,24 @@ class Run:
   # Per parameter: does it train (train.trainable)? Frozen ones get no gradient, no optimizer
   # state and no update; the optimizer sees only `select(params, trainable)`.
   trainable: dict
+  # Distillation (train.teacher): the teacher's Run on this mesh and stage, and its params,
+  # which the compiled step takes as a frozen argument (never donated, never saved).
+  teacher: Run | None = None
+  teacher_params: Any = None
 
   @classmethod
   def build(
-    cls, cfg: ml_collections.ConfigDict, devices=None, tokenizer_size: int | None = None
+    cls,
+    cfg: ml_collections.ConfigDict,
+    devices=None,
+    tokenizer_size: int | None = None,
+    teacher: tuple[Run, Any] | None = None,
   ) -> Run:
     """Validates the config against the devices and derives every sharding; compiles nothing.
 
     The embedding has max(model.vocab_size, tokenizer_size) rows padded for the mesh; only the
-    tokenizer's ids (model.vocab_size without one) can be targets or outputs.
+    tokenizer's ids (model.vocab_size without one) can be targets or outputs. `teacher`: (its
+    Run on the same mesh and stage, its params) to distill from (train.distill_weight > 0).
     """
     lmc.validate(cfg)
     mesh = lm_mesh.make_mesh(cfg.mesh, devices)
@@ -144,6 +153,7 @@ class Run:
       vocab_limit,
       outer_tx,
       trainable,
+      *(teacher if teacher and cfg.train.distill_weight > 0 else (None, None)),
     )
 
   @property
@@ -184,17 +194,24 @@ class Run:
       for k, v in local_batch.items()
     }
 
-  def loss_sums(self, params, batch, dropout_key):
-    """(loss sum, (target tokens, correct tokens)) of one batch."""
+  def loss_sums(self, params, batch, dropout_key, teacher_logits=None):
+    """(loss sum, (target tokens, correct tokens)) of one batch; with `teacher_logits`, the
+    distillation mix (train.distill_weight, train.distill_temperature)."""
     model = nnx.merge(self.graphdef, params)
     logits = model(batch, dropout_key)  # [batch, length, vocab] float32
     weights = (batch["targets"] > 0).astype(jnp.float32)
     loss, tokens, correct = cross_entropy_sums(
       logits, batch["targets"], weights, self.cfg.model.label_smoothing, self.vocab_limit
     )
+    if teacher_logits is not None:
+      t = self.cfg.train
+      kl = distill_sums(logits, teacher_logits, weights, t.distill_temperature, self.vocab_limit)
+      loss = (1.0 - t.distill_weight) * loss + t.distill_weight * kl
     return loss, (tokens, correct)
 
-  def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  def train_step(
+    self, state: TrainState, batch: dict, teacher_params=None
+  ) -> tuple[TrainState, dict]:
     """Forward, loss, gradient (accumulated over microbatches) and update. Under local SGD each
     data replica updates its own parameters with its own rows' gradient (`sync_step` merges
     them)."""
@@ -202,7 +219,7 @@ class Run:
     params = state.replicas["params"] if local else state.params
     opt_state = state.replicas["opt_state"] if local else state.opt_state
     grads, sums = self.summed_grads(
-      params, batch, state.step
+      params, batch, state.step, teacher_params
     )  # sums [..., (loss, tokens, correct)]
     tokens = sums[..., 1]  # per replica under local SGD
 
@@ -297,7 +314,7 @@ class Run:
       )
       return jitted.lower(self.abstract_state()).compile()
 
-  def summed_grads(self, params, batch: dict, step: jax.Array):
+  def summed_grads(self, params, batch: dict, step: jax.Array, teacher_params=None):
     """Gradient sums over the global batch in the update's layout, and (loss, tokens, correct)
     sums, with every reduction over the batch axes written out (docs/architecture.md, "one
     step").
@@ -337,7 +354,7 @@ class Run:
     def over_tensor(tree):
       return jax.lax.with_sharding_constraint(tree, tensor_specs)
 
-    def local(params, batch):
+    def local(params, batch, teacher_params):
       rows = jax.tree.leaves(batch)[0].shape[0]
       first_row = jax.lax.axis_index(sharding.BATCH_AXES) * rows
       keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, first_row + jnp.arange(rows))
@@ -348,13 +365,18 @@ class Run:
       params = jax.tree.map(varying, params)
       trained = select(params, self.trainable)  # the rest is frozen: no gradient
       grad_fn = jax.value_and_grad(
-        lambda t, mb, keys: self._sharded_loss_sums(merge(params, t), mb, keys), has_aux=True
+        lambda t, mb, keys, teacher: self._sharded_loss_sums(merge(params, t), mb, keys, teacher),
+        has_aux=True,
       )
+      teacher_params = jax.tree.map(varying, teacher_params)
 
       def accumulate(carry, microbatch):
         acc, sums = carry
         mb, mb_keys = microbatch
-        (loss, (tokens, correct)), grads = grad_fn(trained, mb, mb_keys)
+        teacher_logits = None
+        if self.teacher:  # frozen: its logits are constants of the student's gradient
+          teacher_logits = jax.lax.stop_gradient(self.teacher.sharded_logits(teacher_params, mb))
+        (loss, (tokens, correct)), grads = grad_fn(trained, mb, mb_keys, teacher_logits)
         grads = jax.tree.map(
           lambda g, p: p.per_microbatch(g, reduce_dtype).astype(jnp.float32),
           over_tensor(grads),
@@ -384,18 +406,31 @@ class Run:
       lambda s: P(*replica, *sharding.keep_axes(s.spec, sharding.BATCH_AXES)), tree
     )
     batch_spec = P(sharding.BATCH_AXES)
+    teacher_specs = manual(self.teacher.shardings.params) if self.teacher else {}
     region = jax.shard_map(
       local,
       mesh=self.mesh,
-      in_specs=(manual(self.shardings.params), jax.tree.map(lambda _: batch_spec, batch)),
+      in_specs=(
+        manual(self.shardings.params),
+        jax.tree.map(lambda _: batch_spec, batch),
+        teacher_specs,
+      ),
       out_specs=(manual(select(self.shardings.update, self.trainable)), P(*replica)),
       axis_names=set(sharding.BATCH_AXES),
     )
-    return region(params, batch)
+    return region(params, batch, teacher_params if self.teacher else {})
 
-  def _sharded_loss_sums(self, params, batch, dropout_keys):
-    """loss_sums inside the manual region: under ZeRO-3 the parameters outside the layer stacks
-    are gathered here, once per microbatch (each stack gathers its own layers)."""
+  def _sharded_loss_sums(self, params, batch, dropout_keys, teacher_logits=None):
+    """loss_sums inside the manual region."""
+    return self.loss_sums(self._gathered(params), batch, dropout_keys, teacher_logits)
+
+  def sharded_logits(self, params, batch):
+    """Logits without dropout inside the manual region (a teacher's)."""
+    return nnx.merge(self.graphdef, self._gathered(params))(batch, None)
+
+  def _gathered(self, params):
+    """Under ZeRO-3 the parameters outside the layer stacks are gathered here, once per
+    microbatch (each stack gathers its own layers)."""
     if self.dims.params_sharded:
       top = {k: v for k, v in params.items() if k not in _stacks(self.logical)}
       top = sharding.gather_layer(
@@ -405,7 +440,7 @@ class Run:
         self.dims.grad_reduce_dtype,
       )
       params = {**params, **top}
-    return self.loss_sums(params, batch, dropout_keys)
+    return params
 
   def reduction_plan(self):
     """Per parameter: where its gradient is reduced over the batch axes (a tree of
@@ -419,9 +454,11 @@ class Run:
     )
 
   def jit_train_step(self):
+    """step(state, batch) -> (state, metrics); with a teacher, step(state, batch, its params)."""
+    teacher = (self.teacher.shardings.params,) if self.teacher else ()
     return jax.jit(
       self.train_step,
-      in_shardings=(self.state_shardings, self.shardings.batch),
+      in_shardings=(self.state_shardings, self.shardings.batch, *teacher),
       out_shardings=(self.state_shardings, self.shardings.replicated),
       donate_argnums=0,
     )
@@ -441,13 +478,38 @@ class Run:
     )
 
   def lower_train_step(self) -> jax.stages.Lowered:
+    teacher = ()
+    if self.teacher:
+      teacher = (
+        jax.tree.map(
+          lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+          self.teacher.abstract_params,
+          self.teacher.shardings.params,
+        ),
+      )
     with jax.set_mesh(self.mesh):
-      return self.jit_train_step().lower(self.abstract_state(), self.abstract_batch())
+      return self.jit_train_step().lower(self.abstract_state(), self.abstract_batch(), *teacher)
 
   def compile_train_step(self):
-    """The jitted step lowered and compiled once, against abstract inputs."""
+    """The jitted step lowered and compiled once, against abstract inputs: step(state, batch),
+    with the teacher's parameters bound when there is one."""
     with jax.set_mesh(self.mesh):
-      return self.lower_train_step().compile()
+      compiled = self.lower_train_step().compile()
+    return _WithTeacher(compiled, self.teacher_params) if self.teacher else compiled
+
+
+class _WithTeacher:
+  """A compiled step with the teacher's parameters as its bound last argument; otherwise the
+  compiled object (as_text, memory_analysis, ...)."""
+
+  def __init__(self, compiled, teacher_params):
+    self.compiled, self.teacher_params = compiled, teacher_params
+
+  def __call__(self, state, batch):
+    return self.compiled(state, batch, self.teacher_params)
+
+  def __getattr__(self, name):
+    return getattr(self.compiled, name)
 
 
 def batch_keys(task: str, packed: bool) -> tuple[str, ...]:

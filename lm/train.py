@@ -83,7 +83,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, overridden=()) -> dict:
       tok.save(checkpoint.meta_tokenizer(source), workdir)
   log = metrics.Logger(workdir, cfg)
   data = pipeline.load(cfg, workdir, log.info)
-  run = Run.build(cfg, tokenizer_size=data.tokenizer.vocab_size)
+  run = Run.build(
+    cfg, tokenizer_size=data.tokenizer.vocab_size, teacher=load_teacher(cfg, data, log)
+  )
   describe(run, log)
   batches = pipeline.TrainIterator(data)
   checkpoints = checkpoint.Checkpointer(workdir, cfg)
@@ -100,6 +102,25 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, overridden=()) -> dict:
   finally:
     checkpoints.close()
     log.close()
+
+
+def load_teacher(cfg, data: pipeline.Data, log) -> tuple[Run, object] | None:
+  """train.teacher's (run, params) on this run's mesh and stage; None if there is none (or
+  train.distill_weight is 0: plain training, the teacher never loaded)."""
+  if not (cfg.train.teacher and cfg.train.distill_weight > 0):
+    return None
+  run, params, tokenizer, step = checkpoint.restore_model(cfg.train.teacher, cfg, "train.teacher")
+  if tokenizer.model_proto != data.tokenizer.model_proto:
+    raise lmc.ConfigError(
+      f"config.train.teacher: its tokenizer ({tokenizer.vocab_size} pieces) is not this run's "
+      f"({data.tokenizer.vocab_size}); a teacher must share the student's token ids"
+    )
+  log.info(
+    f"teacher: {cfg.train.teacher} (step {step}), {param_count(run.abstract_params) / 1e6:.2f}M "
+    f"params, frozen; loss = {1 - cfg.train.distill_weight:g} x cross-entropy + "
+    f"{cfg.train.distill_weight:g} x T^2 KL, T = {cfg.train.distill_temperature:g}"
+  )
+  return run, params
 
 
 def describe(run: Run, log) -> None:
@@ -144,7 +165,7 @@ def restore_or_init(run: Run, checkpoints: checkpoint.Checkpointer, batches, log
   )
   if step is None and run.cfg.train.init_from:
     source = run.cfg.train.init_from
-    params, source_step = checkpoint.restore_params(source, run.cfg)
+    _, params, _, source_step = checkpoint.restore_model(source, run.cfg, "train.init_from")
     log.info(f"initialized from {source} (its step {source_step}); training starts at step 0")
     return run.init_state(params)
   if step is None:

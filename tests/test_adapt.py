@@ -1,4 +1,4 @@
-"""Starting from a trained model: init_from, frozen parameters, LoRA and adapters."""
+"""Starting from a trained model: init_from, frozen parameters, LoRA, adapters, distillation."""
 
 from __future__ import annotations
 
@@ -57,9 +57,21 @@ def test_lora_and_adapters_start_exactly_as_the_base_model(adaptation):
   )
 
 
+def _teacher(cfg, devices):
+  """A teacher of another size on the student's mesh and stage (random: any teacher will do)."""
+  teacher_cfg = tiny_config("translation", d_model=48, mlp_dim=96)
+  teacher_cfg.mesh.update(cfg.mesh.to_dict())
+  teacher_cfg.zero_stage = cfg.zero_stage
+  teacher_cfg.seed = 7
+  run = Run.build(teacher_cfg, devices=devices)
+  return run, run.init_state().params
+
+
 def _train(cfg, steps: int = 3):
   n = cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor
-  run = Run.build(cfg, devices=jax.devices()[:n])
+  devices = jax.devices()[:n]
+  run = Run.build(cfg, devices=devices, teacher=_teacher(cfg, devices))
+  assert run.teacher is not None
   state = run.init_state(_base_params())
   step = run.compile_train_step()
   losses = []
@@ -82,12 +94,13 @@ CASES = [(m, s) for m in [(1, 8, 1), (2, 2, 2)] for s in range(4)] + [
 @pytest.mark.parametrize(
   "mesh,stage", CASES, ids=[f"{'x'.join(map(str, m))}-{s}" for m, s in CASES]
 )
-def test_lora_and_adapter_training_is_sharded_like_one_device_and_leaves_the_rest_frozen(
+def test_lora_adapters_and_distillation_are_sharded_like_one_device_and_freeze_the_rest(
   mesh, stage
 ):
-  """LoRA on every projection plus adapters, from a base model: the losses equal one device's,
-  every base parameter is bitwise what it was, and the optimizer holds state for the factors
-  alone (Adam: two numbers per trainable parameter)."""
+  """LoRA on every projection plus adapters, from a base model, distilled from a teacher of
+  another width: the losses equal one device's, every base parameter is bitwise what it was,
+  and the optimizer holds state for the factors alone (Adam: two numbers per trainable
+  parameter)."""
   run, state, losses = _train(_adapted_config(mesh, stage))
   np.testing.assert_allclose(losses, _reference_losses(), rtol=1e-5)
   params = jax.device_get(state.params)
@@ -124,6 +137,36 @@ def test_a_trainable_regex_freezes_everything_else():
     Run.build(cfg, devices=jax.devices()[:1])
 
 
+def test_distillation_loss_is_cross_entropy_plus_kl_and_weight_zero_is_plain_training():
+  cfg = tiny_config("translation")
+  cfg.train.update(distill_weight=0.3, distill_temperature=2.0)
+  devices = jax.devices()[:1]
+  run = Run.build(cfg, devices=devices, teacher=_teacher(cfg, devices))
+  params = run.init_state().params
+  batch = {k: np.asarray(v) for k, v in random_batch(cfg, seed=2, padding=3).items()}
+  teacher_logits = np.random.RandomState(0).normal(size=(*batch["targets"].shape, 128)) * 3
+  loss, (tokens, _) = jax.jit(run.loss_sums)(params, batch, None, teacher_logits)
+
+  logits = np.asarray(nnx.merge(run.graphdef, params)(batch, None), np.float64)[..., :64]
+  weights = batch["targets"] > 0
+  log_q = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  cross_entropy = -np.take_along_axis(log_q, batch["targets"][..., None], -1)[..., 0]
+  t = 2.0
+  soft = lambda x: x / t - np.log(np.exp(x / t).sum(-1, keepdims=True))
+  log_p_teacher, log_p_student = soft(teacher_logits[..., :64]), soft(logits)
+  kl = (np.exp(log_p_teacher) * (log_p_teacher - log_p_student)).sum(-1)
+  expected = 0.7 * cross_entropy[weights].sum() + 0.3 * t**2 * kl[weights].sum()
+  assert float(tokens) == weights.sum()
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+  # Weight 0: no teacher in the step at all, the same program as plain training.
+  cfg.train.distill_weight = 0.0
+  without = Run.build(cfg, devices=devices, teacher=_teacher(cfg, devices))
+  plain = Run.build(tiny_config("translation"), devices=devices)
+  assert without.teacher is None
+  assert without.lower_train_step().as_text() == plain.lower_train_step().as_text()
+
+
 def _demo(mesh, stage, **train_fields):
   cfg = demo.get_config("tiny")
   cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
@@ -134,12 +177,18 @@ def _demo(mesh, stage, **train_fields):
   return cfg
 
 
-def test_init_from_restores_onto_another_mesh_and_lora_merges_into_the_export(tmp_path):
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+  """(workdir, final results) of the demo trained 4 steps on (1, 8, 1) ZeRO-3."""
+  workdir = str(tmp_path_factory.mktemp("source"))
+  return workdir, train.train(_demo((1, 8, 1), 3, total_steps=4), workdir)
+
+
+def test_init_from_restores_onto_another_mesh_and_lora_merges_into_the_export(source, tmp_path):
   """A source trained on (1, 8, 1) ZeRO-3, fine-tuned with LoRA on (2, 2, 2) ZeRO-1: at step 0
   the eval loss is the source's; after training the base weights are the source's bitwise; a
   resume takes the fine-tune's own checkpoint; the merged export computes what LoRA did."""
-  source = str(tmp_path / "source")
-  results = train.train(_demo((1, 8, 1), 3, total_steps=4), source)
+  source, results = source
 
   workdir = str(tmp_path / "fine_tune")
   cfg = _demo((2, 2, 2), 1, total_steps=3, init_from=source)
@@ -192,3 +241,19 @@ def test_init_from_restores_onto_another_mesh_and_lora_merges_into_the_export(tm
   assert Decoder(merged_run, merged, tokenizer, options, 8)(lines) == Decoder(
     lora_run, lora, tokenizer, options, 8
   )(lines)
+
+
+def test_a_half_width_student_distils_from_a_trained_teacher(source, tmp_path, capsys):
+  """train.teacher end to end on (2, 2, 2) ZeRO-3; a teacher with other token ids is refused
+  before anything compiles."""
+  teacher, _ = source
+  cfg = _demo((2, 2, 2), 3, total_steps=2, teacher=teacher)
+  cfg.model.update(d_model=64, mlp_dim=256)
+  cfg.data.tokenizer = f"{teacher}/tokenizer.model"
+  results = train.train(cfg, str(tmp_path / "student"))
+  assert np.isfinite(results["eval_loss"])
+  assert f"teacher: {teacher} (step 4), 0.96M params, frozen" in capsys.readouterr().out
+  cfg.data.tokenizer = ""
+  cfg.model.vocab_size = 100  # its own tokenizer, with other pieces
+  with pytest.raises(lmc.ConfigError, match=r"config\.train\.teacher: its tokenizer .* is not"):
+    train.train(cfg, str(tmp_path / "other_tokens"))

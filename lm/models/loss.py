@@ -30,6 +30,30 @@ def cross_entropy_sums(
   return (loss * weights).sum(), weights.sum(), correct.sum()
 
 
+def distill_sums(
+  logits: jax.Array,
+  teacher_logits: jax.Array,
+  weights: jax.Array,
+  temperature: float,
+  vocab_limit: int | None = None,
+) -> jax.Array:
+  """Sum over tokens of temperature^2 * KL(teacher || student) between the softmaxes of
+  logits / temperature (Hinton et al. 2015: the T^2 keeps gradients comparable across T).
+  Only ids below `vocab_limit` are classes; a teacher with another padded vocab is cut or
+  padded to the student's. logits [b, l, vocab] float32; weights [b, l]."""
+  vocab = logits.shape[-1]
+  teacher_logits = teacher_logits[..., :vocab].astype(logits.dtype)
+  if teacher_logits.shape[-1] < vocab:
+    pad = [(0, 0)] * (teacher_logits.ndim - 1) + [(0, vocab - teacher_logits.shape[-1])]
+    teacher_logits = jnp.pad(teacher_logits, pad)
+  classes = vocab if vocab_limit is None else min(vocab_limit, vocab)
+  real, offsets = _class_offsets(logits, classes)
+  log_q = jax.nn.log_softmax(logits / temperature + offsets, axis=-1)
+  log_p = jax.nn.log_softmax(teacher_logits / temperature + offsets, axis=-1)
+  kl = (jnp.exp(log_p) * (log_p - log_q) * real).sum(axis=-1)
+  return (kl * weights).sum() * temperature**2
+
+
 def _class_offsets(logits: jax.Array, classes: int) -> tuple[jax.Array, jax.Array]:
   """[vocab] float32: 1 for a class, else 0; and 0 for a class, else -1e30 (finite, so that
   exp underflows to exactly 0 with no inf arithmetic). Arithmetic masks rather than `where`:
