@@ -30,7 +30,9 @@ _MODE = flags.DEFINE_enum(
 )
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "serve: the address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "serve: the port to listen on.")
-_EXPORT = flags.DEFINE_string("export", None, "serve: an export directory instead of WORKDIR.")
+_EXPORT = flags.DEFINE_string(
+  "export", None, "eval, decode, serve: an export directory instead of WORKDIR's checkpoint."
+)
 _INPUT = flags.DEFINE_string("input", "-", "decode: one source (or prompt) per line; - = stdin.")
 _OUTPUT = flags.DEFINE_string(
   "output", None, "decode: one output per input line (- = stdout); export: a new directory."
@@ -41,7 +43,10 @@ _MERGE_LORA = flags.DEFINE_bool(
   "--mode=export: fold LoRA's factors into the weights they adapt, so serving pays nothing.",
 )
 _EXPORT_DTYPE = flags.DEFINE_enum(
-  "export_dtype", "float32", ["float32", "bfloat16"], "export: parameter dtype."
+  "export_dtype",
+  "float32",
+  ["float32", "bfloat16", "int8"],
+  "export: parameter dtype; int8 = matmul kernels as int8 with per-channel float scales.",
 )
 _DISTRIBUTED = flags.DEFINE_bool(
   "distributed",
@@ -85,7 +90,7 @@ def main(argv):
     elif _MODE.value == "eval":
       decode_cfg = _CONFIG.value.decode if _CONFIG.value is not None else None
       log = metrics.Console()
-      results = evaluate.evaluate_workdir(_WORKDIR.value, decode_cfg, log)
+      results = evaluate.evaluate_workdir(_WORKDIR.value, decode_cfg, log, _EXPORT.value)
       if jax.process_index() == 0:
         print(json.dumps(results, indent=2))
     elif _MODE.value == "decode":
@@ -128,7 +133,7 @@ def decode_lines(input_path: str, output_path: str) -> None:
   if input_path != "-" and not os.path.exists(input_path):
     raise ConfigError(f"--input: {input_path!r} does not exist")
   decode_cfg = _CONFIG.value.decode if _CONFIG.value is not None else None
-  decoder = Decoder.from_workdir(_WORKDIR.value, decode_cfg)
+  decoder = Decoder.from_workdir(_WORKDIR.value, decode_cfg, export=_EXPORT.value)
   source = sys.stdin if input_path == "-" else open(input_path, encoding="utf-8")
   with source:
     lines = [line.rstrip("\n") for line in source]
@@ -155,10 +160,9 @@ def serve_model() -> None:
   cfg = _CONFIG.value
   if cfg is not None:
     lm_config.validate(cfg)  # before loading anything
-  if _EXPORT.value:
-    run, params, tokenizer, step = checkpoint.restore_export(_EXPORT.value, layout=cfg)
-  else:
-    run, params, tokenizer, step = checkpoint.restore_latest(_WORKDIR.value, layout=cfg)
+  run, params, tokenizer, step = checkpoint.restore_for_inference(
+    _WORKDIR.value, _EXPORT.value, layout=cfg
+  )
   settings = cfg if cfg is not None else run.cfg
   options = DecodeOptions.from_config(settings.decode)
   buckets = tuple(settings.serve.length_buckets) or options.length_buckets

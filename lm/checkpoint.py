@@ -394,6 +394,15 @@ def source_meta(path: str, field: str = "train.init_from") -> dict:
       checkpoints.close()
 
 
+def restore_for_inference(
+  workdir: str, export: str | None = None, devices=None, layout=None
+) -> tuple[Run, Any, tok.Tokenizer, int]:
+  """An export if one is named, else the workdir's latest checkpoint (see restore_latest)."""
+  if export:
+    return restore_export(export, devices, layout)
+  return restore_latest(workdir, devices, layout)
+
+
 def restore_model(
   path: str, layout, field: str, devices=None
 ) -> tuple[Run, Any, tok.Tokenizer, int]:
@@ -407,7 +416,8 @@ def restore_model(
 
 def export(workdir: str, output: str, dtype: str = "float32", merge_lora: bool = False) -> int:
   """Writes the latest checkpoint's parameters (+ config, tokenizer) to `output`; its step.
-  `merge_lora`: LoRA's updates folded into the kernels, the export a model without LoRA."""
+  `merge_lora`: LoRA's updates folded into the kernels, the export a model without LoRA.
+  dtype "int8": matmul kernels as int8 with per-channel scales (model.quantize)."""
   run, params, tokenizer, step = restore_latest(workdir)
   cfg = run.cfg
   if merge_lora:
@@ -418,6 +428,11 @@ def export(workdir: str, output: str, dtype: str = "float32", merge_lora: bool =
       params = jax.jit(lambda p: layers.merge_lora(p, m.lora_alpha / m.lora_rank))(params)
     cfg = cfg.copy_and_resolve_references()
     cfg.model.lora_rank = 0
+  if dtype == "int8":
+    with jax.set_mesh(run.mesh):
+      params = jax.jit(layers.quantize_int8)(params)
+    cfg = cfg.copy_and_resolve_references()
+    cfg.model.quantize, dtype = "int8", "float32"  # scales and unquantized tensors stay float
   write_export(output, params, cfg, tokenizer, dtype, step)
   return step
 

@@ -75,6 +75,9 @@ def _base() -> ml_collections.ConfigDict:
       # Houlsby adapters: a residual bottleneck of this width after every attention and MLP
       # block; 0 = none.
       adapter_dim=0,
+      # "int8": matmul kernels stored as int8 with per-output-channel float scales, dequantized
+      # per layer as it runs. Set by --mode=export --export_dtype=int8; inference only.
+      quantize="",
     )
   )
   cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1))
@@ -307,6 +310,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _check_choice(cfg, "model.remat", REMAT)
   _check_choice(cfg, "model.dtype", DTYPES)
   _check_choice(cfg, "model.param_dtype", ("float32", "bfloat16"))
+  _check_choice(cfg, "model.quantize", ("", "int8"))
   for field in ("lora_rank", "adapter_dim"):
     _check_positive(cfg, "model." + field, allow_zero=True)
   _check_positive(cfg, "model.lora_alpha")

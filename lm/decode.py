@@ -278,10 +278,10 @@ class Decoder:
     self._jitted = {}
 
   @classmethod
-  def from_workdir(cls, workdir: str, decode_cfg=None, devices=None) -> Decoder:
-    """The workdir's latest checkpoint on a mesh over the devices; decode_cfg overrides the
-    checkpoint's decode settings."""
-    run, params, tokenizer, _ = checkpoint.restore_latest(workdir, devices)
+  def from_workdir(cls, workdir: str, decode_cfg=None, devices=None, export=None) -> Decoder:
+    """The workdir's latest checkpoint (or `export`) on a mesh over the devices; decode_cfg
+    overrides the checkpoint's decode settings."""
+    run, params, tokenizer, _ = checkpoint.restore_for_inference(workdir, export, devices)
     decode_cfg = decode_cfg if decode_cfg is not None else run.cfg.decode
     options = DecodeOptions.from_config(decode_cfg)
     return cls(run, params, tokenizer, options, decode_cfg.batch_size)

@@ -69,12 +69,13 @@ class Evaluator:
     return results
 
 
-def evaluate_workdir(workdir: str, decode_cfg=None, log=None) -> dict:
-  """--mode=eval: the latest checkpoint on its held-out set; also written to WORKDIR/eval.json."""
-  run, params, _, step = checkpoint.restore_latest(workdir)
+def evaluate_workdir(workdir: str, decode_cfg=None, log=None, export=None) -> dict:
+  """--mode=eval: the latest checkpoint (or `export`) on its held-out set, with the tokenizer it
+  was trained with; also written to WORKDIR/eval.json."""
+  run, params, tokenizer, step = checkpoint.restore_for_inference(workdir, export)
   if decode_cfg is not None:
     run.cfg.decode = decode_cfg
-  data = pipeline.load(run.cfg, workdir, log.info if log else print)
+  data = pipeline.load(run.cfg, workdir, log.info if log else print, tokenizer)
   results = {"step": step, **Evaluator(run, data, log)(params)}
   if jax.process_index() == 0:  # every process holds the same results
     with open(os.path.join(workdir, "eval.json"), "w") as f:

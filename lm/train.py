@@ -76,9 +76,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, overridden=()) -> dict:
   signal.
   """
   lmc.validate(cfg)
+  if cfg.model.quantize:
+    raise lmc.ConfigError("config.model.quantize: int8 weights are for inference; train in float")
   if cfg.train.init_from:
     source = checkpoint.source_meta(cfg.train.init_from)
-    cfg = lmc.adopt_model(cfg, checkpoint.meta_config(source), overridden)
+    source_cfg = checkpoint.meta_config(source)
+    if source_cfg.model.quantize:
+      raise lmc.ConfigError(
+        f"config.train.init_from: {cfg.train.init_from!r} holds int8 weights; start from a "
+        "float export or checkpoint"
+      )
+    cfg = lmc.adopt_model(cfg, source_cfg, overridden)
     if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, tok.TOKENIZER_FILE)):
       tok.save(checkpoint.meta_tokenizer(source), workdir)
   log = metrics.Logger(workdir, cfg)

@@ -16,6 +16,7 @@ from lm.data import pipeline
 from lm.data import tokenizer as tok
 from lm.data.synthetic import random_batch
 from lm.decode import DecodeOptions, Decoder
+from lm.models import layers
 from lm.state import Run, param_paths, select
 from tests.helpers import tiny_config
 
@@ -257,3 +258,73 @@ def test_a_half_width_student_distils_from_a_trained_teacher(source, tmp_path, c
   cfg.model.vocab_size = 100  # its own tokenizer, with other pieces
   with pytest.raises(lmc.ConfigError, match=r"config\.train\.teacher: its tokenizer .* is not"):
     train.train(cfg, str(tmp_path / "other_tokens"))
+
+
+def test_int8_quantization_is_symmetric_per_output_channel():
+  rng = np.random.RandomState(0)
+  params = {"attn": {"query": rng.normal(size=(2, 8, 4, 3)), "out": rng.normal(size=(2, 4, 3, 8))}}
+  params["attn"]["query"][1, :, 2, 1] = 0.0  # an all-zero channel
+  quantized = jax.jit(layers.quantize_int8)(jax.tree.map(np.float32, params))["attn"]
+  for name, inputs in (("query", (1,)), ("out", (1, 2))):
+    w = params["attn"][name].astype(np.float32)
+    scale = np.abs(w).max(axis=inputs) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.round(w / np.expand_dims(scale, inputs)), -127, 127)
+    assert quantized[name].dtype == np.int8
+    np.testing.assert_allclose(np.asarray(quantized[f"{name}_scale"]), scale, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(quantized[name]), q)
+    dequantized = q * np.expand_dims(scale, inputs)
+    assert np.all(np.abs(dequantized - w) <= np.expand_dims(scale, inputs) / 2 + 1e-7)
+
+
+def test_an_int8_export_holds_under_a_third_of_the_bytes_and_runs_dequantized(
+  trained_workdir, tmp_path
+):
+  """Decode and eval load it; its logits are the float model's with the dequantized weights."""
+  exports = {}
+  for dtype in ("float32", "int8"):
+    checkpoint.export(str(trained_workdir), str(tmp_path / dtype), dtype)
+    exports[dtype] = checkpoint.restore_export(str(tmp_path / dtype))
+  (run_f, float_params, tokenizer, _), (run_q, int8_params, _, _) = exports.values()
+  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+  assert nbytes(int8_params) <= 0.3 * nbytes(float_params), (
+    nbytes(int8_params),
+    nbytes(float_params),
+  )
+
+  def dequantized(tree):
+    out = {}
+    for key, value in tree.items():
+      if key.endswith("_scale") and key[: -len("_scale")] in layers.QUANTIZED_KERNELS:
+        continue
+      if isinstance(value, dict):
+        out[key] = dequantized(value)
+      elif key in layers.QUANTIZED_KERNELS:
+        out[key] = (
+          np.asarray(value, np.float32)
+          * np.asarray(tree[f"{key}_scale"])[
+            (slice(None),) * (value.ndim - sum(layers.QUANTIZED_KERNELS[key]))
+            + (None,) * layers.QUANTIZED_KERNELS[key][0]
+          ]
+        )
+      else:
+        out[key] = value
+    return out
+
+  batch = random_batch(run_q.cfg, seed=5, padding=2)
+  np.testing.assert_allclose(
+    _logits(run_q, int8_params, batch),
+    _logits(run_f, dequantized(jax.device_get(int8_params)), batch),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+  losses = {}
+  for dtype, (run, params, _, _) in exports.items():
+    data = pipeline.load(run.cfg, str(tmp_path / f"data_{dtype}"), print, tokenizer)
+    losses[dtype] = evaluate.Evaluator(run, data, None).teacher_forced(params)["eval_loss"]
+  assert abs(losses["int8"] - losses["float32"]) <= 0.01 * losses["float32"], losses
+  lines = [text for text, _ in data.eval_text[:16]]
+  decoded = Decoder.from_workdir(str(trained_workdir), export=str(tmp_path / "int8"))(lines)
+  assert (
+    sum(a == b for a, b in zip(decoded, Decoder.from_workdir(str(trained_workdir))(lines))) >= 12
+  )

@@ -64,7 +64,10 @@ def _held_out_split(cfg, train):
   return train[limit:], records
 
 
-def load(cfg: ml_collections.ConfigDict, workdir: str, log=print) -> Data:
+def load(
+  cfg: ml_collections.ConfigDict, workdir: str, log=print, tokenizer: tok.Tokenizer | None = None
+) -> Data:
+  """The run's data; `tokenizer` (a checkpoint's) instead of data.tokenizer / WORKDIR's."""
   source = sources.open_source(cfg.data.source, cfg.data, cfg.task, cfg.seed)
   if len(source) == 0:
     raise ConfigError(f"config.data.source: {cfg.data.source!r} has no usable example")
@@ -86,7 +89,8 @@ def load(cfg: ml_collections.ConfigDict, workdir: str, log=print) -> Data:
       if record:
         yield from record.values()
 
-  tokenizer = tok.load_or_train(cfg.data, cfg.model.vocab_size, workdir, sample_texts, log)
+  if tokenizer is None:
+    tokenizer = tok.load_or_train(cfg.data, cfg.model.vocab_size, workdir, sample_texts, log)
   eval_tokens = eval_arrays(tokenizer, eval_records, cfg.data.seq_len)
   return Data(cfg, tokenizer, train, eval_records, eval_tokens, source.skipped)
 

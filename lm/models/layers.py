@@ -21,6 +21,61 @@ def _param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
 
 
+# Matmul kernels an int8 export quantizes: (input dims, output dims), after any leading layer
+# dim. Embeddings, norms, biases, LoRA and adapters stay float.
+QUANTIZED_KERNELS = {
+  "query": (1, 2),
+  "key": (1, 2),
+  "value": (1, 2),
+  "out": (2, 1),
+  "wi": (1, 1),
+  "wi_gate": (1, 1),
+  "wo": (1, 1),
+}
+
+
+def _kernel(cfg, rngs: nnx.Rngs, init, shape, names, name: str):
+  """A matmul kernel and, for an int8 model (model.quantize), its per-output-channel float
+  scales (None otherwise)."""
+  if not cfg.quantized:
+    return _param(rngs, init, shape, names, cfg.param_dtype), None
+  inputs = QUANTIZED_KERNELS[name][0]
+  kernel = nnx.Param(jnp.zeros(shape, jnp.int8), out_sharding=names)
+  ones = jax.nn.initializers.ones
+  return kernel, _param(rngs, ones, shape[inputs:], names[inputs:], jnp.float32)
+
+
+def weight(module: nnx.Module, name: str, dtype) -> jax.Array:
+  """A kernel in `dtype`; an int8 one dequantized (times its scales) here, where it is used,
+  so that only the running layer's weights ever exist in float."""
+  kernel, scale = getattr(module, name)[...], getattr(module, f"{name}_scale")
+  if scale is None:
+    return kernel.astype(dtype)
+  return kernel.astype(dtype) * scale[...].astype(dtype)
+
+
+def quantize_int8(params: dict) -> dict:
+  """Parameters (a nested dict) with every QUANTIZED_KERNELS kernel as symmetric int8 per
+  output channel, round(w / s) with s = max |w| / 127 over the input dims, plus "<name>_scale"
+  = s in float32."""
+  out = {}
+  for key, value in params.items():
+    if isinstance(value, dict):
+      out[key] = quantize_int8(value)
+      continue
+    out[key] = value
+    if key in QUANTIZED_KERNELS:
+      inputs, outputs = QUANTIZED_KERNELS[key]
+      lead = value.ndim - inputs - outputs
+      axes = tuple(range(lead, lead + inputs))
+      w = value.astype(jnp.float32)
+      scale = jnp.max(jnp.abs(w), axis=axes) / 127.0
+      scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero channel stays zero
+      q = jnp.round(w / jnp.expand_dims(scale, axes))
+      out[key], out[f"{key}_scale"] = jnp.clip(q, -127, 127).astype(jnp.int8), scale
+  return out
+
+
 def _fan_in_init(fan_in: int):
   return jax.nn.initializers.normal(stddev=1.0 / math.sqrt(fan_in))
 
@@ -186,10 +241,13 @@ class Attention(nnx.Module):
     d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
     self.use_rotary = cfg.positions == "rotary"
     init_in, init_out = _fan_in_init(d), _fan_in_init(h * k)
-    self.query = _param(rngs, init_in, (d, h, k), ("embed", "heads", "kv"), cfg.param_dtype)
-    self.key = _param(rngs, init_in, (d, h, k), ("embed", "heads", "kv"), cfg.param_dtype)
-    self.value = _param(rngs, init_in, (d, h, k), ("embed", "heads", "kv"), cfg.param_dtype)
-    self.out = _param(rngs, init_out, (h, k, d), ("heads", "kv", "embed"), cfg.param_dtype)
+    for name in ("query", "key", "value"):
+      kernel, scale = _kernel(cfg, rngs, init_in, (d, h, k), ("embed", "heads", "kv"), name)
+      setattr(self, name, kernel)
+      setattr(self, f"{name}_scale", scale)
+    self.out, self.out_scale = _kernel(
+      cfg, rngs, init_out, (h, k, d), ("heads", "kv", "embed"), "out"
+    )
     self.use_bias = cfg.use_bias
     if cfg.use_bias:
       zeros = jax.nn.initializers.zeros
@@ -204,7 +262,7 @@ class Attention(nnx.Module):
 
   def project(self, x: jax.Array, name: str) -> jax.Array:
     """[batch, length, embed] -> [batch, length, heads, kv]."""
-    y = jnp.einsum("ble,ehk->blhk", x, getattr(self, name)[...].astype(x.dtype))
+    y = jnp.einsum("ble,ehk->blhk", x, weight(self, name, x.dtype))
     if (lora := getattr(self, f"{name}_lora")) is not None:
       y = y + lora(x)
     if self.use_bias and name != "key":
@@ -214,7 +272,7 @@ class Attention(nnx.Module):
   def attend(self, q, k, v, mask) -> jax.Array:
     """q [b, t, h, kv], k/v [b, s, h, kv], mask [b, 1, t, s] -> [b, t, embed]."""
     y = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    out = jnp.einsum("blhk,hke->ble", y, self.out[...].astype(y.dtype))
+    out = jnp.einsum("blhk,hke->ble", y, weight(self, "out", y.dtype))
     if self.out_lora is not None:
       out = out + self.out_lora(y)
     if self.use_bias:
@@ -239,10 +297,12 @@ class Mlp(nnx.Module):
     d, f = cfg.d_model, cfg.mlp_dim
     self.activation = cfg.activation
     self.use_bias = cfg.use_bias
-    self.wi = _param(rngs, _fan_in_init(d), (d, f), ("embed", "mlp"), cfg.param_dtype)
+    self.wi, self.wi_scale = _kernel(cfg, rngs, _fan_in_init(d), (d, f), ("embed", "mlp"), "wi")
     if cfg.activation == "swiglu":
-      self.wi_gate = _param(rngs, _fan_in_init(d), (d, f), ("embed", "mlp"), cfg.param_dtype)
-    self.wo = _param(rngs, _fan_in_init(f), (f, d), ("mlp", "embed"), cfg.param_dtype)
+      self.wi_gate, self.wi_gate_scale = _kernel(
+        cfg, rngs, _fan_in_init(d), (d, f), ("embed", "mlp"), "wi_gate"
+      )
+    self.wo, self.wo_scale = _kernel(cfg, rngs, _fan_in_init(f), (f, d), ("mlp", "embed"), "wo")
     self.wi_lora = _lora(cfg, "mlp", "wi", "e", "f", rngs)
     self.wi_gate_lora = (
       _lora(cfg, "mlp", "wi_gate", "e", "f", rngs) if self.activation == "swiglu" else None
@@ -253,13 +313,13 @@ class Mlp(nnx.Module):
       self.wo_bias = _param(rngs, jax.nn.initializers.zeros, (d,), ("embed",), cfg.param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = dense(x, self.wi[...])  # [b, l, mlp]
+    h = dense(x, weight(self, "wi", x.dtype))  # [b, l, mlp]
     if self.wi_lora is not None:
       h = h + self.wi_lora(x)
     if self.use_bias:
       h = h + self.wi_bias[...].astype(x.dtype)
     if self.activation == "swiglu":
-      gate = dense(x, self.wi_gate[...])
+      gate = dense(x, weight(self, "wi_gate", x.dtype))
       if self.wi_gate_lora is not None:
         gate = gate + self.wi_gate_lora(x)
       h = jax.nn.silu(gate) * h
@@ -268,7 +328,7 @@ class Mlp(nnx.Module):
     else:
       h = jax.nn.relu(h)
     h = constrain(h, ("batch", "length", "mlp"))
-    y = dense(h, self.wo[...])
+    y = dense(h, weight(self, "wo", h.dtype))
     if self.wo_lora is not None:
       y = y + self.wo_lora(h)
     if self.use_bias:

@@ -68,6 +68,7 @@ class ModelDims:
   lora_alpha: float = 16.0
   lora_targets: str = ""
   adapter_dim: int = 0
+  quantized: bool = False  # int8 matmul kernels with float scales (an int8 export)
 
   @classmethod
   def from_config(
@@ -112,6 +113,7 @@ class ModelDims:
       lora_alpha=m.lora_alpha,
       lora_targets=m.lora_targets,
       adapter_dim=m.adapter_dim,
+      quantized=m.quantize == "int8",
     )
 
 
