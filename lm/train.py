@@ -189,6 +189,8 @@ def _loop(run, state, step_fn, sync_fn, data, batches, checkpoints, log) -> dict
   peak = metrics.device_peak_flops(run.mesh.devices.flat[0]) * run.mesh.size
   meter = metrics.Throughput(total, metrics.model_flops(cfg, run.abstract_params), peak)
   pending, last_good = [], checkpoints.latest_step()
+  if cfg.train.init_from and int(state.step) == 0:  # the starting point, on this run's data
+    log.scalars(0, evaluator(state.params))
   with StopSignals() as stop:
     for step in range(int(state.step) + 1, total + 1):
       with meter.waiting_for_input():

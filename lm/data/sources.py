@@ -5,6 +5,7 @@
   text:PATH_OR_GLOB            one document per line (LM)
   jsonl:PATH_OR_GLOB           one object per line; `data.fields` names the keys
   synthetic:demo               the generated language pair of experiments/demo.py
+  synthetic:demo_shifted       that pair with the verb second (experiments/demo_adapt.py)
 
 A record is {"inputs": str, "targets": str} for translation and {"targets": str} for an LM,
 or {} for a malformed example, which the pipeline skips and counts (not None, which grain
@@ -173,11 +174,14 @@ class LineFileSource:
 
 class SyntheticSource:
   def __init__(self, name: str, task: str, seed: int):
-    if name != "demo" or task != "translation":
+    variants = {"demo": "", "demo_shifted": "shifted"}
+    if name not in variants or task != "translation":
       raise ConfigError(
-        f"config.data.source: 'synthetic:{name}' is unknown; 'synthetic:demo' is a translation task"
+        f"config.data.source: 'synthetic:{name}' is unknown; 'synthetic:demo' and "
+        "'synthetic:demo_shifted' are translation tasks"
       )
-    self.pairs, self.skipped = synthetic.DemoSource(SYNTHETIC_DEMO_SIZE, seed), 0
+    self.pairs = synthetic.DemoSource(SYNTHETIC_DEMO_SIZE, seed, variants[name])
+    self.skipped = 0
 
   def __len__(self) -> int:
     return len(self.pairs)

@@ -4,6 +4,10 @@ English-like source sentences (subject-verb-object, adjectives before nouns) map
 language with a word mapping, subject-object-verb order, adjectives after the noun that agree
 with it in number, a postposed definite article, an object-case marker and verb agreement with
 the subject. Learning it needs reordering, agreement and lexical translation, not copying.
+
+The "shifted" variant (a domain shift, for adaptation) puts the target's verb second, after
+the subject (subject-verb-object, as in the source), with the same words and inflections: a
+model trained on the demo translates it with every word right and the verb in the wrong place.
 """
 
 from __future__ import annotations
@@ -97,19 +101,21 @@ def _target_np(p, is_object: bool) -> list[str]:
   return words
 
 
-def sentence_pair(rng: random.Random) -> tuple[str, str]:
+VARIANTS = ("", "shifted")
+
+
+def sentence_pair(rng: random.Random, variant: str = "") -> tuple[str, str]:
   subject, obj = _noun_phrase(rng), _noun_phrase(rng)
   verb = rng.choice(VERBS)
   adverb = [rng.choice(ADVERBS)] if rng.random() < 0.3 else []
   source_verb = verb if subject["plural"] else third_person(verb)
   source = [*_source_np(subject), source_verb, *_source_np(obj), *adverb]
   target_verb = [VERB_T[verb]] + ([PLURAL] if subject["plural"] else [])
-  target = [
-    *_target_np(subject, False),
-    *_target_np(obj, True),
-    *[ADV_T[a] for a in adverb],
-    *target_verb,
-  ]
+  adverbs = [ADV_T[a] for a in adverb]
+  if variant == "shifted":
+    target = [*_target_np(subject, False), *target_verb, *_target_np(obj, True), *adverbs]
+  else:
+    target = [*_target_np(subject, False), *_target_np(obj, True), *adverbs, *target_verb]
   return " ".join(source), " ".join(target)
 
 
@@ -118,14 +124,14 @@ class DemoSource:
   Python's generator, not numpy's: seeding one per pair is 10x cheaper, and the demo's input
   pipeline shares two cores with the train step."""
 
-  def __init__(self, size: int, seed: int):
-    self.size, self.seed = size, seed
+  def __init__(self, size: int, seed: int, variant: str = ""):
+    self.size, self.seed, self.variant = size, seed, variant
 
   def __len__(self) -> int:
     return self.size
 
   def __getitem__(self, index: int) -> tuple[str, str]:
-    return sentence_pair(random.Random(self.seed << 32 | int(index)))
+    return sentence_pair(random.Random(self.seed << 32 | int(index)), self.variant)
 
 
 def random_batch(cfg, seed: int = 0, padding: int = 0, packed: bool = False) -> dict:
