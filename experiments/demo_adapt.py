@@ -2,8 +2,8 @@
 
 The shifted variant of the demo pair (`synthetic:demo_shifted`) keeps every word and inflection
 but puts the target's verb second instead of last, so the pretrained model gets the words right
-and the order wrong. LoRA (rank 8 on every attention and MLP projection, 0.3M trainable
-parameters beside the frozen 0.95M) learns the new order; the run evaluates the starting point
+and the order wrong. LoRA (rank 8 on every attention and MLP projection: 90k trainable
+parameters beside the frozen 0.96M) learns the new order; the run evaluates the starting point
 at step 0, then every 100 steps.
 
   python -m experiments.run --config=experiments/demo.py --workdir=runs/demo
@@ -13,8 +13,9 @@ at step 0, then every 100 steps.
     --merge_lora
 
 Measured on a 2-core CPU (the demo pretrained 800 steps): sacreBLEU on the shifted held-out set
-BLEU_BEFORE at step 0 (eval loss LOSS_BEFORE), BLEU_AFTER after 300 steps (LOSS_AFTER), in
-MINUTES. Variant `full` fine-tunes every parameter instead: BLEU_FULL.
+64.8 at step 0 (eval loss 3.38), 99.5 after 100 steps and 99.5 after 300 (eval loss 0.0020), in
+51 s; the merged export scores the same (99.5). Variant `full` fine-tunes every parameter
+instead: 99.1 after 100 steps, 99.2 after 300 (eval loss 0.0084), in 44 s.
 """
 
 from experiments import demo

@@ -19,7 +19,7 @@ from lm import config as lmc
 from lm.data import pipeline
 from lm.data import tokenizer as tok
 from lm.parallel import report, sharding
-from lm.state import Run, TrainState, param_count
+from lm.state import Run, TrainState, param_count, select
 
 MAX_STEPS_IN_FLIGHT = 2  # dispatched ahead of the devices; bounds the wait after a stop signal
 
@@ -136,7 +136,9 @@ def describe(run: Run, log) -> None:
   cfg, dims = run.cfg, run.dims
   log.info(
     f"mesh {dict(run.mesh.shape)}, zero_stage {cfg.zero_stage}, "
-    f"{param_count(run.abstract_params) / 1e6:.2f}M params, {dims.vocab_size} embedding rows "
+    f"{param_count(run.abstract_params) / 1e6:.2f}M params "
+    f"({param_count(select(run.abstract_params, run.trainable)) / 1e6:.2f}M trainable), "
+    f"{dims.vocab_size} embedding rows "
     f"for {run.vocab_limit} token ids (the rest: padding for the mesh, never predicted), "
     f"dtype {dims.dtype.name}, remat {dims.remat}"
   )
