@@ -88,7 +88,7 @@ def test_bad_command_lines_end_in_one_line(tmp_path):
   assert not failures, "\n\n".join(failures)
 
 
-@pytest.mark.parametrize("module", ["demo", "speed", "wmt_ende", "lm1b", "gpt2"])
+@pytest.mark.parametrize("module", ["demo", "demo_adapt", "speed", "wmt_ende", "lm1b", "gpt2"])
 def test_every_experiment_module_gives_a_valid_config(module):
   from lm import config as lmc
 
