@@ -328,6 +328,10 @@ class Run:
 
     Under local SGD `params` carry a leading [data] axis (one copy per replica), nothing is
     summed over data, and the sums come per replica: [data, 3].
+
+    Only the trainable parameters (`self.trainable`) get gradients, accumulators and
+    reductions; frozen ones enter the loss as constants. With a teacher, its logits for each
+    microbatch are computed in the same region, under stop_gradient.
     """
     k = self.cfg.train.microbatches
     local_sgd = bool(self.outer_tx)
