@@ -379,7 +379,7 @@ def restore_latest(workdir: str, devices=None, layout=None) -> tuple[Run, Any, t
 def source_meta(path: str, field: str = "train.init_from") -> dict:
   """The meta (config, tokenizer, step) of a trained model given as an export or a workdir (its
   latest checkpoint)."""
-  if os.path.isfile(os.path.join(path, "meta", "metadata")):
+  if _is_export(path):
     return load_meta(path)
   checkpoints = Checkpointer(path) if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)) else None
   try:
@@ -409,9 +409,11 @@ def restore_model(
   """(run, params, tokenizer, step) of an export or a workdir's latest checkpoint (the model
   named by config field `field`), laid out on `layout`'s mesh and ZeRO stage."""
   source_meta(path, field)  # a clear error for a path that holds no model
-  if os.path.isfile(os.path.join(path, "meta", "metadata")):
-    return restore_export(path, devices, layout)
-  return restore_latest(path, devices, layout)
+  return restore_for_inference(path, path if _is_export(path) else None, devices, layout)
+
+
+def _is_export(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "meta", "metadata"))
 
 
 def export(workdir: str, output: str, dtype: str = "float32", merge_lora: bool = False) -> int:
@@ -441,7 +443,7 @@ def restore_export(
   directory: str, devices=None, layout=None
 ) -> tuple[Run, Any, tok.Tokenizer, int]:
   """(run, params, tokenizer, step) of an export, laid out as restore_latest does."""
-  if not os.path.isfile(os.path.join(directory, "meta", "metadata")):
+  if not _is_export(directory):
     raise lmc.ConfigError(f"--export: {directory!r} is not an export (no meta/metadata)")
   meta = load_meta(directory)
   cfg, tokenizer = _inference_config(meta, layout), meta_tokenizer(meta)
