@@ -1,9 +1,9 @@
 """One process of a multi-process run that tests/test_multihost.py starts several of.
 
-A few train steps of a tiny model on mesh (2, 2, 2) under ZeRO-3, from fixed global
+A few train steps of a tiny model on mesh (2, 2, 2) under each ZeRO stage, from fixed global
 batches (each process feeds only the rows its devices hold, through Run.shard_batch), then a
-batch of beam-search decodes with its parameters; process 0 writes the losses per
-stage, per-tensor parameter norms and decodes as JSON.
+batch of beam-search decodes with the last stage's parameters; process 0 writes the losses and
+the step's data-axis reduction bytes per stage, per-tensor parameter norms and decodes as JSON.
 With 2 processes the mesh is multi-slice (mesh.dcn_data=2): each process stands in for a slice,
 so `data` crosses processes as it crosses DCN between slices.
 
@@ -33,10 +33,10 @@ from tests.helpers import tiny_config
 STEPS = 3
 
 
-def config(dcn_data: int = 1, zero_stage: int = 3):
+def config(dcn_data: int = 1, zero_stage: int = 3, one_device: bool = False):
   cfg = tiny_config("translation", dropout_rate=0.1)  # dropout keys must not depend on P
-  # mesh.data counts replicas within a slice; the job has data * dcn_data of them.
-  cfg.mesh.update(data=2 // dcn_data, fsdp=2, tensor=2, dcn_data=dcn_data)
+  if not one_device:  # mesh.data counts replicas within a slice; the job has data * dcn_data
+    cfg.mesh.update(data=2 // dcn_data, fsdp=2, tensor=2, dcn_data=dcn_data)
   cfg.zero_stage = zero_stage
   cfg.train.update(global_batch_size=16)
   cfg.data.pack = False
@@ -52,8 +52,8 @@ def process_rows(sharding, shape) -> slice:
   return slice(min(starts), max(stops))
 
 
-def train(cfg):
-  run = Run.build(cfg)
+def train(cfg, devices=None):
+  run = Run.build(cfg, devices)
   state, step = run.init_state(), run.compile_train_step()
   shape = (cfg.train.global_batch_size, cfg.data.seq_len)
   rows = process_rows(run.shardings.batch, shape)
@@ -65,10 +65,19 @@ def train(cfg):
   return run, state, step, losses
 
 
-def run_and_decode(dcn_data: int = 1, stages=(3,)) -> dict:
-  losses = {}
+def run_and_decode(dcn_data: int = 1, stages=(0, 1, 2, 3), one_device: bool = False) -> dict:
+  losses, data_reduction_bytes = {}, {}
   for stage in stages:
-    run, state, step, losses[str(stage)] = train(config(dcn_data, stage))
+    run, state, step, losses[str(stage)] = train(
+      config(dcn_data, stage, one_device), jax.devices()[:1] if one_device else None
+    )
+    traffic = report.collective_traffic(step.as_text(), dict(run.mesh.shape))
+    data_reduction_bytes[str(stage)] = sum(  # stage 0 reduces over data+fsdp in one op
+      size
+      for kind in ("all-reduce", "reduce-scatter")
+      for axes, size in traffic[kind]["by_axes"].items()
+      if "data" in axes.split("+")
+    )
   cfg = run.cfg  # the last stage's
   rng = np.random.RandomState(0)
   norms = jax.jit(
@@ -81,12 +90,11 @@ def run_and_decode(dcn_data: int = 1, stages=(3,)) -> dict:
     options = DecodeOptions(beam_size=beam, max_len=12, max_len_a=1.0, max_len_b=4)
     decoder = Decoder(run, state.params, _VocabOnly(cfg.model.vocab_size), options, batch_size=8)
     decodes[str(beam)] = decoder.decode_ids(sources).tolist()
-  traffic = report.collective_traffic(step.as_text(), dict(run.mesh.shape))
   data_processes = {d.process_index for d in run.mesh.devices[:, 0, 0]}
   return {
     "process_count": jax.process_count(),
-    # The step's reduction over data, and how many processes the data axis spans.
-    "data_reduction_bytes": traffic["all-reduce"]["by_axes"].get("data", 0.0),
+    # Each step's reduction over data, and how many processes the data axis spans.
+    "data_reduction_bytes": data_reduction_bytes,
     "data_axis_processes": len(data_processes),
     "losses": losses,
     "norms": [float(x.addressable_data(0)) for x in jax.tree.leaves(norms)],
@@ -109,6 +117,8 @@ def main():
   parser.add_argument("--num_processes", type=int, required=True)
   parser.add_argument("--process_id", type=int, required=True)
   args = parser.parse_args()
+  # A few steps of a tiny model: compiling dominates, so LLVM at -O0 (as in the test process).
+  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
   init_distributed(args.coordinator_address, args.num_processes, args.process_id)
   result = run_and_decode(dcn_data=args.num_processes)
   if jax.process_index() == 0:
