@@ -1,7 +1,9 @@
 """The input pipeline: sources, tokenizer, packing, per-process shares, exact resume."""
 
+import dataclasses
 import json
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -276,6 +278,43 @@ def test_global_batches_and_resume_do_not_depend_on_the_process_count(tmp_path, 
   resumed, _ = _global_batches(data, 2, 5, state=pipeline.merge_states(states4, own=None))
   for got, want in zip(resumed, reference[15 + 25 :], strict=True):
     np.testing.assert_array_equal(got["targets"], want["targets"])
+
+
+class _CountingSource:
+  """A random-access source that records which examples were read."""
+
+  def __init__(self, records):
+    self.records, self.read = records, []
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, index):
+    self.read.append(index)
+    return self.records[index]
+
+
+def test_each_process_reads_only_its_lanes_examples(tmp_path):
+  """4 processes building 24 global batches of 8 rows read 48 examples each (192 in all, as
+  one process reads): each reads its quarter of the order, none reads another's."""
+  path = tmp_path / "docs.txt"
+  path.write_text("".join(f"w{i}\n" for i in range(500)))
+  # (_data_config: no prefetch, so nothing is read ahead and the counts are exact)
+  cfg = _data_config("lm", f"text:{path}", pack=False, spm_model_type="word", seq_len=8)
+  cfg.train.global_batch_size = 8
+  cfg.model.vocab_size = 128
+  data = pipeline.load(cfg, str(tmp_path / "run"))
+  records = [data.train[i] for i in range(len(data.train))]
+  reads = []
+  for p in range(4):
+    source = _CountingSource(records)
+    counted = dataclasses.replace(data, train=grain.MapDataset.source(source))
+    iterator = pipeline.TrainIterator(counted, process_index=p, process_count=4)
+    for _ in range(24):
+      next(iterator)
+    reads.append(source.read)
+  assert [len(r) for r in reads] == [48] * 4
+  assert len(set().union(*map(set, reads))) == 192  # disjoint shares of one epoch's order
 
 
 @pytest.mark.parametrize("prefetch,workers", [(0, 0), (3, 0), (0, 2)])
