@@ -58,6 +58,9 @@ def test_two_slices_train_and_decode_like_one_device(tmp_path):
   assert two["data_axis_processes"] == 2
   assert sorted(two["losses"]) == ["0", "1", "2", "3"]
   for stage, losses in two["losses"].items():
+    print(
+      f"stage {stage}: losses {losses}, data-axis reduction {two['data_reduction_bytes'][stage]} B"
+    )
     assert two["data_reduction_bytes"][stage] > 0, stage
     np.testing.assert_allclose(losses, one["losses"]["0"], rtol=1e-5, err_msg=f"stage {stage}")
   np.testing.assert_allclose(two["norms"], one["norms"], rtol=1e-5)
@@ -184,21 +187,23 @@ def test_eval_decode_and_export_under_two_processes_equal_one(resumed_runs, tmp_
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_a_lost_process_ends_the_job_within_the_heartbeat_timeout_three_times(tmp_path):
-  """SIGKILL one of 2 processes mid-run, three times over: each time the other exits non-zero
-  within the bound, naming what happened, and the next start resumes from the latest
-  checkpoint."""
+def test_a_lost_process_ends_the_job_within_the_heartbeat_timeout(tmp_path):
+  """SIGKILL one of 2 processes mid-run, three times over, then freeze it (SIGSTOP: a hung or
+  cut-off host, whose connections stay open and whose heartbeats stop): each time the other
+  exits non-zero within the bound, naming what happened, and the next start resumes from the
+  latest checkpoint."""
   workdir = tmp_path / "run"
   resumed_from = None
-  for round_ in range(3):
+  for round_, lost in enumerate(["SIGKILL"] * 3 + ["SIGSTOP"]):
     logdir = tmp_path / f"round{round_}"
     logdir.mkdir()
     job = _start_run(workdir, 2, logdir, "--heartbeat_timeout=10", train__total_steps=100000)
     _when_logged(job, workdir, 4)
-    os.kill(int((logdir / "process_1.pid").read_text()), signal.SIGKILL)
-    killed = time.time()
+    lost_pid = int((logdir / "process_1.pid").read_text())
+    os.kill(lost_pid, getattr(signal, lost))
+    lost_at = time.time()
     survivor = int((logdir / "process_0.pid").read_text())
-    while time.time() - killed < 120:
+    while time.time() - lost_at < 120:
       try:
         os.kill(survivor, 0)
       except ProcessLookupError:
@@ -206,15 +211,21 @@ def test_a_lost_process_ends_the_job_within_the_heartbeat_timeout_three_times(tm
       time.sleep(0.5)
     else:
       os.kill(survivor, signal.SIGKILL)
-      pytest.fail(f"round {round_}: process 0 still runs 120 s after process 1 was killed")
-    elapsed = time.time() - killed
+    elapsed = time.time() - lost_at
+    with contextlib.suppress(ProcessLookupError):
+      os.kill(lost_pid, signal.SIGKILL)  # a frozen process is still there
+    print(f"round {round_}, {lost}: process 0 ended {elapsed:.1f} s after process 1 was lost")
     assert job.wait(timeout=30) != 0
     assert elapsed < 60, elapsed  # the 10 s heartbeat timeout plus detection and shutdown
-    # Either the coordination service ends process 0, naming the silent task, or a collective
-    # with the dead peer fails first and the runner says so in one line.
+    # The coordination service ends process 0, naming the silent task, or (a killed process's
+    # connections close at once) a collective with it fails first and the runner says so in
+    # one line.
     log = (logdir / "process_0.log").read_text()
     named = re.search(r"stopped sending heartbeats\):\s*1\b|Task 1 heartbeat timeout", log)
-    assert named or "\nerror: a collective failed" in log, log[-3000:]
+    if lost == "SIGSTOP":
+      assert named, log[-3000:]
+    else:
+      assert named or "\nerror: a collective failed" in log, log[-3000:]
     if resumed_from is not None:
       assert f"resumed from step {resumed_from}" in log, log[-3000:]
     previous = resumed_from or 0
