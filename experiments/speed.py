@@ -2,8 +2,9 @@
 
   python -m experiments.bench --config=experiments/speed.py --steps=10
 Hardware: one CPU device (2 cores). Encoder-decoder d_model 256, mlp 1024, 4 heads, 3+3 layers,
-vocab 8000, 64-token rows, global batch 64, float32. Target: at most 0.6 x 2.87 s = 1.72 s per
-step, compiled once; the bench prints the step time and the fraction of the measured matmul peak.
+vocab 8000, 64-token rows, global batch 64, float32. Target: at most 0.6x the example's step
+time, compiled once, in paired runs (experiments/compare_flax_wmt.py); the bench prints the step
+time and the fraction of the measured matmul peak.
 """
 
 from lm import config as lmc

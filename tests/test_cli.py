@@ -95,3 +95,16 @@ def test_every_experiment_module_gives_a_valid_config(module):
   cfg = __import__(f"experiments.{module}", fromlist=["get_config"]).get_config()
   lmc.validate(cfg)
   assert cfg.data.source
+
+
+def test_the_flax_comparison_names_a_missing_example_in_one_line(tmp_path):
+  result = subprocess.run(
+    [sys.executable, "-m", "experiments.compare_flax_wmt", f"--flax_wmt={tmp_path}"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+  assert lines[0].startswith("error: --flax_wmt:") and "train.py" in lines[0]
