@@ -9,7 +9,7 @@ from flax import nnx
 from experiments import gpt2, wmt_ende
 from lm.config import REMAT as REMAT_CHOICES
 from lm.data.synthetic import random_batch
-from lm.models.layers import Mlp, Norm, rotary
+from lm.models.layers import Mlp, Norm, dropout, rotary
 from lm.models.loss import cross_entropy_sums
 from lm.models.transformer import ModelDims, build_model
 from lm.state import Run, param_count
@@ -200,3 +200,15 @@ def test_rotary_matches_numpy_and_depends_on_relative_position():
 
   np.testing.assert_allclose(score(3, 7), score(13, 17), rtol=1e-4)
   assert abs(float(score(3, 7)) - float(score(3, 8))) > 1e-3
+
+
+@pytest.mark.parametrize("width", [256, 30])  # four bytes per 32-bit draw, and one per draw
+def test_dropout_drops_its_rate_and_a_row_depends_on_its_key_alone(width):
+  x = jnp.ones((64, 32, width))
+  keys = jax.random.split(jax.random.key(0), 64)
+  y = np.asarray(dropout(x, 0.1, keys))
+  np.testing.assert_allclose((y == 0).mean(), 26 / 256, atol=0.005)  # the rate, in 1/256ths
+  np.testing.assert_allclose(y.mean(), 1.0, atol=0.01)  # kept values are scaled up
+  alone = np.asarray(dropout(x[5:7], 0.1, keys[5:7]))
+  np.testing.assert_array_equal(alone, y[5:7])
+  assert not (y[0] == y[1]).all()  # rows draw apart
