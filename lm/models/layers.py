@@ -108,10 +108,9 @@ def _random_bytes(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """uint8 random bits of `shape`, four from each 32-bit draw when the last dim allows: jax's
   (partitionable) threefry costs one hash per element whatever its width. Each byte depends on
   the key and its index only, so a sharded draw equals the whole one."""
-  *lead, last = shape
-  if last % 4:
+  if not shape or shape[-1] % 4:
     return jax.random.bits(key, shape, jnp.uint8)
-  words = jax.random.bits(key, (*lead, last // 4), jnp.uint32)
+  words = jax.random.bits(key, (*shape[:-1], shape[-1] // 4), jnp.uint32)
   return jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(shape)
 
 
