@@ -18,7 +18,7 @@ fi
 processes=$1
 shift
 port=${PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')}
-export XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES:-4}" JAX_PLATFORMS=cpu
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${DEVICES:-4}" JAX_PLATFORMS=cpu
 pids=()
 for ((i = 0; i < processes; i++)); do
   flags=(--distributed --coordinator_address="localhost:$port" --num_processes="$processes" --process_id="$i")

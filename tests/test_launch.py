@@ -126,7 +126,8 @@ def test_slurm_script_starts_processes_that_detect_the_job_from_slurm(tmp_path, 
     "SLURM_STEP_NODELIST": "localhost",
     "SLURM_NTASKS": "2",
     "SLURM_SUBMIT_DIR": ROOT,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    # 4 devices per task; LLVM at -O0, as in the test process (a tiny run: compiling dominates)
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
     "JAX_PLATFORMS": "cpu",
   }
   workdir = tmp_path / "run"

@@ -25,7 +25,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _start(command: list[str], processes: int, logdir, devices: int = 4) -> subprocess.Popen:
   """Starts `command` as the processes of one job through launch/local.sh."""
-  env = dict(os.environ, LOGDIR=str(logdir), DEVICES=str(devices))
+  # LLVM at -O0, as in the test process: these tiny runs spend their time compiling.
+  env = dict(
+    os.environ,
+    LOGDIR=str(logdir),
+    DEVICES=str(devices),
+    XLA_FLAGS="--xla_backend_optimization_level=0",
+  )
   script = os.path.join(ROOT, "launch", "local.sh")
   return subprocess.Popen(["bash", script, str(processes), *command], cwd=ROOT, env=env)
 
