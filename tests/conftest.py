@@ -21,9 +21,10 @@ import tempfile
 import jax
 import pytest
 
-# LLVM at -O0 in this process alone: its tiny models spend their time compiling, not running
-# (measured: the 2x2x2 translation cases of test_parallel 36 -> 24 s). The processes the tests
-# start train and serve for longer and keep the default.
+# LLVM at -O0 in this process: its tiny models spend their time compiling, not running
+# (measured: the 2x2x2 translation cases of test_parallel 36 -> 24 s). Of the processes the tests
+# start, the multi-process jobs ask for -O0 too (tests/test_multihost.py, test_launch.py); the
+# others train and serve for longer and keep the default.
 _flags = os.environ["XLA_FLAGS"]
 os.environ["XLA_FLAGS"] = _flags + " --xla_backend_optimization_level=0"
 jax.devices()  # the backend reads XLA_FLAGS once, here
