@@ -475,22 +475,12 @@ class Run:
 
   def abstract_state(self) -> TrainState:
     shapes = jax.eval_shape(self._fresh_state, self.abstract_params)
-    return jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-      shapes,
-      self.state_shardings,
-    )
+    return _placed(shapes, self.state_shardings)
 
   def lower_train_step(self) -> jax.stages.Lowered:
     teacher = ()
     if self.teacher:
-      teacher = (
-        jax.tree.map(
-          lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-          self.teacher.abstract_params,
-          self.teacher.shardings.params,
-        ),
-      )
+      teacher = (_placed(self.teacher.abstract_params, self.teacher.shardings.params),)
     with jax.set_mesh(self.mesh):
       return self.jit_train_step().lower(self.abstract_state(), self.abstract_batch(), *teacher)
 
@@ -500,6 +490,13 @@ class Run:
     with jax.set_mesh(self.mesh):
       compiled = self.lower_train_step().compile()
     return _WithTeacher(compiled, self.teacher_params) if self.teacher else compiled
+
+
+def _placed(shapes, shardings):
+  """Abstract arrays: `shapes` (anything with .shape and .dtype) laid out as `shardings`."""
+  return jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+  )
 
 
 class _WithTeacher:
