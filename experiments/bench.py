@@ -51,32 +51,34 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
   from lm import metrics
   from lm.data.synthetic import random_batch
   from lm.parallel import report, sharding
-  from lm.state import Run, param_count, param_paths, select
+  from lm.train_step import Trainer
+  from lm.trees import param_count, param_paths, select
 
-  run = Run.build(cfg)
+  trainer = Trainer.build(cfg)
+  run = trainer.layout
   n_params = param_count(run.abstract_params)
   unsharded = sharding.replicated_over_fsdp(run.logical, run.abstract_params, run.mesh)
   whole = sum(math.prod(shape) for shape, _ in unsharded.values())  # params ZeRO keeps whole
-  trained_paths = set(jax.tree.leaves(param_paths(select(run.abstract_params, run.trainable))))
-  trainable = param_count(select(run.abstract_params, run.trainable))
+  trained_paths = set(jax.tree.leaves(param_paths(select(run.abstract_params, trainer.trainable))))
+  trainable = param_count(select(run.abstract_params, trainer.trainable))
   whole_trainable = sum(math.prod(s) for p, (s, _) in unsharded.items() if p in trained_paths)
   fsdp = run.mesh.shape["fsdp"]
   start = time.perf_counter()
-  compiled = run.compile_train_step()
+  compiled = trainer.compile_train_step()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   traffic = report.collective_traffic(compiled.as_text(), dict(run.mesh.shape))
-  abstract = run.abstract_state()
+  abstract = trainer.abstract_state()
   measured = {
     "params": report.sharded_bytes(abstract.params, run.shardings.params),
     "grads": report.sharded_bytes(
-      select(run.abstract_params, run.trainable), select(run.shardings.grads, run.trainable)
+      select(run.abstract_params, trainer.trainable), select(run.shardings.grads, trainer.trainable)
     ),
-    "opt_state": report.sharded_bytes(abstract.opt_state, run.shardings.opt_state),
+    "opt_state": report.sharded_bytes(abstract.opt_state, trainer.state_shardings.opt_state),
   }
-  state = run.init_state()
+  state = trainer.init_state()
   # One example filling each row; packed configs get its segment ids and positions.
   batch = run.shard_batch(random_batch(cfg, packed=cfg.data.pack))
   times = []

@@ -69,6 +69,11 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
+  if _DISTRIBUTED.value and _MODE.value == "serve":
+    _fail(
+      "--distributed: --mode=serve runs as one process (several would each take their own "
+      "requests and deadlock in the collectives); serve from one host's devices"
+    )
   if _DISTRIBUTED.value:
     from lm.parallel import mesh
 
@@ -84,13 +89,11 @@ def main(argv):
     if _MODE.value == "train":
       if _CONFIG.value is None:
         raise ConfigError("--config: required to train; e.g. --config=experiments/demo.py")
-      prefix = "--config."
-      overridden = {a[len(prefix) :].split("=")[0] for a in sys.argv if a.startswith(prefix)}
-      train.train(_CONFIG.value, _WORKDIR.value, overridden)
+      train.train(_CONFIG.value, _WORKDIR.value, overridden_fields())
     elif _MODE.value == "eval":
-      decode_cfg = _CONFIG.value.decode if _CONFIG.value is not None else None
       log = metrics.Console()
-      results = evaluate.evaluate_workdir(_WORKDIR.value, decode_cfg, log, _EXPORT.value)
+      settings = inference_settings("eval")
+      results = evaluate.evaluate_workdir(_WORKDIR.value, log, _EXPORT.value, settings)
       if jax.process_index() == 0:
         print(json.dumps(results, indent=2))
     elif _MODE.value == "decode":
@@ -123,17 +126,40 @@ def main(argv):
     os._exit(1)
 
 
+def overridden_fields() -> set[str]:
+  """The config fields the command line sets, in any of absl's forms (--config.a.b=v,
+  --config.a.b v, -config.a.b=v, --noconfig.flag)."""
+  return set(config_flags.get_override_values(flags.FLAGS["config"]))
+
+
+def inference_settings(mode: str) -> dict | None:
+  """What --config brings to an inference mode (lm.config.inference_settings); None without
+  --config."""
+  from lm import config as lm_config
+
+  if _CONFIG.value is None:
+    return None
+  return lm_config.inference_settings(_CONFIG.value, overridden_fields(), mode)
+
+
 def decode_lines(input_path: str, output_path: str) -> None:
   """Under several processes every process decodes every line (the model is sharded over all
   of them) and process 0 writes the output."""
   import jax  # after main's jax set-up, as there
 
-  from lm.decode import Decoder
+  from lm import checkpoint
+  from lm.decode import DecodeOptions, Decoder
 
   if input_path != "-" and not os.path.exists(input_path):
     raise ConfigError(f"--input: {input_path!r} does not exist")
-  decode_cfg = _CONFIG.value.decode if _CONFIG.value is not None else None
-  decoder = Decoder.from_workdir(_WORKDIR.value, decode_cfg, export=_EXPORT.value)
+  settings = inference_settings("decode")
+  layout, params, tokenizer, _ = checkpoint.restore_for_inference(
+    _WORKDIR.value, _EXPORT.value, settings=settings
+  )
+  decode_cfg = layout.cfg.decode
+  decoder = Decoder(
+    layout, params, tokenizer, DecodeOptions.from_config(decode_cfg), decode_cfg.batch_size
+  )
   source = sys.stdin if input_path == "-" else open(input_path, encoding="utf-8")
   with source:
     lines = [line.rstrip("\n") for line in source]
@@ -154,21 +180,18 @@ def decode_lines(input_path: str, output_path: str) -> None:
 
 def serve_model() -> None:
   from lm import checkpoint, serve  # after main's jax set-up, as there
-  from lm import config as lm_config
   from lm.decode import DecodeOptions, Decoder
 
-  cfg = _CONFIG.value
-  if cfg is not None:
-    lm_config.validate(cfg)  # before loading anything
-  run, params, tokenizer, step = checkpoint.restore_for_inference(
-    _WORKDIR.value, _EXPORT.value, layout=cfg
+  settings = inference_settings("serve")  # checked before anything loads
+  layout, params, tokenizer, step = checkpoint.restore_for_inference(
+    _WORKDIR.value, _EXPORT.value, settings=settings
   )
-  settings = cfg if cfg is not None else run.cfg
-  options = DecodeOptions.from_config(settings.decode)
-  buckets = tuple(settings.serve.length_buckets) or options.length_buckets
+  cfg = layout.cfg
+  options = DecodeOptions.from_config(cfg.decode)
+  buckets = tuple(cfg.serve.length_buckets) or options.length_buckets
   options = dataclasses.replace(options, length_buckets=buckets)
-  decoder = Decoder(run, params, tokenizer, options, settings.serve.max_batch)
-  serve.serve(decoder, step, settings.serve, _HOST.value, _PORT.value)
+  decoder = Decoder(layout, params, tokenizer, options, cfg.serve.max_batch)
+  serve.serve(decoder, step, cfg.serve, _HOST.value, _PORT.value)
 
 
 def _fail(message: str):

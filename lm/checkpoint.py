@@ -28,14 +28,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_policy
 
 from lm import config as lmc
 from lm.data import pipeline
 from lm.data import tokenizer as tok
+from lm.layout import Layout
 from lm.models import layers
-from lm.state import Run
 
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "unreadable_checkpoints"  # damaged steps are moved here, never deleted
@@ -160,13 +161,16 @@ class Checkpointer:
 
   def restore_newest(self, restore_step: Callable[[int], Any], log=print) -> tuple[int | None, Any]:
     """(step, restore_step(step)) for the newest step that reads whole; (None, None) if there
-    is no checkpoint.
+    is no checkpoint. Every process reads the same step.
 
-    A damaged step (a flipped byte, a truncated or missing file) is reported in one line and the
-    one before is tried (a training run with checkpoint.on_corrupt=fail stops with a one-line
-    error instead); every process must read the same step. A writer moves the damaged
-    steps aside to UNREADABLE_DIR, so that later saves can reuse their numbers. Raises
-    ConfigError if no step reads.
+    Three kinds of failure, three behaviours:
+    - damage (a flipped byte, a truncated or missing file): reported in one line and the step
+      before is tried (with checkpoint.on_corrupt=fail, a one-line error instead); a writer
+      moves the damaged steps aside to UNREADABLE_DIR, so later saves can reuse their numbers;
+    - a train state whose structure is not this config's (another optimizer, train.trainable,
+      LoRA, sync_every): a one-line error naming the config field; nothing is moved;
+    - anything else (a transient I/O error): retried RESTORE_ATTEMPTS times, then a one-line
+      error; nothing is moved.
     """
     if sys.unraisablehook is not _quiet_failed_reads:
       global _reporter
@@ -174,16 +178,34 @@ class Checkpointer:
     steps = sorted(self.manager.all_steps(), reverse=True)
     damaged = []
     for step in steps:
-      try:
-        result, reason = restore_step(step), None
-      except Exception as e:  # TensorStore, orbax and JSON raise many kinds for damaged files
-        result, reason = None, _brief(e)
-      if reason is not None:
-        _drop_failed_reads()  # after the except block: nothing refers to the failed reads now
-      if _on_every_process(reason is None):
+      for attempt in range(1, RESTORE_ATTEMPTS + 1):
+        try:
+          result, failure, error = restore_step(step), _OK, None
+        except Exception as e:  # TensorStore, orbax and JSON raise many kinds for damaged files
+          result, failure, error = None, _failure_kind(e), e
+        if error is not None:
+          _drop_failed_reads()  # after the except block: nothing refers to the failed reads now
+        failure = _worst_on_any_process(failure)
+        if failure != _TRANSIENT or attempt == RESTORE_ATTEMPTS:
+          break
+        log(f"checkpoint {self.path(step)}: read failed ({_brief(error)}); retrying")
+        time.sleep(RETRY_SECONDS * attempt)
+      if failure == _OK:
         self._set_aside(damaged)
         return step, result
-      reason = reason or "unreadable on another process"
+      reason = _brief(error) if error is not None else "failed on another process"
+      if failure == _MISMATCH:
+        raise lmc.ConfigError(
+          error.describe(self.cfg, meta_config(self.meta(step)), self.path(step))
+          if isinstance(error, StateMismatch)
+          else f"--workdir: checkpoint {self.path(step)} does not fit this config on another "
+          "process"
+        )
+      if failure == _TRANSIENT:
+        raise lmc.ConfigError(
+          f"--workdir: checkpoint {self.path(step)} could not be read in {RESTORE_ATTEMPTS} "
+          f"attempts ({reason}); nothing was moved: check the storage and run again"
+        )
       if self.cfg is not None and self.cfg.checkpoint.on_corrupt == "fail":
         raise lmc.ConfigError(
           f"--workdir: checkpoint {self.path(step)} is unreadable ({reason}); move it away to "
@@ -210,21 +232,54 @@ class Checkpointer:
     self.manager.reload()
 
   def restore(self, step: int, abstract_state, iterator=None) -> Any:
-    """The state at `step` laid out as `abstract_state` says; an iterator is set in place."""
+    """The train state at `step` laid out as `abstract_state` says; an iterator is set in
+    place."""
+    self._check_structure(step, abstract_state)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if iterator is not None:
       items["data"] = _DataRestore(_IteratorItem(iterator))
     state = self.manager.restore(step, args=ocp.args.Composite(**items)).state
-    saved = self.meta(step).get("fingerprints")
-    if saved is not None:  # checkpoints from before fingerprints have none
-      for path, value in fingerprints(state).items():
-        expected = str(saved.get(path, value))  # an array added since: nothing to check
-        dtype = value.split(":")[0]
-        if ":" not in expected:  # written before fingerprints named the dtype
-          expected = f"{dtype}:{expected}"
-        if expected.split(":")[0] == dtype and expected != value:
-          raise DamagedCheckpoint(f"state{path} differs from what was saved (fingerprint)")
+    self._check_fingerprints(step, fingerprints(state))
     return state
+
+  def _check_structure(self, step: int, abstract_state) -> None:
+    """StateMismatch when the saved train state has other arrays or shapes than the target."""
+    handler = ocp.PyTreeCheckpointHandler()
+    saved = _leaf_shapes(handler.metadata(epath.Path(self.path(step)) / "state").tree)
+    wanted = _leaf_shapes(abstract_state)
+    if saved != wanted:
+      differing = sorted(set(saved.items()) ^ set(wanted.items()))
+      raise StateMismatch("/".join(differing[0][0]))
+
+  def restore_params(self, step: int, layout: Layout) -> Any:
+    """The parameters alone at `step`, laid out as `layout` says: orbax's partial restore
+    reads no optimizer state and no local-SGD replicas (what inference needs)."""
+    target = {"params": layout.placed_params()}
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+      restored = reader.restore(
+        os.path.join(self.path(step), "state"),
+        args=ocp.args.PyTreeRestore(
+          item=target,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True,
+        ),
+      )
+    # The train state's fingerprints name its fields as attributes: ".params[...]".
+    found = {"." + path[2:].replace("']", "", 1): v for path, v in fingerprints(restored).items()}
+    self._check_fingerprints(step, found)
+    return restored["params"]
+
+  def _check_fingerprints(self, step: int, found: dict[str, str]) -> None:
+    saved = self.meta(step).get("fingerprints")
+    if saved is None:  # checkpoints from before fingerprints have none
+      return
+    for path, value in found.items():
+      expected = str(saved.get(path, value))  # an array added since: nothing to check
+      dtype = value.split(":")[0]
+      if ":" not in expected:  # written before fingerprints named the dtype
+        expected = f"{dtype}:{expected}"
+      if expected.split(":")[0] == dtype and expected != value:
+        raise DamagedCheckpoint(f"state{path} differs from what was saved (fingerprint)")
 
   def meta(self, step: int) -> dict:
     return load_meta(self.path(step))
@@ -238,6 +293,104 @@ class Checkpointer:
 
 class DamagedCheckpoint(Exception):
   """An array restored with other contents than were saved."""
+
+
+class StateMismatch(Exception):
+  """The saved train state's arrays are not those this config builds."""
+
+  def describe(self, cfg, saved_cfg, path: str) -> str:
+    """One line naming the config field that made the difference."""
+    ours, theirs = _flat(cfg) if cfg is not None else {}, _flat(saved_cfg)
+    fields = [f for f in ours if ours[f] != theirs.get(f) and f.startswith(STATE_FIELDS)]
+    fields.sort(key=lambda f: next(i for i, p in enumerate(STATE_FIELDS) if f.startswith(p)))
+    if not fields:
+      return (
+        f"--workdir: checkpoint {path} holds another train state than this config builds "
+        f"(first difference: {self}); start a new workdir"
+      )
+    field, more = fields[0], fields[1:]
+    also = f" ({', '.join(more)} also differ)" if more else ""
+    return (
+      f"config.{field}: {ours[field]!r}, but checkpoint {path} was saved with "
+      f"{theirs.get(field)!r}{also}; that changes the train state's structure: set it back to "
+      "resume, or start a new workdir"
+    )
+
+
+# Config fields that change the train state's structure, most likely culprit first.
+STATE_FIELDS = (
+  "optim.name",
+  "train.trainable",
+  "model.lora",
+  "model.adapter",
+  "train.sync_every",
+  "train.outer_optimizer",
+  "mesh.data",
+  "mesh.dcn_data",
+  "optim.",
+  "model.",
+)
+RESTORE_ATTEMPTS = 3
+RETRY_SECONDS = 2.0  # times the attempt number
+_OK, _TRANSIENT, _DAMAGE, _MISMATCH = 0, 1, 2, 3  # ordered: the worst on any process wins
+# TensorStore's status codes: what a damaged file gives, and what an unavailable store gives.
+_DAMAGE_CODES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "FAILED_PRECONDITION")
+_TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED")
+
+
+def _failure_kind(error: Exception) -> int:
+  """Damage, a structure mismatch, or (anything else) a failure worth retrying."""
+  chain = []
+  while error is not None and len(chain) < 16:
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  if any(isinstance(e, StateMismatch) for e in chain):
+    return _MISMATCH
+  text = " ".join(str(e) for e in chain)
+  if any(isinstance(e, (TimeoutError, ConnectionError)) for e in chain) or any(
+    code in text for code in _TRANSIENT_CODES
+  ):
+    return _TRANSIENT
+  damage_types = (DamagedCheckpoint, FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError)
+  if any(isinstance(e, damage_types) for e in chain) or any(c in text for c in _DAMAGE_CODES):
+    return _DAMAGE
+  return _TRANSIENT
+
+
+def _worst_on_any_process(kind: int) -> int:
+  if jax.process_count() == 1:
+    return kind
+  return int(multihost_utils.process_allgather(np.asarray(kind, np.int32)).max())
+
+
+def _leaf_shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """{path of key names: shape} of a tree's arrays, for trees of arrays or of orbax metadata."""
+
+  def name(key):
+    for field in ("key", "idx", "name"):
+      if hasattr(key, field):
+        return str(getattr(key, field))
+    return str(key)
+
+  return {
+    tuple(map(name, path)): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    if hasattr(leaf, "shape")
+  }
+
+
+def _flat(cfg) -> dict:
+  out = {}
+
+  def walk(prefix, node):
+    for key, value in node.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        walk(f"{prefix}{key}.", value)
+      else:
+        out[prefix + key] = value
+
+  walk("", cfg)
+  return out
 
 
 def fingerprints(tree) -> dict[str, str]:
@@ -341,30 +494,36 @@ def load_export(directory: str, abstract_params) -> Any:
   return restored.params
 
 
-def _inference_config(meta: dict, layout) -> ml_collections.ConfigDict:
-  """The saved config on `layout`'s mesh and ZeRO stage, or (None) fsdp over every device."""
+def _inference_config(meta: dict, layout, settings: dict | None) -> ml_collections.ConfigDict:
+  """The saved config on `layout`'s mesh and ZeRO stage, or (None) fsdp over every device;
+  then `settings` ({field: value}, from lmc.inference_settings) over it."""
   cfg = meta_config(meta)
   if layout is None:
     cfg.mesh.update(data=1, fsdp=-1, tensor=1, dcn_data=1)
   else:
     cfg.mesh.update(layout.mesh.to_dict())
     cfg.zero_stage = layout.zero_stage
+  if settings:
+    cfg.update_from_flattened_dict(settings)
   return cfg
 
 
-def restore_latest(workdir: str, devices=None, layout=None) -> tuple[Run, Any, tok.Tokenizer, int]:
-  """(run, params, tokenizer, step) of the workdir's latest checkpoint, for inference.
+def restore_latest(
+  workdir: str, devices=None, layout=None, settings: dict | None = None
+) -> tuple[Layout, Any, tok.Tokenizer, int]:
+  """(layout, params, tokenizer, step) of the workdir's latest checkpoint, for inference: the
+  parameters alone are read.
 
   The model comes from the checkpoint's own config; the mesh fills the given devices, as fsdp
-  or as `layout` (a config) says.
+  or as `layout` (a config) says; `settings` are a mode's own fields over it.
   """
   checkpoints = Checkpointer(workdir)
 
   def read(step):
     meta = checkpoints.meta(step)
-    cfg, tokenizer = _inference_config(meta, layout), meta_tokenizer(meta)
-    run = Run.build(cfg, devices, tokenizer_size=tokenizer.vocab_size)
-    return run, checkpoints.restore(step, run.abstract_state()).params, tokenizer
+    cfg, tokenizer = _inference_config(meta, layout, settings), meta_tokenizer(meta)
+    built = Layout.build(cfg, devices, tokenizer_size=tokenizer.vocab_size)
+    return built, checkpoints.restore_params(step, built), tokenizer
 
   try:
     step, restored = checkpoints.restore_newest(read, log=lambda line: print(line, file=sys.stderr))
@@ -372,8 +531,8 @@ def restore_latest(workdir: str, devices=None, layout=None) -> tuple[Run, Any, t
     checkpoints.close()
   if step is None:
     raise lmc.ConfigError(f"--workdir: no checkpoint in {checkpoints.directory}; train first")
-  run, params, tokenizer = restored
-  return run, params, tokenizer, step
+  built, params, tokenizer = restored
+  return built, params, tokenizer, step
 
 
 def source_meta(path: str, field: str = "train.init_from") -> dict:
@@ -395,18 +554,18 @@ def source_meta(path: str, field: str = "train.init_from") -> dict:
 
 
 def restore_for_inference(
-  workdir: str, export: str | None = None, devices=None, layout=None
-) -> tuple[Run, Any, tok.Tokenizer, int]:
+  workdir: str, export: str | None = None, devices=None, layout=None, settings=None
+) -> tuple[Layout, Any, tok.Tokenizer, int]:
   """An export if one is named, else the workdir's latest checkpoint (see restore_latest)."""
   if export:
-    return restore_export(export, devices, layout)
-  return restore_latest(workdir, devices, layout)
+    return restore_export(export, devices, layout, settings)
+  return restore_latest(workdir, devices, layout, settings)
 
 
 def restore_model(
   path: str, layout, field: str, devices=None
-) -> tuple[Run, Any, tok.Tokenizer, int]:
-  """(run, params, tokenizer, step) of an export or a workdir's latest checkpoint (the model
+) -> tuple[Layout, Any, tok.Tokenizer, int]:
+  """(layout, params, tokenizer, step) of an export or a workdir's latest checkpoint (the model
   named by config field `field`), laid out on `layout`'s mesh and ZeRO stage."""
   source_meta(path, field)  # a clear error for a path that holds no model
   return restore_for_inference(path, path if _is_export(path) else None, devices, layout)
@@ -420,18 +579,18 @@ def export(workdir: str, output: str, dtype: str = "float32", merge_lora: bool =
   """Writes the latest checkpoint's parameters (+ config, tokenizer) to `output`; its step.
   `merge_lora`: LoRA's updates folded into the kernels, the export a model without LoRA.
   dtype "int8": matmul kernels as int8 with per-channel scales (model.quantize)."""
-  run, params, tokenizer, step = restore_latest(workdir)
-  cfg = run.cfg
+  built, params, tokenizer, step = restore_latest(workdir)
+  cfg = built.cfg
   if merge_lora:
     m = cfg.model
     if not m.lora_rank:
       raise lmc.ConfigError(f"--merge_lora: {workdir!r} has no LoRA (model.lora_rank is 0)")
-    with jax.set_mesh(run.mesh):
+    with jax.set_mesh(built.mesh):
       params = jax.jit(lambda p: layers.merge_lora(p, m.lora_alpha / m.lora_rank))(params)
     cfg = cfg.copy_and_resolve_references()
     cfg.model.lora_rank = 0
   if dtype == "int8":
-    with jax.set_mesh(run.mesh):
+    with jax.set_mesh(built.mesh):
       params = jax.jit(layers.quantize_int8)(params)
     cfg = cfg.copy_and_resolve_references()
     cfg.model.quantize, dtype = "int8", "float32"  # scales and unquantized tensors stay float
@@ -440,12 +599,12 @@ def export(workdir: str, output: str, dtype: str = "float32", merge_lora: bool =
 
 
 def restore_export(
-  directory: str, devices=None, layout=None
-) -> tuple[Run, Any, tok.Tokenizer, int]:
-  """(run, params, tokenizer, step) of an export, laid out as restore_latest does."""
+  directory: str, devices=None, layout=None, settings=None
+) -> tuple[Layout, Any, tok.Tokenizer, int]:
+  """(layout, params, tokenizer, step) of an export, laid out as restore_latest does."""
   if not _is_export(directory):
     raise lmc.ConfigError(f"--export: {directory!r} is not an export (no meta/metadata)")
   meta = load_meta(directory)
-  cfg, tokenizer = _inference_config(meta, layout), meta_tokenizer(meta)
-  run = Run.build(cfg, devices, tokenizer_size=tokenizer.vocab_size)
-  return run, load_export(directory, run.abstract_state().params), tokenizer, meta.get("step", 0)
+  cfg, tokenizer = _inference_config(meta, layout, settings), meta_tokenizer(meta)
+  built = Layout.build(cfg, devices, tokenizer_size=tokenizer.vocab_size)
+  return built, load_export(directory, built.placed_params()), tokenizer, meta.get("step", 0)

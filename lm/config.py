@@ -249,6 +249,35 @@ def adopt_model(cfg, source, overridden=()) -> ml_collections.ConfigDict:
   return cfg
 
 
+# What eval, decode and serve take from --config: the model and its training data come from the
+# checkpoint; these sections whole, and these fields where the command line sets them.
+INFERENCE_SECTIONS = ("mesh", "zero_stage", "decode", "eval", "serve")
+INFERENCE_FIELDS = (
+  "data.eval_source",
+  "data.eval_examples",
+  "train.global_batch_size",
+  "train.microbatches",
+)
+
+
+def inference_settings(cfg, overridden, mode: str) -> dict:
+  """The flat {field: value} that --mode=eval/decode/serve applies over a checkpoint's config;
+  an overridden field it cannot honour is an error naming it."""
+  for field in sorted(overridden):
+    if not (field.split(".")[0] in INFERENCE_SECTIONS or field in INFERENCE_FIELDS):
+      raise ConfigError(
+        f"--config.{field}: --mode={mode} takes the model and its training settings from the "
+        f"checkpoint; it applies only {', '.join(s + '.*' for s in INFERENCE_SECTIONS[2:])}, "
+        f"mesh.*, zero_stage, {', '.join(INFERENCE_FIELDS)}"
+      )
+  validate(cfg)
+  settings = {"zero_stage": cfg.zero_stage}
+  for section in ("mesh", "decode", "eval", "serve"):
+    settings.update({f"{section}.{k}": v for k, v in cfg[section].items()})
+  settings.update({f: _lookup(cfg, f) for f in INFERENCE_FIELDS if f in overridden})
+  return settings
+
+
 def _fail(field: str, message: str):
   raise ConfigError(f"config.{field}: {message}")
 

@@ -21,7 +21,7 @@ from flax import nnx
 
 from lm import checkpoint
 from lm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
-from lm.state import Run
+from lm.layout import Layout
 
 NEG_INF = -1e30  # finite, so that sums and differences of masked scores stay well defined
 
@@ -257,7 +257,7 @@ class Decoder:
 
   def __init__(
     self,
-    run: Run,
+    run: Layout,
     params: Any,
     tokenizer: Tokenizer,
     options: DecodeOptions,
@@ -382,7 +382,7 @@ class Decoder:
 
 
 def _decode_batch(
-  run: Run,
+  run: Layout,
   options: DecodeOptions,
   max_len: int,
   vocab_limit: int,

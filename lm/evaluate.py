@@ -1,4 +1,8 @@
-"""Held-out loss, perplexity and token accuracy; sacreBLEU of decoded translations; examples."""
+"""Held-out loss, perplexity and token accuracy; sacreBLEU of decoded translations; examples.
+
+The loss here is the plain negative log-likelihood per target token (no label smoothing, no
+dropout), so that eval_perplexity = exp(eval_loss); the training loss may be smoothed.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,10 @@ import jax
 import numpy as np
 import sacrebleu
 
-from lm import checkpoint
+from lm import checkpoint, objective
 from lm.data import pipeline
 from lm.decode import DecodeOptions, Decoder
-from lm.state import Run
+from lm.layout import Layout
 
 
 def bleu(hypotheses: list[str], references: list[str]) -> tuple[float, str]:
@@ -23,22 +27,33 @@ def bleu(hypotheses: list[str], references: list[str]) -> tuple[float, str]:
   return metric.corpus_score(hypotheses, [references]).score, str(metric.get_signature())
 
 
+class Interrupted(Exception):
+  """A stop signal arrived during an evaluation: its results are incomplete."""
+
+
 class Evaluator:
   """One run's held-out evaluation. The loss step and the decoder are built once, so periodic
   evaluations reuse their compiled programs."""
 
-  def __init__(self, run: Run, data: pipeline.Data, log=None):
-    self.run, self.data, self.log = run, data, log
-    self._loss_sums = jax.jit(lambda p, b: run.loss_sums(p, b, None))
-    options = DecodeOptions.from_config(run.cfg.decode)
-    self.decoder = Decoder(run, None, data.tokenizer, options, run.cfg.decode.batch_size)
+  def __init__(self, layout: Layout, data: pipeline.Data, log=None, stopping=None):
+    """`stopping()`: True once the run must stop; checked between batches (Interrupted)."""
+    self.layout, self.data, self.log = layout, data, log
+    self.stopping = stopping or (lambda: False)
+    self._nll_sums = jax.jit(lambda p, b: objective.nll_sums(layout, p, b))
+    options = DecodeOptions.from_config(layout.cfg.decode)
+    self.decoder = Decoder(layout, None, data.tokenizer, options, layout.cfg.decode.batch_size)
+    # Rows per evaluation batch: training's microbatch, so that evaluation's peak memory is
+    # never above training's.
+    train = layout.cfg.train
+    self.rows = train.global_batch_size // train.microbatches
 
   def teacher_forced(self, params: Any) -> dict:
-    """Loss, perplexity and accuracy over every held-out row (last batch padded, none dropped)."""
+    """NLL, perplexity and accuracy over every held-out row (last batch padded, none dropped)."""
     totals = np.zeros(3)
-    with jax.set_mesh(self.run.mesh):
-      for local in pipeline.eval_batches(self.data.eval, self.run.cfg.train.global_batch_size):
-        loss, (tokens, correct) = self._loss_sums(params, self.run.shard_batch(local))
+    with jax.set_mesh(self.layout.mesh):
+      for local in pipeline.eval_batches(self.data.eval, self.rows):
+        self._check_stop()
+        loss, (tokens, correct) = self._nll_sums(params, self.layout.shard_batch(local))
         totals += np.array([float(loss), float(tokens), float(correct)])
     loss = totals[0] / max(totals[1], 1.0)
     return {
@@ -47,15 +62,21 @@ class Evaluator:
       "eval_accuracy": totals[2] / max(totals[1], 1.0),
     }
 
+  def _check_stop(self, *progress) -> None:
+    if self.stopping():
+      raise Interrupted("evaluation interrupted by a stop signal")
+
   def __call__(self, params: Any) -> dict:
     """Teacher-forced metrics, BLEU for translation (eval.bleu), and a few logged examples."""
     results = self.teacher_forced(params)
-    cfg, log = self.run.cfg, self.log
+    cfg, log = self.layout.cfg, self.log
     shown = cfg.eval.examples if log else 0
     self.decoder.params = params
     if cfg.task == "translation" and (cfg.eval.bleu or shown):
       pairs = self.data.eval_text if cfg.eval.bleu else self.data.eval_text[:shown]
-      hypotheses = self.decoder([source for source, _ in pairs], warn=lambda _: None)
+      hypotheses = self.decoder(
+        [source for source, _ in pairs], warn=lambda _: None, progress=self._check_stop
+      )
       if cfg.eval.bleu:
         results["bleu"], signature = bleu(hypotheses, [target for _, target in pairs])
         if log:
@@ -69,14 +90,15 @@ class Evaluator:
     return results
 
 
-def evaluate_workdir(workdir: str, decode_cfg=None, log=None, export=None) -> dict:
+def evaluate_workdir(workdir: str, log=None, export=None, settings: dict | None = None) -> dict:
   """--mode=eval: the latest checkpoint (or `export`) on its held-out set, with the tokenizer it
-  was trained with; also written to WORKDIR/eval.json."""
-  run, params, tokenizer, step = checkpoint.restore_for_inference(workdir, export)
-  if decode_cfg is not None:
-    run.cfg.decode = decode_cfg
-  data = pipeline.load(run.cfg, workdir, log.info if log else print, tokenizer)
-  results = {"step": step, **Evaluator(run, data, log)(params)}
+  was trained with; also written to WORKDIR/eval.json. `settings`: the fields --config sets
+  (lm.config.inference_settings)."""
+  layout, params, tokenizer, step = checkpoint.restore_for_inference(
+    workdir, export, settings=settings
+  )
+  data = pipeline.load(layout.cfg, workdir, log.info if log else print, tokenizer)
+  results = {"step": step, **Evaluator(layout, data, log)(params)}
   if jax.process_index() == 0:  # every process holds the same results
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(results, f, indent=2)

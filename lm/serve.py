@@ -30,7 +30,7 @@ from starlette.routing import Route
 from lm import metrics
 from lm.data.tokenizer import EOS_ID
 from lm.decode import DecodeOptions, Decoder
-from lm.state import param_count
+from lm.trees import param_count
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
 TRANSLATE_FIELDS = {"text", "beam_size", "alpha", "max_length"}

@@ -1,6 +1,7 @@
 """The training loop: restore or init, then step, log, evaluate, save, until done or stopped.
 
-What the loop runs (the sharded state, the jitted step) is built in `lm.state`.
+What the loop runs (the sharded state, the jitted step) is built in `lm.train_step` on the
+layout every mode shares (`lm.layout`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from lm import checkpoint, evaluate, metrics
 from lm import config as lmc
 from lm.data import pipeline
 from lm.data import tokenizer as tok
+from lm.objective import Teacher
 from lm.parallel import report, sharding
-from lm.state import Run, TrainState, param_count, select
+from lm.train_step import Trainer, TrainState
+from lm.trees import param_count, select
 
 MAX_STEPS_IN_FLIGHT = 2  # dispatched ahead of the devices; bounds the wait after a stop signal
 
@@ -60,6 +63,12 @@ class StopSignals:
     for s, handler in self._previous.items():
       signal.signal(s, handler)
 
+  def interrupting(self) -> bool:
+    """Whether a phase between steps (an evaluation) should end now: a signal received by a
+    single process. Several processes cannot leave a collective phase apart; they stop after
+    it, their checkpoint saved before it."""
+    return not self._several and self.received is not None
+
   def stop_after(self, step: int) -> int | None:
     """The signal that stops the run after this step, if any."""
     if self._several:
@@ -91,7 +100,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, overridden=()) -> dict:
       tok.save(checkpoint.meta_tokenizer(source), workdir)
   log = metrics.Logger(workdir, cfg)
   data = pipeline.load(cfg, workdir, log.info)
-  run = Run.build(
+  run = Trainer.build(
     cfg, tokenizer_size=data.tokenizer.vocab_size, teacher=load_teacher(cfg, data, log)
   )
   describe(run, log)
@@ -112,49 +121,53 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, overridden=()) -> dict:
     log.close()
 
 
-def load_teacher(cfg, data: pipeline.Data, log) -> tuple[Run, object] | None:
-  """train.teacher's (run, params) on this run's mesh and stage; None if there is none (or
-  train.distill_weight is 0: plain training, the teacher never loaded)."""
+def load_teacher(cfg, data: pipeline.Data, log) -> Teacher | None:
+  """train.teacher's layout and parameters on this run's mesh and stage; None if there is none
+  (or train.distill_weight is 0: plain training, the teacher never loaded)."""
   if not (cfg.train.teacher and cfg.train.distill_weight > 0):
     return None
-  run, params, tokenizer, step = checkpoint.restore_model(cfg.train.teacher, cfg, "train.teacher")
+  layout, params, tokenizer, step = checkpoint.restore_model(
+    cfg.train.teacher, cfg, "train.teacher"
+  )
   if tokenizer.model_proto != data.tokenizer.model_proto:
     raise lmc.ConfigError(
       f"config.train.teacher: its tokenizer ({tokenizer.vocab_size} pieces) is not this run's "
       f"({data.tokenizer.vocab_size}); a teacher must share the student's token ids"
     )
   log.info(
-    f"teacher: {cfg.train.teacher} (step {step}), {param_count(run.abstract_params) / 1e6:.2f}M "
+    f"teacher: {cfg.train.teacher} (step {step}), "
+    f"{param_count(layout.abstract_params) / 1e6:.2f}M "
     f"params, frozen; loss = {1 - cfg.train.distill_weight:g} x cross-entropy + "
     f"{cfg.train.distill_weight:g} x T^2 KL, T = {cfg.train.distill_temperature:g}"
   )
-  return run, params
+  return Teacher(layout, params)
 
 
-def describe(run: Run, log) -> None:
+def describe(run: Trainer, log) -> None:
   """Start-up lines: mesh, stage, size, vocab padding, and any tensor ZeRO cannot shard."""
-  cfg, dims = run.cfg, run.dims
+  layout = run.layout
+  cfg, dims = layout.cfg, layout.dims
   log.info(
-    f"mesh {dict(run.mesh.shape)}, zero_stage {cfg.zero_stage}, "
-    f"{param_count(run.abstract_params) / 1e6:.2f}M params "
-    f"({param_count(select(run.abstract_params, run.trainable)) / 1e6:.2f}M trainable), "
+    f"mesh {dict(layout.mesh.shape)}, zero_stage {cfg.zero_stage}, "
+    f"{param_count(layout.abstract_params) / 1e6:.2f}M params "
+    f"({param_count(select(layout.abstract_params, run.trainable)) / 1e6:.2f}M trainable), "
     f"{dims.vocab_size} embedding rows "
-    f"for {run.vocab_limit} token ids (the rest: padding for the mesh, never predicted), "
+    f"for {layout.vocab_limit} token ids (the rest: padding for the mesh, never predicted), "
     f"dtype {dims.dtype.name}, remat {dims.remat}"
   )
   if cfg.zero_stage:
-    whole = sharding.replicated_over_fsdp(run.logical, run.abstract_params, run.mesh)
+    whole = sharding.replicated_over_fsdp(layout.logical, layout.abstract_params, layout.mesh)
     for path, (shape, nbytes) in whole.items():
       log.info(
         f"zero_stage {cfg.zero_stage}: {path} {list(shape)} has no dimension that fsdp="
-        f"{run.mesh.shape['fsdp']} divides; kept whole on every fsdp device ({nbytes} bytes)"
+        f"{layout.mesh.shape['fsdp']} divides; kept whole on every fsdp device ({nbytes} bytes)"
       )
 
 
-def describe_communication(run: Run, compiled, log, what: str = "step") -> None:
+def describe_communication(run: Trainer, compiled, log, what: str = "step") -> None:
   """One line per collective kind of a compiled step: bytes per device per call, as the
   bandwidth model of lm.parallel.report counts them (loops counted per iteration)."""
-  traffic = report.collective_traffic(compiled.as_text(), dict(run.mesh.shape))
+  traffic = report.collective_traffic(compiled.as_text(), dict(run.layout.mesh.shape))
   prefix = "" if what == "step" else f"{what} "
   for kind, t in traffic.items():
     if t["count"]:
@@ -167,15 +180,16 @@ def describe_communication(run: Run, compiled, log, what: str = "step") -> None:
   log.tensorboard(0, {f"{tag}/{k}_bytes": t["bandwidth_bytes"] for k, t in traffic.items()})
 
 
-def restore_or_init(run: Run, checkpoints: checkpoint.Checkpointer, batches, log) -> TrainState:
+def restore_or_init(run: Trainer, checkpoints: checkpoint.Checkpointer, batches, log) -> TrainState:
   """The newest readable checkpoint (state and data position) if there is one, else a fresh
   state."""
   step, state = checkpoints.restore_newest(
     lambda step: checkpoints.restore(step, run.abstract_state(), batches), log.info
   )
-  if step is None and run.cfg.train.init_from:
-    source = run.cfg.train.init_from
-    _, params, _, source_step = checkpoint.restore_model(source, run.cfg, "train.init_from")
+  cfg = run.layout.cfg
+  if step is None and cfg.train.init_from:
+    source = cfg.train.init_from
+    _, params, _, source_step = checkpoint.restore_model(source, cfg, "train.init_from")
     log.info(f"initialized from {source} (its step {source_step}); training starts at step 0")
     return run.init_state(params)
   if step is None:
@@ -185,19 +199,24 @@ def restore_or_init(run: Run, checkpoints: checkpoint.Checkpointer, batches, log
 
 
 def _loop(run, state, step_fn, sync_fn, data, batches, checkpoints, log) -> dict:
-  cfg = run.cfg
+  layout = run.layout
+  cfg = layout.cfg
   total = cfg.train.total_steps
-  evaluator = evaluate.Evaluator(run, data, log)
-  peak = metrics.device_peak_flops(run.mesh.devices.flat[0]) * run.mesh.size
-  meter = metrics.Throughput(total, metrics.model_flops(cfg, run.abstract_params), peak)
+  peak = metrics.device_peak_flops(layout.mesh.devices.flat[0]) * layout.mesh.size
+  meter = metrics.Throughput(total, metrics.model_flops(cfg, layout.abstract_params), peak)
   pending, last_good = [], checkpoints.latest_step()
-  if cfg.train.init_from and int(state.step) == 0:  # the starting point, on this run's data
-    log.scalars(0, evaluator(state.params))
   with StopSignals() as stop:
+    evaluator = evaluate.Evaluator(layout, data, log, stop.interrupting)
+    if cfg.train.init_from and int(state.step) == 0:  # the starting point, on this run's data
+      log.scalars(0, evaluator(state.params))
+    if int(state.step) >= total:  # resumed at the end: only the evaluation is left
+      results = evaluator(state.params)
+      log.scalars(total, results)
+      return results
     for step in range(int(state.step) + 1, total + 1):
       with meter.waiting_for_input():
         batch = next(batches)
-      state, step_metrics = step_fn(state, run.shard_batch(batch))
+      state, step_metrics = step_fn(state, layout.shard_batch(batch))
       if sync_fn and (step % cfg.train.sync_every == 0 or step == total):
         state = sync_fn(state)  # local SGD: the replicas merge (a fixed schedule: resumable)
       pending.append(step_metrics)
@@ -215,25 +234,30 @@ def _loop(run, state, step_fn, sync_fn, data, batches, checkpoints, log) -> dict
         summary["skipped_steps"] = int(state.skipped_steps)
         log.scalars(step, summary)
         pending = []
-      if step == total:
-        break
-      evaluated = None
-      if cfg.eval.every and step % cfg.eval.every == 0:
-        evaluated = evaluator(state.params)
-        log.scalars(step, evaluated)
-      every = cfg.checkpoint.every
-      stopping = stop.stop_after(step)
-      if (every and step % every == 0) or (evaluated and cfg.checkpoint.best_metric) or stopping:
-        checkpoints.save(step, state, batches, data.tokenizer, evaluated)
+      final = step == total
+      evaluating = final or bool(cfg.eval.every and step % cfg.eval.every == 0)
+      stopping = None if final else stop.stop_after(step)
+      # Saved before the evaluation (which may decode for minutes), so a stop during it loses
+      # nothing; only checkpoint.best_metric needs the step's metrics in its save.
+      with_metrics = evaluating and bool(cfg.checkpoint.best_metric) and not stopping
+      due = final or stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+      if due and not with_metrics:
+        checkpoints.save(step, state, batches, data.tokenizer)
         last_good = step
+      if evaluating and not stopping:
+        try:
+          evaluated = evaluator(state.params)
+        except evaluate.Interrupted:
+          stopping, evaluated = stop.received, None
+        if evaluated:
+          log.scalars(step, evaluated)
+        if with_metrics:
+          checkpoints.save(step, state, batches, data.tokenizer, evaluated)
+          last_good = step
       if stopping:
         checkpoints.wait()
         name = signal.Signals(stopping).name
         log.info(f"{name}: stopped after step {step}; checkpoint {checkpoints.path(step)} saved")
         return {"stopped_at": step}
-  results = evaluator(state.params)  # the final save carries the results
-  log.scalars(total, results)
-  if checkpoints.latest_step() != total:
-    checkpoints.save(total, state, batches, data.tokenizer, results)
   checkpoints.wait()
-  return results
+  return evaluated  # the final step's

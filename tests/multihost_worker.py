@@ -1,7 +1,7 @@
 """One process of a multi-process run that tests/test_multihost.py starts several of.
 
 A few train steps of a tiny model on mesh (2, 2, 2) under each ZeRO stage, from fixed global
-batches (each process feeds only the rows its devices hold, through Run.shard_batch), then a
+batches (each process feeds only the rows its devices hold, through Layout.shard_batch), then a
 batch of beam-search decodes with the last stage's parameters; process 0 writes the losses and
 the step's data-axis reduction bytes per stage, per-tensor parameter norms and decodes as JSON.
 With 2 processes the mesh is multi-slice (mesh.dcn_data=2): each process stands in for a slice,
@@ -27,7 +27,7 @@ from lm.data.synthetic import random_batch
 from lm.decode import DecodeOptions, Decoder
 from lm.parallel import report
 from lm.parallel.mesh import init_distributed
-from lm.state import Run
+from lm.train_step import Trainer
 from tests.helpers import tiny_config
 
 STEPS = 3
@@ -53,14 +53,14 @@ def process_rows(sharding, shape) -> slice:
 
 
 def train(cfg, devices=None):
-  run = Run.build(cfg, devices)
+  run = Trainer.build(cfg, devices)
   state, step = run.init_state(), run.compile_train_step()
   shape = (cfg.train.global_batch_size, cfg.data.seq_len)
-  rows = process_rows(run.shardings.batch, shape)
+  rows = process_rows(run.layout.shardings.batch, shape)
   losses = []
   for seed in range(STEPS):
     batch = random_batch(cfg, seed, padding=3)
-    state, metrics = step(state, run.shard_batch({k: v[rows] for k, v in batch.items()}))
+    state, metrics = step(state, run.layout.shard_batch({k: v[rows] for k, v in batch.items()}))
     losses.append(float(metrics["loss"]))
   return run, state, step, losses
 
@@ -71,26 +71,28 @@ def run_and_decode(dcn_data: int = 1, stages=(0, 1, 2, 3), one_device: bool = Fa
     run, state, step, losses[str(stage)] = train(
       config(dcn_data, stage, one_device), jax.devices()[:1] if one_device else None
     )
-    traffic = report.collective_traffic(step.as_text(), dict(run.mesh.shape))
+    traffic = report.collective_traffic(step.as_text(), dict(run.layout.mesh.shape))
     data_reduction_bytes[str(stage)] = sum(  # stage 0 reduces over data+fsdp in one op
       size
       for kind in ("all-reduce", "reduce-scatter")
       for axes, size in traffic[kind]["by_axes"].items()
       if "data" in axes.split("+")
     )
-  cfg = run.cfg  # the last stage's
+  cfg = run.layout.cfg  # the last stage's
   rng = np.random.RandomState(0)
   norms = jax.jit(
     lambda p: jax.tree.map(lambda x: jnp.sqrt(jnp.sum(jnp.square(x))), p),
-    out_shardings=run.shardings.replicated,
+    out_shardings=run.layout.shardings.replicated,
   )(state.params)
   sources = [list(rng.randint(4, cfg.model.vocab_size, size=n)) + [3] for n in (3, 9, 5, 12, 1)]
   decodes = {}
   for beam in (3,):  # beam search (greedy decoding under several processes: test_multihost)
     options = DecodeOptions(beam_size=beam, max_len=12, max_len_a=1.0, max_len_b=4)
-    decoder = Decoder(run, state.params, _VocabOnly(cfg.model.vocab_size), options, batch_size=8)
+    decoder = Decoder(
+      run.layout, state.params, _VocabOnly(cfg.model.vocab_size), options, batch_size=8
+    )
     decodes[str(beam)] = decoder.decode_ids(sources).tolist()
-  data_processes = {d.process_index for d in run.mesh.devices[:, 0, 0]}
+  data_processes = {d.process_index for d in run.layout.mesh.devices[:, 0, 0]}
   return {
     "process_count": jax.process_count(),
     # Each step's reduction over data, and how many processes the data axis spans.

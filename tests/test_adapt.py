@@ -11,21 +11,22 @@ import pytest
 from flax import nnx
 
 from experiments import demo
-from lm import checkpoint, evaluate, metrics, train
+from lm import checkpoint, evaluate, metrics, objective, train
 from lm import config as lmc
 from lm.data import pipeline, synthetic
 from lm.data import tokenizer as tok
 from lm.data.synthetic import random_batch
 from lm.decode import DecodeOptions, Decoder
 from lm.models import layers
-from lm.state import Run, param_paths, select
+from lm.train_step import Trainer
+from lm.trees import param_paths, select
 from tests.helpers import tiny_config
 
 
-def _logits(run: Run, params, batch) -> np.ndarray:
-  with jax.set_mesh(run.mesh):
-    forward = jax.jit(lambda p, b: nnx.merge(run.graphdef, p)(b))
-    return np.asarray(forward(params, run.shard_batch(batch)))
+def _logits(run: Trainer, params, batch) -> np.ndarray:
+  with jax.set_mesh(run.layout.mesh):
+    forward = jax.jit(lambda p, b: nnx.merge(run.layout.graphdef, p)(b))
+    return np.asarray(forward(params, run.layout.shard_batch(batch)))
 
 
 def _adapted_config(mesh=(1, 1, 1), stage=0, **model):
@@ -42,18 +43,20 @@ def _adapted_config(mesh=(1, 1, 1), stage=0, **model):
 def _base_params():
   """A base model's parameters (what LoRA and adapters start beside), on one device."""
   cfg = tiny_config("translation")
-  run = Run.build(cfg, devices=jax.devices()[:1])
+  run = Trainer.build(cfg, devices=jax.devices()[:1])
   return jax.tree.map(np.asarray, run.init_state().params)
 
 
 @pytest.mark.parametrize("adaptation", [dict(lora_rank=4, lora_targets="."), dict(adapter_dim=8)])
 def test_lora_and_adapters_start_exactly_as_the_base_model(adaptation):
   """B (LoRA) and the up-projection (adapters) start at zero: logits equal bitwise."""
-  base = Run.build(tiny_config("translation"), devices=jax.devices()[:1])
-  adapted = Run.build(tiny_config("translation", **adaptation), devices=jax.devices()[:1])
-  assert len(jax.tree.leaves(adapted.abstract_params)) > len(jax.tree.leaves(base.abstract_params))
+  base = Trainer.build(tiny_config("translation"), devices=jax.devices()[:1])
+  adapted = Trainer.build(tiny_config("translation", **adaptation), devices=jax.devices()[:1])
+  assert len(jax.tree.leaves(adapted.layout.abstract_params)) > len(
+    jax.tree.leaves(base.layout.abstract_params)
+  )
   params = adapted.init_state(_base_params()).params
-  batch = random_batch(base.cfg, seed=1, padding=2)
+  batch = random_batch(base.layout.cfg, seed=1, padding=2)
   np.testing.assert_array_equal(
     _logits(adapted, params, batch), _logits(base, _base_params(), batch)
   )
@@ -65,20 +68,20 @@ def _teacher(cfg, devices):
   teacher_cfg.mesh.update(cfg.mesh.to_dict())
   teacher_cfg.zero_stage = cfg.zero_stage
   teacher_cfg.seed = 7
-  run = Run.build(teacher_cfg, devices=devices)
+  run = Trainer.build(teacher_cfg, devices=devices)
   return run, run.init_state().params
 
 
 def _train(cfg, steps: int = 3):
   n = cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor
   devices = jax.devices()[:n]
-  run = Run.build(cfg, devices=devices, teacher=_teacher(cfg, devices))
+  run = Trainer.build(cfg, devices=devices, teacher=_teacher(cfg, devices))
   assert run.teacher is not None
   state = run.init_state(_base_params())
   step = run.compile_train_step()
   losses = []
   for seed in range(steps):
-    state, m = step(state, run.shard_batch(random_batch(cfg, seed=seed, padding=2)))
+    state, m = step(state, run.layout.shard_batch(random_batch(cfg, seed=seed, padding=2)))
     losses.append(float(m["loss"]))
   return run, state, losses
 
@@ -125,11 +128,11 @@ def test_a_trainable_regex_freezes_everything_else():
   cfg = tiny_config("translation")
   cfg.train.update(trainable="^decoder/layers/mlp/", global_batch_size=16)
   cfg.data.pack = False
-  run = Run.build(cfg, devices=jax.devices()[:1])
+  run = Trainer.build(cfg, devices=jax.devices()[:1])
   start = jax.tree.map(np.asarray, run.init_state().params)
   state, step = run.init_state(), run.compile_train_step()
   for seed in range(2):
-    state, _ = step(state, run.shard_batch(random_batch(cfg, seed=seed, padding=2)))
+    state, _ = step(state, run.layout.shard_batch(random_batch(cfg, seed=seed, padding=2)))
   paths = param_paths(start)
   for path, old, new in zip(
     jax.tree.leaves(paths), jax.tree.leaves(start), jax.tree.leaves(jax.device_get(state.params))
@@ -137,20 +140,22 @@ def test_a_trainable_regex_freezes_everything_else():
     assert np.array_equal(old, new) != path.startswith("decoder/layers/mlp/"), path
   cfg.train.trainable = "no_such_parameter"
   with pytest.raises(lmc.ConfigError, match=r"config\.train\.trainable: .* matches no parameter"):
-    Run.build(cfg, devices=jax.devices()[:1])
+    Trainer.build(cfg, devices=jax.devices()[:1])
 
 
 def test_distillation_loss_is_cross_entropy_plus_kl_and_weight_zero_is_plain_training():
   cfg = tiny_config("translation")
   cfg.train.update(distill_weight=0.3, distill_temperature=2.0)
   devices = jax.devices()[:1]
-  run = Run.build(cfg, devices=devices, teacher=_teacher(cfg, devices))
+  run = Trainer.build(cfg, devices=devices, teacher=_teacher(cfg, devices))
   params = run.init_state().params
   batch = {k: np.asarray(v) for k, v in random_batch(cfg, seed=2, padding=3).items()}
   teacher_logits = np.random.RandomState(0).normal(size=(*batch["targets"].shape, 128)) * 3
-  loss, (tokens, _) = jax.jit(run.loss_sums)(params, batch, None, teacher_logits)
+  loss, (tokens, _) = jax.jit(functools.partial(objective.training_loss_sums, run.layout))(
+    params, batch, None, teacher_logits
+  )
 
-  logits = np.asarray(nnx.merge(run.graphdef, params)(batch, None), np.float64)[..., :64]
+  logits = np.asarray(nnx.merge(run.layout.graphdef, params)(batch, None), np.float64)[..., :64]
   weights = batch["targets"] > 0
   log_q = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   cross_entropy = -np.take_along_axis(log_q, batch["targets"][..., None], -1)[..., 0]
@@ -164,8 +169,8 @@ def test_distillation_loss_is_cross_entropy_plus_kl_and_weight_zero_is_plain_tra
 
   # Weight 0: no teacher in the step at all, the same program as plain training.
   cfg.train.distill_weight = 0.0
-  without = Run.build(cfg, devices=devices, teacher=_teacher(cfg, devices))
-  plain = Run.build(tiny_config("translation"), devices=devices)
+  without = Trainer.build(cfg, devices=devices, teacher=_teacher(cfg, devices))
+  plain = Trainer.build(tiny_config("translation"), devices=devices)
   assert without.teacher is None
   assert without.lower_train_step().as_text() == plain.lower_train_step().as_text()
 
@@ -205,7 +210,7 @@ def test_init_from_restores_onto_another_mesh_and_lora_merges_into_the_export(so
   def start(workdir):
     tok.save(checkpoint.meta_tokenizer(checkpoint.source_meta(source)), workdir)
     data = pipeline.load(adopted, workdir, print)
-    run = Run.build(adopted, tokenizer_size=data.tokenizer.vocab_size)
+    run = Trainer.build(adopted, tokenizer_size=data.tokenizer.vocab_size)
     checkpoints = checkpoint.Checkpointer(workdir, adopted)
     try:
       batches = pipeline.TrainIterator(data)
@@ -326,7 +331,7 @@ def test_an_int8_export_holds_under_a_third_of_the_bytes_and_runs_dequantized(
   )
   losses = {}
   for dtype, (run, params, _, _) in exports.items():
-    data = pipeline.load(run.cfg, str(tmp_path / f"data_{dtype}"), print, tokenizer)
+    data = pipeline.load(run.layout.cfg, str(tmp_path / f"data_{dtype}"), print, tokenizer)
     losses[dtype] = evaluate.Evaluator(run, data, None).teacher_forced(params)["eval_loss"]
   assert abs(losses["int8"] - losses["float32"]) <= 0.01 * losses["float32"], losses
   lines = [text for text, _ in data.eval_text[:16]]

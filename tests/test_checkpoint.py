@@ -19,7 +19,7 @@ from lm import checkpoint, evaluate
 from lm import train as lm_train
 from lm.config import ConfigError
 from lm.data import pipeline
-from lm.state import Run
+from lm.train_step import Trainer
 from tests.helpers import damage_largest_array_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,7 @@ def _final_params(workdir, cfg):
   checkpoints = checkpoint.Checkpointer(str(workdir))
   step = checkpoints.latest_step()
   data = pipeline.load(cfg, str(workdir))
-  run = Run.build(cfg, tokenizer_size=data.tokenizer.vocab_size)
+  run = Trainer.build(cfg, tokenizer_size=data.tokenizer.vocab_size)
   state = checkpoints.restore(step, run.abstract_state())
   checkpoints.close()
   return step, jax.device_get(state.params)
@@ -160,7 +160,7 @@ def test_sigkill_during_saves_never_leaves_a_partial_checkpoint(tmp_path):
     assert latest is not None and latest > previous
     meta = checkpoints.meta(latest)
     cfg = checkpoint.meta_config(meta)
-    run = Run.build(
+    run = Trainer.build(
       cfg, jax.devices()[:2], tokenizer_size=checkpoint.meta_tokenizer(meta).vocab_size
     )
     state = checkpoints.restore(latest, run.abstract_state())
@@ -219,7 +219,7 @@ def test_export_reloads_with_the_training_loss(tmp_path):
   data = pipeline.load(cfg, str(workdir))
   teacher_forced = evaluate.Evaluator(run, data).teacher_forced
   reference = teacher_forced(params)
-  exported = checkpoint.load_export(str(out), run.abstract_state().params)
+  exported = checkpoint.load_export(str(out), run.placed_params())
   assert teacher_forced(exported)["eval_loss"] == reference["eval_loss"]
   meta = checkpoint.load_meta(str(out))
   assert checkpoint.meta_tokenizer(meta).model_proto == tokenizer.model_proto
@@ -228,7 +228,7 @@ def test_export_reloads_with_the_training_loss(tmp_path):
   checkpoint.export(str(workdir), str(tmp_path / "bf16"), "bfloat16")
   abstract_bf16 = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, jax.numpy.bfloat16, sharding=x.sharding),
-    run.abstract_state().params,
+    run.placed_params(),
   )
   halved = checkpoint.load_export(str(tmp_path / "bf16"), abstract_bf16)
   assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(halved))

@@ -14,7 +14,7 @@ import pytest
 
 from lm.data.synthetic import random_batch
 from lm.parallel import report, sharding
-from lm.state import Run
+from lm.train_step import Trainer
 from tests.helpers import tiny_config
 
 MESHES = [(1, 8, 1), (2, 4, 1), (2, 2, 2)]
@@ -26,14 +26,16 @@ def _run(mesh, stage, microbatches, **train):
   cfg.zero_stage = stage
   cfg.train.update(global_batch_size=32, microbatches=microbatches, **train)
   cfg.data.pack = False
-  return Run.build(cfg, devices=jax.devices())
+  return Trainer.build(cfg, devices=jax.devices())
 
 
 @functools.cache
 def _traffic(mesh, stage, microbatches, **train):
   """{(kind, axes): bandwidth bytes per device per step} over the batch axes only."""
   run = _run(mesh, stage, microbatches, **train)
-  traffic = report.collective_traffic(run.compile_train_step().as_text(), dict(run.mesh.shape))
+  traffic = report.collective_traffic(
+    run.compile_train_step().as_text(), dict(run.layout.mesh.shape)
+  )
   out = {}
   for kind, t in traffic.items():
     for axes, nbytes in t["by_axes"].items():
@@ -45,13 +47,15 @@ def _traffic(mesh, stage, microbatches, **train):
 def _gradient_bytes(run):
   """(bytes of leaves the update shards over fsdp, of leaves kept whole; stacked-layer bytes of
   the first), per device without fsdp sharding, float32."""
-  unsharded = sharding.named_shardings(run.logical, run.abstract_params, run.mesh, False)
+  unsharded = sharding.named_shardings(
+    run.layout.logical, run.layout.abstract_params, run.layout.mesh, False
+  )
   scattered = whole = layers = 0
   for names, leaf, full, update in zip(
-    jax.tree.leaves(run.logical, is_leaf=lambda x: isinstance(x, tuple)),
-    jax.tree.leaves(run.abstract_params),
+    jax.tree.leaves(run.layout.logical, is_leaf=lambda x: isinstance(x, tuple)),
+    jax.tree.leaves(run.layout.abstract_params),
     jax.tree.leaves(unsharded),
-    jax.tree.leaves(run.shardings.update),
+    jax.tree.leaves(run.layout.shardings.update),
   ):
     nbytes = report.sharded_bytes([leaf], [full])
     if sharding.fsdp_dim(update.spec) is None:
@@ -141,7 +145,7 @@ def test_bfloat16_reduction_halves_gradient_traffic(stage):
   def reductions(grad_reduce_dtype):
     run = _run((2, 4, 1), stage, 2, grad_reduce_dtype=grad_reduce_dtype)
     text = run.lower_train_step().as_text(dialect="hlo")
-    traffic = report.collective_traffic(text, dict(run.mesh.shape))
+    traffic = report.collective_traffic(text, dict(run.layout.mesh.shape))
     # Gradient reductions only: not the scalar loss sums, not ZeRO-3's parameter gathers.
     return sum(
       nbytes
@@ -166,11 +170,11 @@ def test_bfloat16_reduction_trains_like_float32():
     cfg.zero_stage = 3
     cfg.train.update(global_batch_size=16, microbatches=2, grad_reduce_dtype=dtype)
     cfg.data.pack = False
-    run = Run.build(cfg, devices=jax.devices())
+    run = Trainer.build(cfg, devices=jax.devices())
     state, step = run.init_state(), run.compile_train_step()
     history = []
     for t in range(20):
-      state, metrics = step(state, run.shard_batch(random_batch(cfg, seed=t % 4, padding=2)))
+      state, metrics = step(state, run.layout.shard_batch(random_batch(cfg, seed=t % 4, padding=2)))
       history.append(float(metrics["loss"]))
     assert history[-1] < 0.95 * history[0], history  # it learned
     losses[dtype] = history[-1]

@@ -6,7 +6,7 @@ import pytest
 
 from lm import config as lmc
 from lm.config import ConfigError
-from lm.state import Run
+from lm.train_step import Trainer
 from tests.helpers import tiny_config
 
 BAD = [
@@ -47,7 +47,7 @@ def test_bad_config_names_the_field_in_one_line(field, mutate):
   cfg.mesh.update(data=1, fsdp=-1, tensor=1)
   mutate(cfg)
   with pytest.raises(ConfigError) as err:
-    Run.build(cfg, devices=jax.devices())
+    Trainer.build(cfg, devices=jax.devices())
   message = str(err.value)
   assert message.startswith(f"config.{field}:"), message
   assert "\n" not in message
@@ -70,7 +70,7 @@ def test_unknown_nested_key_is_rejected_by_validate():
 def test_vocab_is_padded_the_same_on_every_mesh(vocab, tensor):
   cfg = tiny_config(vocab_size=vocab)
   cfg.mesh.update(data=1, fsdp=8 // tensor, tensor=tensor)
-  run = Run.build(cfg, devices=jax.devices())
+  run = Trainer.build(cfg, devices=jax.devices())
   padded = 128 if vocab <= 128 else 256  # a multiple of 128: restorable on any tensor size
-  assert run.dims.vocab_size == padded
-  assert run.abstract_params["embed"]["table"].shape == (padded, cfg.model.d_model)
+  assert run.layout.dims.vocab_size == padded
+  assert run.layout.abstract_params["embed"]["table"].shape == (padded, cfg.model.d_model)

@@ -11,11 +11,13 @@ import tensorflow_datasets as tfds
 
 from experiments import lm1b, wmt_ende
 from lm import config as lm_config
+from lm import objective
 from lm import train as lm_train
 from lm.config import ConfigError
 from lm.data import pipeline, sources, synthetic
 from lm.data import tokenizer as tok
-from lm.state import Run, batch_keys
+from lm.layout import batch_keys
+from lm.train_step import Trainer
 from tests.helpers import tiny_config
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -170,11 +172,11 @@ def test_packing_keeps_every_token_and_the_loss_of_the_unpacked_examples(tmp_pat
   tokens = sum((e["targets"] > 0).sum() for e in examples)
   assert tokens == (batch["targets"] > 0).sum()
 
-  run = Run.build(cfg, devices=jax.devices()[:1], tokenizer_size=data.tokenizer.vocab_size)
+  run = Trainer.build(cfg, devices=jax.devices()[:1], tokenizer_size=data.tokenizer.vocab_size)
   params = run.init_state().params
-  loss_sums = jax.jit(lambda b: run.loss_sums(params, b, None))
-  with jax.set_mesh(run.mesh):
-    packed_loss, (packed_tokens, _) = loss_sums(run.shard_batch(batch))
+  loss_sums = jax.jit(lambda b: objective.training_loss_sums(run.layout, params, b, None))
+  with jax.set_mesh(run.layout.mesh):
+    packed_loss, (packed_tokens, _) = loss_sums(run.layout.shard_batch(batch))
     rows = {
       k: np.stack([np.pad(e[k], (0, cfg.data.seq_len - len(e[k]))) for e in examples])
       for k in ("inputs", "targets")

@@ -20,7 +20,7 @@ from lm import decode, evaluate, metrics
 from lm import train as lm_train
 from lm.data import synthetic
 from lm.data.tokenizer import BOS_ID, EOS_ID
-from lm.state import Run
+from lm.layout import Layout
 from tests.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,8 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _model(task, devices=1, **model):
   cfg = tiny_config(task, **model)
-  run = Run.build(cfg, devices=jax.devices()[:devices])
-  return run, nnx.merge(run.graphdef, run.init_state().params)
+  run = Layout.build(cfg, devices=jax.devices()[:devices])
+  return run, nnx.merge(run.graphdef, run.init_params())
 
 
 def _tokens(seed, shape, low=4, high=60):
@@ -140,9 +140,9 @@ def test_sharded_zero3_decoding_equals_one_device(beam):
     cfg = tiny_config("translation")
     cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
     cfg.zero_stage = stage
-    run = Run.build(cfg, devices=jax.devices()[:devices])
+    run = Layout.build(cfg, devices=jax.devices()[:devices])
     options = decode.DecodeOptions(beam_size=beam, max_len=10)
-    decoder = decode.Decoder(run, run.init_state().params, _Ids(), options, batch_size=8)
+    decoder = decode.Decoder(run, run.init_params(), _Ids(), options, batch_size=8)
     sources = np.asarray(_tokens(7, (6, 10)))
     outputs.append(decoder.decode_ids([list(row) + [EOS_ID] for row in sources[:, :5]]))
   np.testing.assert_array_equal(outputs[0], outputs[1])
@@ -155,9 +155,9 @@ class _Ids:  # token ids in, ids out: no tokenizer needed
 
 def test_a_sampled_row_depends_on_neither_its_neighbours_nor_its_place():
   """Row buckets pad a batch to 1, 2, 4 or 8 rows; each row samples from its own seed."""
-  run = Run.build(tiny_config("lm"), devices=jax.devices()[:1])
+  run = Layout.build(tiny_config("lm"), devices=jax.devices()[:1])
   options = decode.DecodeOptions(temperature=1.0, max_len=12)
-  decoder = decode.Decoder(run, run.init_state().params, _Ids(), options, 8, row_buckets=True)
+  decoder = decode.Decoder(run, run.init_params(), _Ids(), options, 8, row_buckets=True)
   assert decoder.row_counts == (1, 2, 4, 8)
   a, b, c = [5, 9], [11, 12, 13], [7]
   alone = decoder.decode_ids([a], seeds=[3])
@@ -169,9 +169,9 @@ def test_a_sampled_row_depends_on_neither_its_neighbours_nor_its_place():
 @pytest.mark.parametrize("beam", [1, 3])
 def test_each_translation_stops_at_its_own_length_limit(beam):
   cfg = tiny_config("translation")
-  run = Run.build(cfg, devices=jax.devices()[:1])
+  run = Layout.build(cfg, devices=jax.devices()[:1])
   options = decode.DecodeOptions(beam_size=beam, max_len=40, max_len_a=1.0, max_len_b=1)
-  decoder = decode.Decoder(run, run.init_state().params, _Ids(), options, batch_size=4)
+  decoder = decode.Decoder(run, run.init_params(), _Ids(), options, batch_size=4)
   sources = [[7] * n + [EOS_ID] for n in (2, 5, 9)]
   out = decoder.decode_ids(sources)
   # The batch is padded to its source bucket (16 = seq_len, for a longest source of 10 tokens)

@@ -7,7 +7,7 @@ from lm import checkpoint
 from lm import train as lm_train
 from lm.data.synthetic import random_batch
 from lm.parallel import report
-from lm.state import Run
+from lm.train_step import Trainer
 from tests.helpers import tiny_config
 from tests.test_checkpoint import _config, _final_params, _losses, _sigterm_when
 
@@ -22,12 +22,12 @@ def _tiny(mesh=(2, 4, 1), stage=1, **train):
 
 
 def _train(cfg, steps):
-  run = Run.build(cfg, devices=jax.devices())
+  run = Trainer.build(cfg, devices=jax.devices())
   state, step = run.init_state(), run.compile_train_step()
   sync = run.compile_sync_step() if run.replica_count else None
   losses = []
   for t in range(1, steps + 1):
-    state, metrics = step(state, run.shard_batch(random_batch(cfg, seed=t, padding=3)))
+    state, metrics = step(state, run.layout.shard_batch(random_batch(cfg, seed=t, padding=3)))
     if sync and t % cfg.train.sync_every == 0:
       state = sync(state)
     losses.append(float(metrics["loss"]))
@@ -52,16 +52,16 @@ def test_sync_every_step_with_averaging_equals_synchronous_training():
 
 
 def _data_axis_bytes(compiled, run) -> float:
-  traffic = report.collective_traffic(compiled.as_text(), dict(run.mesh.shape))
+  traffic = report.collective_traffic(compiled.as_text(), dict(run.layout.mesh.shape))
   return sum(
     b for t in traffic.values() for axes, b in t["by_axes"].items() if "data" in axes.split("+")
   )
 
 
 def test_sync_every_4_cuts_data_axis_traffic_by_4():
-  sync_run = Run.build(_tiny(), devices=jax.devices())
+  sync_run = Trainer.build(_tiny(), devices=jax.devices())
   synchronous = _data_axis_bytes(sync_run.compile_train_step(), sync_run)
-  run = Run.build(_tiny(sync_every=4, outer_optimizer="nesterov"), devices=jax.devices())
+  run = Trainer.build(_tiny(sync_every=4, outer_optimizer="nesterov"), devices=jax.devices())
   inner = _data_axis_bytes(run.compile_train_step(), run)
   merge = _data_axis_bytes(run.compile_sync_step(), run)
   assert inner < 1024, inner  # scalars only: the step's loss and token sums

@@ -1,5 +1,7 @@
 """Masks, positions and parameter counts of both model families."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,12 +9,14 @@ import pytest
 from flax import nnx
 
 from experiments import gpt2, wmt_ende
+from lm import objective
 from lm.config import REMAT as REMAT_CHOICES
 from lm.data.synthetic import random_batch
 from lm.models.layers import Mlp, Norm, dropout, rotary
 from lm.models.loss import cross_entropy_sums
 from lm.models.transformer import ModelDims, build_model
-from lm.state import Run, param_count
+from lm.train_step import Trainer
+from lm.trees import param_count
 from tests.helpers import tiny_config
 
 
@@ -116,20 +120,20 @@ def analytic_param_count(m, task: str) -> int:
 def test_parameter_count_matches_formula_and_paper(module, variant, published):
   cfg = module.get_config(variant)
   cfg.mesh.update(data=1, fsdp=1, tensor=1)
-  run = Run.build(cfg, devices=jax.devices()[:1])
-  count = param_count(run.abstract_params)
+  run = Trainer.build(cfg, devices=jax.devices()[:1])
+  count = param_count(run.layout.abstract_params)
   assert count == analytic_param_count(cfg.model, cfg.task)
   assert abs(count - published) / published < 0.05, count
 
 
 def _grads(cfg):
-  run = Run.build(cfg, devices=jax.devices()[:1])
+  run = Trainer.build(cfg, devices=jax.devices()[:1])
   params = run.init_state().params
-  batch = run.shard_batch(random_batch(cfg, seed=4, padding=2))
-  with jax.set_mesh(run.mesh):
-    (loss, _), grads = jax.jit(jax.value_and_grad(run.loss_sums, has_aux=True))(
-      params, batch, jax.random.key(1)
-    )
+  batch = run.layout.shard_batch(random_batch(cfg, seed=4, padding=2))
+  with jax.set_mesh(run.layout.mesh):
+    (loss, _), grads = jax.jit(
+      jax.value_and_grad(functools.partial(objective.training_loss_sums, run.layout), has_aux=True)
+    )(params, batch, jax.random.key(1))
   return float(loss), jax.device_get(grads)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lm.data.synthetic import random_batch
-from lm.state import Run
+from lm.train_step import Trainer
 from tests.helpers import tiny_config
 
 MESHES = [(1, 8, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4), (8, 1, 1)]
@@ -32,12 +32,12 @@ def _batches(cfg):
 
 def train_steps(cfg):
   n = cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor
-  run = Run.build(cfg, devices=jax.devices()[:n])
+  run = Trainer.build(cfg, devices=jax.devices()[:n])
   state = run.init_state()
   step = run.compile_train_step()
   losses = []
   for batch in _batches(cfg):
-    state, metrics = step(state, run.shard_batch(batch))
+    state, metrics = step(state, run.layout.shard_batch(batch))
     losses.append(float(metrics["loss"]))
   return run, state, losses
 
@@ -94,7 +94,7 @@ def test_zero_stage_matches_single_device(task, stage, mesh, microbatches):
 def test_without_fsdp_every_stage_has_stage_0_layout():
   layouts = []
   for stage in range(4):
-    run = Run.build(_config("translation", (8, 1, 1), stage), devices=jax.devices())
+    run = Trainer.build(_config("translation", (8, 1, 1), stage), devices=jax.devices())
     layouts.append(jax.tree.map(lambda s: s.spec, run.state_shardings))
-    assert not run.dims.params_sharded
+    assert not run.layout.dims.params_sharded
   assert all(layout == layouts[0] for layout in layouts[1:])

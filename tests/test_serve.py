@@ -24,7 +24,7 @@ import websockets.sync.client
 from lm import checkpoint, decode, serve
 from lm.data import synthetic
 from lm.data import tokenizer as tok
-from lm.state import Run
+from lm.train_step import Trainer
 from tests.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,7 +158,7 @@ def lm_export(tmp_path_factory):
   """An untrained tiny LM as an export: streaming is about the wire, not the model."""
   cfg = tiny_config("lm")
   cfg.data.seq_len = 32
-  run = Run.build(cfg, devices=jax.devices()[:1])
+  run = Trainer.build(cfg, devices=jax.devices()[:1])
   tokenizer = tok.train([f"w{i}" for i in range(100)] * 2, cfg.model.vocab_size, "word")
   directory = tmp_path_factory.mktemp("lm") / "export"
   checkpoint.write_export(str(directory), run.init_state().params, cfg, tokenizer, step=7)

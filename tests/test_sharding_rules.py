@@ -12,7 +12,8 @@ import jax
 import pytest
 
 from lm.parallel import report, sharding
-from lm.state import Run, param_count
+from lm.train_step import Trainer
+from lm.trees import param_count
 from tests.helpers import tiny_config
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "partition_specs_2x2x2.json")
@@ -24,9 +25,9 @@ def _specs(task: str) -> dict:
     cfg = tiny_config(task)
     cfg.mesh.update(data=2, fsdp=2, tensor=2)
     cfg.zero_stage = stage
-    run = Run.build(cfg, devices=jax.devices())
-    kinds = {"params": run.shardings.params, "grads": run.shardings.grads}
-    kinds["opt_state"] = run.shardings.update
+    run = Trainer.build(cfg, devices=jax.devices())
+    kinds = {"params": run.layout.shardings.params, "grads": run.layout.shardings.grads}
+    kinds["opt_state"] = run.layout.shardings.update
     rows = {}
     for kind, tree in kinds.items():
       for path, s in jax.tree_util.tree_leaves_with_path(tree):
@@ -62,12 +63,14 @@ def test_tensors_zero_cannot_shard_are_reported_and_counted(fsdp):
   cfg = tiny_config(d_model=36, num_heads=4, mlp_dim=72)  # 36 and 9 (head dim) not divisible
   cfg.mesh.update(data=8 // fsdp, fsdp=fsdp, tensor=1)
   cfg.zero_stage = 3
-  run = Run.build(cfg, devices=jax.devices())
-  whole = sharding.replicated_over_fsdp(run.logical, run.abstract_params, run.mesh)
+  run = Trainer.build(cfg, devices=jax.devices())
+  whole = sharding.replicated_over_fsdp(
+    run.layout.logical, run.layout.abstract_params, run.layout.mesh
+  )
   # Exactly the tensors that the stage-3 layout leaves without 'fsdp' in their spec.
   expected = {
     jax.tree_util.keystr(path, simple=True, separator="/")
-    for path, s in jax.tree_util.tree_leaves_with_path(run.shardings.params)
+    for path, s in jax.tree_util.tree_leaves_with_path(run.layout.shardings.params)
     if "fsdp" not in jax.tree.leaves(tuple(s.spec))
   }
   assert set(whole) == expected and bool(whole) == (fsdp == 8)  # 36 = 2 x 18: all shard on 2
@@ -75,6 +78,6 @@ def test_tensors_zero_cannot_shard_are_reported_and_counted(fsdp):
     assert nbytes == 4 * int(jax.numpy.prod(jax.numpy.asarray(shape))), name
   # The bench's formula: sharded bytes over fsdp, plus the whole tensors on every device.
   kept = sum(int(jax.numpy.prod(jax.numpy.asarray(shape))) for shape, _ in whole.values())
-  formula = report.formula_bytes(param_count(run.abstract_params), 3, fsdp, replicated=kept)
-  measured = report.sharded_bytes(run.abstract_params, run.shardings.params)
+  formula = report.formula_bytes(param_count(run.layout.abstract_params), 3, fsdp, replicated=kept)
+  measured = report.sharded_bytes(run.layout.abstract_params, run.layout.shardings.params)
   assert formula["params"] == measured

@@ -11,7 +11,7 @@ from lm import train as lm_train
 from lm.data import tokenizer as tok
 from lm.data.synthetic import random_batch
 from lm.parallel import report
-from lm.state import Run
+from lm.train_step import Trainer
 from tests.helpers import tiny_config
 
 
@@ -19,11 +19,13 @@ def _first_step_grads(microbatches):
   cfg = tiny_config(dropout_rate=0.0)
   cfg.train.microbatches = microbatches
   cfg.optim.update(name="sgd", learning_rate=1.0, clip_norm=0.0)
-  run = Run.build(cfg, devices=jax.devices()[:1])
+  run = Trainer.build(cfg, devices=jax.devices()[:1])
   state = run.init_state()
   before = jax.device_get(state.params)
-  with jax.set_mesh(run.mesh):
-    new_state, metrics = run.jit_train_step()(state, run.shard_batch(random_batch(cfg, padding=3)))
+  with jax.set_mesh(run.layout.mesh):
+    new_state, metrics = run.jit_train_step()(
+      state, run.layout.shard_batch(random_batch(cfg, padding=3))
+    )
   # SGD with lr 1: the update is exactly minus the gradient.
   return jax.tree.map(lambda a, b: a - b, before, jax.device_get(new_state.params)), metrics
 
@@ -57,16 +59,18 @@ def test_demo_loss_falls_by_half_in_50_steps(tmp_path, capsys):
     if line.split(":")[0] in report.COLLECTIVES
   }
   tokenizer = tok.Tokenizer.load(str(tmp_path / "tokenizer.model"))
-  run = Run.build(cfg, tokenizer_size=tokenizer.vocab_size)
-  traffic = report.collective_traffic(run.compile_train_step().as_text(), dict(run.mesh.shape))
+  run = Trainer.build(cfg, tokenizer_size=tokenizer.vocab_size)
+  traffic = report.collective_traffic(
+    run.compile_train_step().as_text(), dict(run.layout.mesh.shape)
+  )
   expected = {k: round(t["bandwidth_bytes"] / 2**20, 2) for k, t in traffic.items() if t["count"]}
   assert logged == expected and {"all-gather", "all-reduce"} <= set(logged), logged
 
 
 def _losses_on_one_batch(cfg, steps=15):
-  run = Run.build(cfg, devices=jax.devices()[:1])
+  run = Trainer.build(cfg, devices=jax.devices()[:1])
   state, step = run.init_state(), run.compile_train_step()
-  batch = run.shard_batch(random_batch(cfg, padding=2, packed=cfg.data.pack))
+  batch = run.layout.shard_batch(random_batch(cfg, padding=2, packed=cfg.data.pack))
   losses = []
   for _ in range(steps):
     state, metrics = step(state, batch)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from lm.parallel import report
-from lm.state import Run, param_count, select
+from lm.train_step import Trainer
+from lm.trees import param_count, select
 from tests.helpers import tiny_config
 
 
@@ -14,7 +15,7 @@ def _run(mesh, stage, microbatches=1, **model):
   cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
   cfg.zero_stage = stage
   cfg.train.update(global_batch_size=8 * microbatches, microbatches=microbatches)
-  return Run.build(cfg, devices=jax.devices())
+  return Trainer.build(cfg, devices=jax.devices())
 
 
 def _state_bytes(run):
@@ -29,8 +30,8 @@ def test_state_bytes_per_device_match_formula_on_fsdp_mesh(adaptation):
   selected the same way)."""
   for stage in range(4):
     run = _run((1, 8, 1), stage, **adaptation)
-    psi = param_count(run.abstract_params)
-    trainable = param_count(select(run.abstract_params, run.trainable))
+    psi = param_count(run.layout.abstract_params)
+    trainable = param_count(select(run.layout.abstract_params, run.trainable))
     assert (trainable == psi) == (not adaptation)
     params, opt = _state_bytes(run)
     formula = report.formula_bytes(psi, stage, fsdp=8, trainable=trainable)
@@ -49,7 +50,7 @@ def test_stages_divide_state_by_fsdp_on_mixed_mesh(stage):
 @pytest.mark.parametrize("stage", range(4))
 def test_gradients_sharded_only_from_stage_2(stage):
   run = _run((1, 8, 1), stage)
-  specs = [s.spec for s in jax.tree.leaves(run.shardings.grads)]
+  specs = [s.spec for s in jax.tree.leaves(run.layout.shardings.grads)]
   sharded = ["fsdp" in tuple(spec) for spec in specs]
   assert all(sharded) if stage >= 2 else not any(sharded)
 
@@ -59,7 +60,7 @@ def test_zero2_temp_is_lower_than_zero1_by_the_gradient_shards():
   for stage in (1, 2):
     run = _run((1, 8, 1), stage, microbatches=4)
     temps[stage] = run.compile_train_step().memory_analysis().temp_size_in_bytes
-  gradient_bytes = 4 * param_count(run.abstract_params)
+  gradient_bytes = 4 * param_count(run.layout.abstract_params)
   # Stage 1 keeps a whole float32 accumulator per device, stage 2 its 1/8 shard (each still
   # holds one microbatch's whole gradient before its reduce-scatter).
   saved = gradient_bytes * (1 - 1 / 8)
@@ -70,12 +71,14 @@ def test_collective_report_counts_loop_iterations():
   # Stage 3 gathers every layer inside the scans twice per microbatch (forward, and again in
   # the rematerialized backward), and the embedding table once per step.
   run = _run((1, 8, 1), 3, microbatches=2)
-  traffic = report.collective_traffic(run.compile_train_step().as_text(), dict(run.mesh.shape))
+  traffic = report.collective_traffic(
+    run.compile_train_step().as_text(), dict(run.layout.mesh.shape)
+  )
   gathered = traffic["all-gather"]["bytes"]
 
   def nbytes(tree):
     return 4 * sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
-  params = run.abstract_params
+  params = run.layout.abstract_params
   expected = 2 * 2 * nbytes([params["encoder"], params["decoder"]]) + nbytes(params["embed"])
   assert abs(gathered - expected) <= 0.01 * expected, (gathered, expected)

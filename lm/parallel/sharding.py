@@ -115,19 +115,18 @@ def named_shardings(logical, shapes, mesh, shard_over_fsdp: bool):
 
 @dataclasses.dataclass(frozen=True)
 class StateShardings:
-  """Where each kind of training state lives for one ZeRO stage."""
+  """Where each kind of per-parameter state lives for one ZeRO stage (the optimizer's own
+  tree is laid out from `update` by the train step)."""
 
   params: object
   grads: object  # the gradient accumulator over microbatches
   update: object  # per-parameter layout of the optimizer update (the opt-state sharding)
-  opt_state: object
   batch: NamedSharding
   replicated: NamedSharding
 
 
-def stage_shardings(logical, shapes, mesh, zero_stage: int, opt_state_fn) -> StateShardings:
-  """Shardings of params, grads and optimizer state; `opt_state_fn(param_shardings)` maps
-  the opt-state sharding of each parameter onto the optimizer's state tree."""
+def stage_shardings(logical, shapes, mesh, zero_stage: int) -> StateShardings:
+  """Shardings of params, grads and the per-parameter optimizer state for the stage."""
   shards = STAGE_SHARDS[zero_stage]
 
   def kind(name):
@@ -137,7 +136,6 @@ def stage_shardings(logical, shapes, mesh, zero_stage: int, opt_state_fn) -> Sta
     params=kind("params"),
     grads=kind("grads"),
     update=kind("opt_state"),
-    opt_state=opt_state_fn(kind("opt_state")),
     batch=NamedSharding(mesh, PartitionSpec(_RULES["batch"])),
     replicated=NamedSharding(mesh, PartitionSpec()),
   )

@@ -1,0 +1,131 @@
+"""What every mode builds: the model laid out on the mesh for the ZeRO stage. No optimizer.
+
+`Layout.build(cfg)` validates the config against the devices, builds the mesh and the abstract
+model, and derives every parameter's sharding and the batch placement. Evaluation, decoding,
+export and serving need nothing more; training adds its optimizer on top (`lm.train_step`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from lm import config as lmc
+from lm import trees
+from lm.models.transformer import ModelDims, build_model, logical_names
+from lm.parallel import mesh as lm_mesh
+from lm.parallel import sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """The model's graph, abstract parameters and shardings, derived from the config alone."""
+
+  cfg: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  dims: ModelDims
+  graphdef: Any
+  logical: dict  # logical axis names per parameter
+  abstract_params: dict  # ShapeDtypeStructs
+  shardings: sharding.StateShardings
+  vocab_limit: int  # ids >= this (mesh padding, unused rows) never enter a loss or an output
+
+  @classmethod
+  def build(
+    cls, cfg: ml_collections.ConfigDict, devices=None, tokenizer_size: int | None = None
+  ) -> Layout:
+    """Compiles nothing. The embedding has max(model.vocab_size, tokenizer_size) rows padded
+    for the mesh; only the tokenizer's ids (model.vocab_size without one) can be targets or
+    outputs."""
+    lmc.validate(cfg)
+    mesh = lm_mesh.make_mesh(cfg.mesh, devices)
+    lm_mesh.check_divisibility(cfg, mesh)
+    vocab_limit = tokenizer_size or cfg.model.vocab_size
+    rows = lm_mesh.padded_vocab_size(max(cfg.model.vocab_size, vocab_limit), mesh)
+    dims = ModelDims.from_config(
+      cfg.model,
+      vocab_size=rows,
+      platform=mesh.devices.flat[0].platform,
+      params_sharded=cfg.zero_stage == 3 and mesh.shape["fsdp"] > 1,
+      grad_reduce_dtype=cfg.train.grad_reduce_dtype,
+    )
+    with nnx.use_eager_sharding(False):
+      abstract_model = nnx.eval_shape(lambda: build_model(cfg.task, dims, cfg.seed))
+    graphdef, state = nnx.split(abstract_model, nnx.Param)
+    logical = logical_names(state)
+    abstract_params = nnx.to_pure_dict(state)
+    shardings = sharding.stage_shardings(logical, abstract_params, mesh, cfg.zero_stage)
+    return cls(cfg, mesh, dims, graphdef, logical, abstract_params, shardings, vocab_limit)
+
+  def placed_params(self) -> dict:
+    """The parameters as abstract arrays in their shardings: a restore's target."""
+    return trees.placed(self.abstract_params, self.shardings.params)
+
+  def fresh_params(self) -> dict:
+    """A new model's parameters (inside a jit whose out_shardings place them)."""
+    with nnx.use_eager_sharding(False):
+      model = build_model(self.cfg.task, self.dims, self.cfg.seed)
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+  def init_params(self) -> dict:
+    """A new model's parameters, initialized directly into their shards."""
+    with jax.set_mesh(self.mesh):
+      return jax.jit(self.fresh_params, out_shardings=self.shardings.params)()
+
+  def logits(self, params, batch: dict, dropout_key=None) -> jax.Array:
+    """[batch, length, vocab] float32; dropout only with a key."""
+    return nnx.merge(self.graphdef, params)(batch, dropout_key)
+
+  def gathered(self, params):
+    """Inside the training step's manual region under ZeRO-3: the parameters outside the layer
+    stacks gathered, once per microbatch (each stack gathers its own layers)."""
+    if not self.dims.params_sharded:
+      return params
+    top = {k: v for k, v in params.items() if k not in _stacks(self.logical)}
+    top = sharding.gather_layer(
+      top,
+      {k: self.logical[k] for k in top},
+      jax.tree.map(lambda s: tuple(s.shape), {k: self.abstract_params[k] for k in top}),
+      self.dims.grad_reduce_dtype,
+    )
+    return {**params, **top}
+
+  def shard_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows -> one global array per key, split over (data, fsdp)."""
+    return {
+      k: jax.make_array_from_process_local_data(self.shardings.batch, v)
+      for k, v in local_batch.items()
+    }
+
+  def abstract_batch(self, global_batch: int | None = None, packed: bool | None = None) -> dict:
+    rows = global_batch or self.cfg.train.global_batch_size
+    shape = (rows, self.cfg.data.seq_len)
+    keys = batch_keys(self.cfg.task, self.cfg.data.pack if packed is None else packed)
+    return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.shardings.batch) for k in keys}
+
+
+def batch_keys(task: str, packed: bool) -> tuple[str, ...]:
+  """The [batch, seq_len] int32 arrays of a training batch."""
+  sides = ("targets",) if task == "lm" else ("inputs", "targets")
+  if not packed:
+    return sides
+  return tuple(side + part for side in sides for part in ("", "_segment_ids", "_positions"))
+
+
+def _stacks(logical) -> set[str]:
+  """Top-level entries holding stacked layers (some leaf's first logical axis is 'layers')."""
+  return {
+    k
+    for k, v in logical.items()
+    if any(names[:1] == ("layers",) for names in jax.tree.leaves(v, is_leaf=_is_names))
+  }
+
+
+def _is_names(x) -> bool:
+  return isinstance(x, tuple)
