@@ -16,7 +16,6 @@ import dataclasses
 import gc
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_policy
 
 from lm import config as lmc
+from lm import paths
 from lm.data import pipeline
 from lm.data import tokenizer as tok
 from lm.layout import Layout
@@ -127,7 +127,7 @@ class Checkpointer:
       cleanup_tmp_directories=cfg is not None,  # a reader leaves a writer's files alone
       enable_async_checkpointing=True,
     )
-    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    self.directory = paths.resolve(workdir) / CHECKPOINT_DIR
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=options,
@@ -142,8 +142,8 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+  def path(self, step: int) -> epath.Path:
+    return self.directory / str(step)
 
   def save(self, step: int, state, iterator, tokenizer, metrics: dict | None = None) -> None:
     """Starts an async save; the previous one is finished first (orbax does that)."""
@@ -224,10 +224,10 @@ class Checkpointer:
     if not steps or self.cfg is None:
       return
     if jax.process_index() == 0:
-      aside = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR)
-      os.makedirs(aside, exist_ok=True)
+      aside = self.directory.parent / UNREADABLE_DIR
+      aside.mkdir(parents=True, exist_ok=True)
       for step in steps:
-        os.replace(self.path(step), os.path.join(aside, f"{step}-{time.time():.0f}"))
+        self.path(step).replace(aside / f"{step}-{time.time():.0f}")
     _on_every_process(True)  # a barrier: no process saves before the move is done
     self.manager.reload()
 
@@ -245,7 +245,7 @@ class Checkpointer:
   def _check_structure(self, step: int, abstract_state) -> None:
     """StateMismatch when the saved train state has other arrays or shapes than the target."""
     handler = ocp.PyTreeCheckpointHandler()
-    saved = _leaf_shapes(handler.metadata(epath.Path(self.path(step)) / "state").tree)
+    saved = _leaf_shapes(handler.metadata(self.path(step) / "state").tree)
     wanted = _leaf_shapes(abstract_state)
     if saved != wanted:
       differing = sorted(set(saved.items()) ^ set(wanted.items()))
@@ -257,7 +257,7 @@ class Checkpointer:
     target = {"params": layout.placed_params()}
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
       restored = reader.restore(
-        os.path.join(self.path(step), "state"),
+        self.path(step) / "state",
         args=ocp.args.PyTreeRestore(
           item=target,
           restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -469,7 +469,7 @@ def write_export(
     params = jax.tree.map(lambda x: x.astype(dtype) if x.dtype == np.float32 else x, params)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     checkpointer.save(
-      os.path.abspath(directory),
+      paths.resolve(directory),
       args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         meta=ocp.args.JsonSave({**_meta(cfg, tokenizer), "step": step}),
@@ -480,15 +480,14 @@ def write_export(
 
 def load_meta(directory: str) -> dict:
   """The config and tokenizer of an export (or of one checkpoint step's directory)."""
-  with open(os.path.join(directory, "meta", "metadata")) as f:
-    return json.load(f)
+  return json.loads((paths.resolve(directory) / "meta" / "metadata").read_text())
 
 
 def load_export(directory: str, abstract_params) -> Any:
   """Parameters of an export, laid out (and cast) as `abstract_params` says."""
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     restored = checkpointer.restore(
-      os.path.abspath(directory),
+      paths.resolve(directory),
       args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)),
     )
   return restored.params
@@ -540,7 +539,7 @@ def source_meta(path: str, field: str = "train.init_from") -> dict:
   latest checkpoint)."""
   if _is_export(path):
     return load_meta(path)
-  checkpoints = Checkpointer(path) if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)) else None
+  checkpoints = Checkpointer(path) if (paths.resolve(path) / CHECKPOINT_DIR).is_dir() else None
   try:
     step = checkpoints.latest_step() if checkpoints else None
     if step is None:
@@ -572,7 +571,7 @@ def restore_model(
 
 
 def _is_export(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "meta", "metadata"))
+  return (paths.resolve(path) / "meta" / "metadata").is_file()
 
 
 def export(workdir: str, output: str, dtype: str = "float32", merge_lora: bool = False) -> int:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any
 
 import jax
 import numpy as np
 import sacrebleu
 
-from lm import checkpoint, objective
+from lm import checkpoint, objective, paths
 from lm.data import pipeline
 from lm.decode import DecodeOptions, Decoder
 from lm.layout import Layout
@@ -100,6 +99,5 @@ def evaluate_workdir(workdir: str, log=None, export=None, settings: dict | None 
   data = pipeline.load(layout.cfg, workdir, log.info if log else print, tokenizer)
   results = {"step": step, **Evaluator(layout, data, log)(params)}
   if jax.process_index() == 0:  # every process holds the same results
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    (paths.resolve(workdir) / "eval.json").write_text(json.dumps(results, indent=2))
   return results

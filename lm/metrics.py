@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from tensorboardX import SummaryWriter
 
-from lm import optim
+from lm import optim, paths
 
 # Dense bfloat16 matmul peak per chip, FLOP/s (vendor figures), by a substring of device_kind.
 PEAK_FLOPS = {
@@ -27,6 +27,40 @@ PEAK_FLOPS = {
 }
 
 
+class _JsonLines:
+  """An appended JSON-lines file. Object stores (gs://) cannot append: there the file is
+  rewritten whole, at most every REWRITE_SECONDS and at close."""
+
+  REWRITE_SECONDS = 30.0
+
+  def __init__(self, path):
+    self.path, self.remote = path, paths.is_url(path)
+    if self.remote:
+      self.lines = path.read_text().splitlines() if path.exists() else []
+      self.written = time.monotonic()
+    else:
+      self.file = path.open("a")
+
+  def append(self, line: str) -> None:
+    if not self.remote:
+      self.file.write(line + "\n")
+      self.file.flush()
+      return
+    self.lines.append(line)
+    if time.monotonic() - self.written > self.REWRITE_SECONDS:
+      self._rewrite()
+
+  def _rewrite(self) -> None:
+    self.path.write_text("".join(line + "\n" for line in self.lines))
+    self.written = time.monotonic()
+
+  def close(self) -> None:
+    if self.remote:
+      self._rewrite()
+    else:
+      self.file.close()
+
+
 class Logger:
   """Writes WORKDIR/config.json, WORKDIR/metrics.jsonl and TensorBoard events in WORKDIR/tb/.
 
@@ -38,11 +72,11 @@ class Logger:
     self.workdir = workdir
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+    directory = paths.resolve(workdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    self.jsonl = _JsonLines(directory / "metrics.jsonl")
+    self.tb = SummaryWriter(os.fspath(directory / "tb"))
 
   def info(self, message: str) -> None:
     if self.active:
@@ -55,8 +89,7 @@ class Logger:
       k: float(v) if isinstance(v, (int, float, np.number, np.ndarray)) else v
       for k, v in values.items()
     }
-    self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-    self.jsonl.flush()
+    self.jsonl.append(json.dumps({"step": step, **values}))
     self.tensorboard(step, {k: v for k, v in values.items() if isinstance(v, float)})
     shown = "  ".join(f"{k} {_fmt(v)}" for k, v in values.items() if k != "eta")
     eta = f"  eta {values['eta']}" if "eta" in values else ""

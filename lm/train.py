@@ -15,7 +15,7 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from lm import checkpoint, evaluate, metrics
+from lm import checkpoint, evaluate, metrics, paths
 from lm import config as lmc
 from lm.data import pipeline
 from lm.data import tokenizer as tok
@@ -96,7 +96,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, overridden=()) -> dict:
         "float export or checkpoint"
       )
     cfg = lmc.adopt_model(cfg, source_cfg, overridden)
-    if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, tok.TOKENIZER_FILE)):
+    if jax.process_index() == 0 and not (paths.resolve(workdir) / tok.TOKENIZER_FILE).exists():
       tok.save(checkpoint.meta_tokenizer(source), workdir)
   log = metrics.Logger(workdir, cfg)
   data = pipeline.load(cfg, workdir, log.info)

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import sentencepiece as spm
 
+from lm import paths
 from lm.config import ConfigError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -36,8 +37,7 @@ class Tokenizer:
 
   @classmethod
   def load(cls, path: str) -> Tokenizer:
-    with open(path, "rb") as f:
-      return cls(f.read())
+    return cls(paths.resolve(path).read_bytes())
 
   @property
   def vocab_size(self) -> int:
@@ -76,14 +76,16 @@ def train(texts: Iterable[str], vocab_size: int, model_type: str) -> Tokenizer:
 
 def save(tokenizer: Tokenizer, workdir: str) -> None:
   """WORKDIR/tokenizer.model, written atomically: readers see no file or the whole file."""
-  path = os.path.join(workdir, TOKENIZER_FILE)
-  os.makedirs(workdir, exist_ok=True)
-  partial = f"{path}.tmp{os.getpid()}"
-  with open(partial, "wb") as f:
+  directory = paths.resolve(workdir)
+  directory.mkdir(parents=True, exist_ok=True)
+  path = directory / TOKENIZER_FILE
+  partial = directory / f"{TOKENIZER_FILE}.tmp{os.getpid()}"
+  with partial.open("wb") as f:
     f.write(tokenizer.model_proto)
     f.flush()
-    os.fsync(f.fileno())
-  os.replace(partial, path)
+    if not paths.is_url(partial):
+      os.fsync(f.fileno())
+  partial.replace(path)
 
 
 def load_or_train(data_cfg, vocab_size: int, workdir: str, sample_texts, log=print) -> Tokenizer:
@@ -92,11 +94,11 @@ def load_or_train(data_cfg, vocab_size: int, workdir: str, sample_texts, log=pri
   `sample_texts()` returns the training texts; it is called only when training is needed.
   """
   if data_cfg.tokenizer:
-    if not os.path.exists(data_cfg.tokenizer):
+    if not paths.resolve(data_cfg.tokenizer).exists():
       raise ConfigError(f"config.data.tokenizer: {data_cfg.tokenizer!r} does not exist")
     return Tokenizer.load(data_cfg.tokenizer)
-  path = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.exists(path):
+  path = paths.resolve(workdir) / TOKENIZER_FILE
+  if path.exists():
     log(f"tokenizer: reusing {path}")
     return Tokenizer.load(path)
   if jax.process_index() == 0:
@@ -108,7 +110,7 @@ def load_or_train(data_cfg, vocab_size: int, workdir: str, sample_texts, log=pri
     )
     return tokenizer
   deadline = time.time() + WAIT_SECONDS
-  while not os.path.exists(path):
+  while not path.exists():
     if time.time() > deadline:
       raise RuntimeError(f"process 0 wrote no {path} in {WAIT_SECONDS}s")
     time.sleep(0.5)
