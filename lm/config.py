@@ -404,6 +404,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _check_positive(cfg, "optim.learning_rate")
   for field in ("warmup_steps", "weight_decay", "clip_norm", "end_fraction", "eps"):
     _check_positive(cfg, "optim." + field, allow_zero=True)
+  if cfg.optim.weight_decay and cfg.optim.name not in ("adamw", "adafactor"):
+    _fail(
+      "optim.weight_decay",
+      f"{cfg.optim.weight_decay!r} is applied only by adamw and adafactor (decoupled, not to "
+      f"norms or biases), not by {cfg.optim.name}; set optim.name=adamw or weight_decay=0",
+    )
   for field in ("b1", "b2", "momentum"):
     if not 0.0 <= cfg.optim[field] < 1.0:
       _fail("optim." + field, f"{cfg.optim[field]!r} must lie in [0, 1)")

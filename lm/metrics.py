@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from tensorboardX import SummaryWriter
 
-from lm import optim, paths
+from lm import paths, trees
 
 # Dense bfloat16 matmul peak per chip, FLOP/s (vendor figures), by a substring of device_kind.
 PEAK_FLOPS = {
@@ -206,7 +206,7 @@ def matmul_param_count(params) -> int:
   position table, which is only gathered."""
   counted = {k: v for k, v in params.items() if k != "pos_table"}
   sizes = jax.tree.map(
-    lambda x, use: int(np.prod(x.shape)) * use, counted, optim.decay_mask(counted)
+    lambda x, use: int(np.prod(x.shape)) * use, counted, trees.decay_mask(counted)
   )
   return sum(jax.tree.leaves(sizes))
 

@@ -6,10 +6,10 @@ import jax
 import ml_collections
 import optax
 
+from lm.trees import decay_mask
+
+
 # Parameters named so are norms' scales and biases: no weight decay on them.
-NO_DECAY_NAMES = ("scale", "bias")
-
-
 def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """constant; rsqrt (Transformer: linear warmup, then peak * sqrt(warmup / step));
   cosine and linear (warmup, then decay to end_fraction * peak at total_steps)."""
@@ -31,16 +31,6 @@ def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule
   else:
     decay = optax.linear_schedule(peak, end, decay_steps)
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
-
-
-def decay_mask(params):
-  """True for parameters that get weight decay: not norms' scales, not biases."""
-
-  def path_decays(path, _):
-    name = str(getattr(path[-1], "key", path[-1]))
-    return not any(name == n or name.endswith("_" + n) for n in NO_DECAY_NAMES)
-
-  return jax.tree_util.tree_map_with_path(path_decays, params)
 
 
 def optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:

@@ -241,7 +241,8 @@ def _loop(run, state, step_fn, sync_fn, data, batches, checkpoints, log) -> dict
       # nothing; only checkpoint.best_metric needs the step's metrics in its save.
       with_metrics = evaluating and bool(cfg.checkpoint.best_metric) and not stopping
       due = final or stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
-      if due and not with_metrics:
+      saved = due and not with_metrics
+      if saved:
         checkpoints.save(step, state, batches, data.tokenizer)
         last_good = step
       if evaluating and not stopping:
@@ -251,7 +252,7 @@ def _loop(run, state, step_fn, sync_fn, data, batches, checkpoints, log) -> dict
           stopping, evaluated = stop.received, None
         if evaluated:
           log.scalars(step, evaluated)
-        if with_metrics:
+        if (with_metrics or stopping) and not saved:
           checkpoints.save(step, state, batches, data.tokenizer, evaluated)
           last_good = step
       if stopping:

@@ -20,6 +20,19 @@ def param_paths(tree) -> dict:
   )
 
 
+NO_DECAY_NAMES = ("scale", "bias")  # norms' scales and biases: no weight decay, no matmul
+
+
+def decay_mask(params):
+  """True for matmul parameters (what weight decay applies to): not norms' scales, not biases."""
+
+  def path_decays(path, _):
+    name = str(getattr(path[-1], "key", path[-1]))
+    return not any(name == n or name.endswith("_" + n) for n in NO_DECAY_NAMES)
+
+  return jax.tree_util.tree_map_with_path(path_decays, params)
+
+
 def param_count(params) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 

@@ -49,6 +49,27 @@ BAD_COMMAND_LINES = [
     [DEMO, "--mode=serve", "--config.serve.max_batch=0"],
     "serve.max_batch",
   ),
+  ("serve under several processes", [DEMO, "--mode=serve", "--distributed"], "--mode=serve runs"),
+  (
+    "eval override it cannot honour",
+    [DEMO, "--mode=eval", "--config.model.d_model=64"],
+    "--config.model.d_model: --mode=eval takes the model",
+  ),
+  (
+    "decode override it cannot honour",
+    [DEMO, "--mode=decode", "--input=-", "--config.data.seq_len=8"],
+    "--config.data.seq_len: --mode=decode",
+  ),
+  (
+    "decode with no rows per batch",
+    [DEMO, "--mode=decode", "--input=-", "--config.decode.batch_size=0"],
+    "config.decode.batch_size:",
+  ),
+  (
+    "weight decay that adam would ignore",
+    [DEMO, "--config.optim.name=adam", "--config.optim.weight_decay=0.1"],
+    "config.optim.weight_decay:",
+  ),
 ]
 
 
@@ -108,3 +129,26 @@ def test_the_flax_comparison_names_a_missing_example_in_one_line(tmp_path):
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
   assert lines[0].startswith("error: --flax_wmt:") and "train.py" in lines[0]
+
+
+def test_overrides_are_found_in_every_form_absl_accepts():
+  """init_from and the inference modes act on the overridden fields: none may slip through."""
+  argv = [
+    "run",
+    DEMO,
+    "--config.model.d_model",  # the value as the next argument
+    "64",
+    "-config.train.total_steps=3",  # one dash
+    "--noconfig.data.pack",  # a boolean turned off
+    "--workdir=w",
+  ]
+  code = (
+    "import sys; from experiments import run; "
+    f"sys.argv = {argv!r}; run.parse_flags(sys.argv); print(sorted(run.overridden_fields()))"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
+  assert result.stdout.split() == ["['data.pack',", "'model.d_model',", "'train.total_steps']"], (
+    result.stdout + result.stderr[-2000:]
+  )

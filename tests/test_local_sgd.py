@@ -1,15 +1,20 @@
 """Local SGD / DiLoCo (train.sync_every): replicas along data train apart, then merge."""
 
+import json
+
+import httpx
 import jax
 import numpy as np
 
-from lm import checkpoint
+from lm import checkpoint, evaluate
 from lm import train as lm_train
 from lm.data.synthetic import random_batch
+from lm.decode import Decoder
 from lm.parallel import report
 from lm.train_step import Trainer
 from tests.helpers import tiny_config
 from tests.test_checkpoint import _config, _final_params, _losses, _sigterm_when
+from tests.test_serve import _server
 
 
 def _tiny(mesh=(2, 4, 1), stage=1, **train):
@@ -97,3 +102,48 @@ def test_sigterm_mid_period_then_resume_is_bitwise_the_uninterrupted_run(tmp_pat
   assert step == 12
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(full_params)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_local_sgd_checkpoint_exports_evaluates_decodes_serves_and_initializes_on_data_1(
+  tmp_path,
+):
+  """A local-SGD run (data 2) keeps per-replica state with a leading [data] axis; every
+  inference mode reads the consensus parameters alone, on any data size."""
+  cfg = _config(total_steps=4, zero_stage=1)
+  cfg.mesh.update(data=2, fsdp=4)
+  cfg.train.update(sync_every=2, outer_optimizer="nesterov")
+  workdir = tmp_path / "local"
+  lm_train.train(cfg, str(workdir))
+  _, consensus = _final_params(workdir, cfg)  # the whole train state, on its own mesh
+
+  one = jax.devices()[:1]
+  layout, params, tokenizer, step = checkpoint.restore_latest(str(workdir), devices=one)
+  assert step == 4 and dict(layout.mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+  for a, b in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(consensus)):
+    np.testing.assert_array_equal(a, b)
+
+  checkpoint.export(str(workdir), str(tmp_path / "export"))
+  exported = checkpoint.restore_export(str(tmp_path / "export"), devices=one)[1]
+  for a, b in zip(jax.tree.leaves(jax.device_get(exported)), jax.tree.leaves(consensus)):
+    np.testing.assert_array_equal(a, b)
+
+  results = evaluate.evaluate_workdir(str(workdir))
+  assert results["step"] == 4 and np.isfinite(results["eval_loss"])
+
+  lines = ["the cat sees a dog", "a bird"]
+  decoded = Decoder.from_workdir(str(workdir), devices=one)(lines)
+  assert all(decoded)
+  with _server(f"--workdir={workdir}") as (_, url):
+    served = httpx.post(f"{url}/v1/translate", json={"text": lines}, timeout=120)
+  assert served.status_code == 200 and served.json()["translations"] == decoded
+
+  start = _config(total_steps=1)  # data 1, fsdp 8
+  start.train.init_from = str(workdir)
+  lm_train.train(start, str(tmp_path / "init"))
+  at_start = next(m for m in _metrics(tmp_path / "init") if m["step"] == 0)
+  np.testing.assert_allclose(at_start["eval_loss"], results["eval_loss"], rtol=1e-5)
+
+
+def _metrics(workdir):
+  with open(workdir / "metrics.jsonl") as f:
+    return [json.loads(line) for line in f]

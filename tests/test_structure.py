@@ -56,8 +56,8 @@ def _find_cycle(graph):
 
 def test_library_import_graph_has_no_cycle():
   graph = import_graph()
-  assert {"lm.state", "lm.train", "lm.decode", "lm.evaluate", "lm.checkpoint"} <= set(graph)
-  assert "lm.state" in graph["lm.checkpoint"] and "lm.checkpoint" in graph["lm.decode"]
+  assert {"lm.layout", "lm.train", "lm.decode", "lm.evaluate", "lm.checkpoint"} <= set(graph)
+  assert "lm.layout" in graph["lm.checkpoint"] and "lm.checkpoint" in graph["lm.decode"]
   assert _find_cycle(graph) is None, " -> ".join(_find_cycle(graph))
 
 
@@ -66,11 +66,27 @@ def test_cycle_finder_finds_a_cycle():
   assert _find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_inference_modules_load_no_training_loop():
-  code = "import sys, lm.decode; print(sorted(m for m in sys.modules if m.startswith('lm.')))"
-  out = subprocess.run(
-    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-  ).stdout
-  loaded = eval(out)  # a printed list of names
-  assert "lm.decode" in loaded and "lm.state" in loaded
-  assert "lm.train" not in loaded and "lm.evaluate" not in loaded, loaded
+TRAINING_MODULES = {"lm.train", "lm.train_step", "lm.grads", "lm.local_sgd", "lm.optim"}
+
+
+def test_inference_modules_load_no_optimizer_and_no_train_step():
+  """The optimizer and the train step stay out of decode and serve. (optax itself is loaded by
+  flax.nnx, whose helpers import it: no module of ours does.)"""
+  for module in ("lm.decode", "lm.serve"):
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith('lm.')))"
+    out = subprocess.run(
+      [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    loaded = set(eval(out))  # a printed list of names
+    assert {module, "lm.layout", "lm.checkpoint"} <= loaded
+    assert not loaded & (TRAINING_MODULES | {"lm.evaluate"}), sorted(loaded & TRAINING_MODULES)
+  graph = import_graph()
+  assert not any("optax" in line for line in _import_lines("lm/layout.py", "lm/decode.py"))
+  assert "lm.optim" in graph["lm.train_step"]  # the test's premise: this is where it comes in
+
+
+def _import_lines(*paths):
+  for path in paths:
+    for line in open(os.path.join(ROOT, path)):
+      if line.startswith(("import ", "from ")):
+        yield line
