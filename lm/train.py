@@ -202,7 +202,9 @@ def _loop(run, state, step_fn, sync_fn, data, batches, checkpoints, log) -> dict
   layout = run.layout
   cfg = layout.cfg
   total = cfg.train.total_steps
-  peak = metrics.device_peak_flops(layout.mesh.devices.flat[0]) * layout.mesh.size
+  peak, peak_source = metrics.device_peak_flops(layout.mesh.devices.flat[0])
+  log.info(f"mfu: against {peak_source}")
+  peak *= layout.mesh.size
   meter = metrics.Throughput(total, metrics.model_flops(cfg, layout.abstract_params), peak)
   pending, last_good = [], checkpoints.latest_step()
   with StopSignals() as stop:
