@@ -76,6 +76,7 @@ def evaluate_workdir(workdir: str, decode_cfg=None, log=None, export=None) -> di
   if decode_cfg is not None:
     run.cfg.decode = decode_cfg
   data = pipeline.load(run.cfg, workdir, log.info if log else print, tokenizer)
+  data.close()  # the held-out rows are in memory; no training example is read
   results = {"step": step, **Evaluator(run, data, log)(params)}
   if jax.process_index() == 0:  # every process holds the same results
     with open(os.path.join(workdir, "eval.json"), "w") as f:

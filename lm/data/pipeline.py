@@ -42,18 +42,23 @@ class Data:
   eval_records: list[dict]
   eval: dict[str, np.ndarray]  # eval_records as padded token rows
   skipped_at_load: int  # malformed lines found while indexing local files
+  source: sources.Source  # what `train` reads; `close()` closes its files
 
   @property
   def eval_text(self) -> list[tuple[str, str]]:
     return [(r.get("inputs", ""), r["targets"]) for r in self.eval_records]
+
+  def close(self) -> None:
+    """Closes the training source's files (a later read opens them again)."""
+    self.source.close()
 
 
 def _held_out_split(cfg, train):
   """(train, eval records): `data.eval_source`, or the first data.eval_examples examples."""
   limit = cfg.data.eval_examples
   if cfg.data.eval_source:
-    held_out = sources.open_source(cfg.data.eval_source, cfg.data, cfg.task, cfg.seed + 1)
-    records = [r for r in (held_out[i] for i in range(min(limit, len(held_out)))) if r]
+    with sources.open_source(cfg.data.eval_source, cfg.data, cfg.task, cfg.seed + 1) as held_out:
+      records = [r for r in (held_out[i] for i in range(min(limit, len(held_out)))) if r]
     return train, records
   if len(train) <= limit:
     raise ConfigError(
@@ -92,7 +97,7 @@ def load(
   if tokenizer is None:
     tokenizer = tok.load_or_train(cfg.data, cfg.model.vocab_size, workdir, sample_texts, log)
   eval_tokens = eval_arrays(tokenizer, eval_records, cfg.data.seq_len)
-  return Data(cfg, tokenizer, train, eval_records, eval_tokens, source.skipped)
+  return Data(cfg, tokenizer, train, eval_records, eval_tokens, source.skipped, source)
 
 
 def encode(tokenizer: tok.Tokenizer, text: str, seq_len: int) -> np.ndarray:
