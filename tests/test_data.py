@@ -1,6 +1,7 @@
 """The input pipeline: sources, tokenizer, packing, per-process shares, exact resume."""
 
 import dataclasses
+import itertools
 import json
 import os
 import pickle
@@ -428,6 +429,75 @@ def test_each_process_reads_only_its_lanes_examples(tmp_path):
 def test_iterator_state_resumes_exactly(tmp_path, prefetch, workers):
   _, data = _demo_data(tmp_path, prefetch=prefetch, workers=workers)
   _assert_resumes_exactly(data, skip=5, count=4)
+
+
+def _with_long_pairs(tmp_path, pairs: int, long: int, **data):
+  """A config whose tsv has `pairs` short pairs, the malformed lines of _write_tsv, then `long`
+  pairs of 21 tokens that data.too_long=drop skips at seq_len 16; all of them train."""
+  path = tmp_path / "pairs.tsv"
+  bad = _write_tsv(path, rows=pairs)
+  rng = np.random.RandomState(1)
+  with open(path, "a") as f:
+    f.write("".join(f"{_sentence(rng, 20)}\t{_sentence(rng, 3)}\n" for _ in range(long)))
+  cfg = _data_config("translation", f"tsv:{path}", too_long="drop", eval_source=f"tsv:{path}")
+  cfg.data.update(data)
+  cfg.train.global_batch_size = 4
+  return cfg, bad
+
+
+def _skips_before_rows(dropped: set, order, lanes: int, workers: int, batches: int) -> int:
+  """Examples dropped to build `batches` unpacked batches: lane l takes order[l::lanes], a row
+  its next kept example; with data workers, worker w takes every workers-th example of a lane
+  from its w-th on and builds batches w, w + workers, ... (grain's mp_prefetch)."""
+  total = 0
+  for lane, worker in itertools.product(range(lanes), range(workers)):
+    rows, i = len(range(worker, batches, workers)), lane + worker * lanes
+    while rows:
+      total += order[i] in dropped
+      rows -= order[i] not in dropped
+      i += lanes * workers
+  return total
+
+
+def test_skipped_examples_count_exactly_with_data_workers(tmp_path):
+  """Malformed lines count at load; examples dropped while building rows (here too long) count
+  with the rows, also when grain's worker processes build them."""
+  pairs, long, batches = 120, 24, 80  # 320 rows: two epochs and a bit of the 144 examples
+  cfg, bad = _with_long_pairs(tmp_path, pairs, long, pack=False)
+  order = grain.MapDataset.range(pairs + long).shuffle(seed=cfg.seed).repeat()
+  counts, iterators = {}, []
+  for workers in (0, 2):
+    cfg.data.workers = workers
+    data = pipeline.load(cfg, str(tmp_path / "run"))
+    iterators.append(pipeline.TrainIterator(data))
+    for _ in range(batches):
+      next(iterators[-1])
+    counts[workers] = data.skipped_at_load + iterators[-1].skipped
+  dropped = set(range(pairs, pairs + long))
+  want = {w: bad + _skips_before_rows(dropped, order, 4, max(w, 1), batches) for w in counts}
+  assert counts == want and min(want.values()) > bad + long
+  for iterator in iterators:
+    iterator.close()
+
+
+def test_skipped_count_resumes_exactly_with_packing_and_prefetch(tmp_path):
+  """A resumed iterator counts the skips of the batches it yields once: the rows a packing
+  round had already given are packed again but not counted again, nor is read-ahead."""
+  cfg, _ = _with_long_pairs(tmp_path, 120, 24, prefetch=3)
+  data = pipeline.load(cfg, str(tmp_path / "run"))
+  uninterrupted = pipeline.TrainIterator(data)
+  for _ in range(6):
+    next(uninterrupted)
+  state = json.loads(json.dumps(uninterrupted.get_state()))
+  for _ in range(6):
+    next(uninterrupted)
+  resumed = pipeline.TrainIterator(data)
+  resumed.set_state(state)
+  for _ in range(6):
+    next(resumed)
+  assert resumed.skipped == uninterrupted.skipped > 0
+  resumed.close()
+  uninterrupted.close()
 
 
 def test_tokenizer_round_trips_and_is_cached(tmp_path):
