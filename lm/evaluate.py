@@ -97,6 +97,7 @@ def evaluate_workdir(workdir: str, log=None, export=None, settings: dict | None 
     workdir, export, settings=settings
   )
   data = pipeline.load(layout.cfg, workdir, log.info if log else print, tokenizer)
+  data.close()  # the held-out rows are in memory; no training example is read
   results = {"step": step, **Evaluator(layout, data, log)(params)}
   if jax.process_index() == 0:  # every process holds the same results
     (paths.resolve(workdir) / "eval.json").write_text(json.dumps(results, indent=2))

@@ -118,6 +118,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, overridden=()) -> dict:
     return _loop(run, state, step_fn, sync_fn, data, batches, checkpoints, log)
   finally:
     checkpoints.close()
+    batches.close()
+    data.close()
     log.close()
 
 

@@ -1,7 +1,11 @@
 """The input pipeline: sources, tokenizer, packing, per-process shares, exact resume."""
 
 import dataclasses
+import itertools
 import json
+import os
+import pickle
+import tracemalloc
 
 import grain
 import jax
@@ -97,6 +101,110 @@ def test_jsonl_records_and_errors(tmp_path):
   cfg.data.fields = "de"
   with pytest.raises(ConfigError, match="config.data.fields"):
     sources.open_source(cfg.data.source, cfg.data, cfg.task, 0)
+
+
+def _parsed_lines(kind, task, keys, paths):
+  """The records of the lines _parse_line accepts, one line at a time, and how many it rejects:
+  what LineFileSource must index, found the slow way."""
+  records, rejected = [], 0
+  for path in paths:
+    with open(path, "rb") as f:
+      for line in f:
+        record = sources._parse_line(kind, task, keys, line)
+        records += [record] if record else []
+        rejected += not record
+  return records, rejected
+
+
+@pytest.mark.parametrize("block", [3, 64, 1 << 20])
+def test_line_index_keeps_exactly_the_lines_that_parse(tmp_path, monkeypatch, block):
+  """The array scan agrees with parsing line by line on lines cut by its blocks, a last line
+  without a newline, an empty file, Unicode whitespace, control bytes and invalid UTF-8."""
+  monkeypatch.setattr(sources, "SCAN_BYTES", block, raising=False)  # (none before: one loop)
+  texts = [b"a", b"b c", b" ", b"\r", b"\x0b", b"\x1c", b"\x00", b"\xff", b"\xc3", b"\xed\xa0\x80"]
+  texts += [t.encode() for t in ("\u00e4", "\u00a0", "\u0085", "\u2003", "\u3000", "\u3042")]
+  objects = [b'{"t": "x"}', b'{"t": " \\u00a0"}', b'{"t": "\xe3\x80\x80y"}', b'{"u": "x"}', b"[1]"]
+  rng = np.random.RandomState(0)
+
+  def line():
+    if rng.rand() < 0.2:
+      return objects[rng.randint(len(objects))] + b"\n"
+    sides = [b"".join(texts[j] for j in rng.randint(len(texts), size=rng.randint(4))) for _ in "ab"]
+    return sides[0] + b"\t" * rng.choice([0, 1, 1, 2]) + sides[1] + b"\r\n" * rng.randint(2) + b"\n"
+
+  paths = [tmp_path / f"part{i}.txt" for i in range(4)]
+  for i, path in enumerate(paths):  # part0 is empty; part2 ends without a newline
+    path.write_bytes(b"".join(line() for _ in range(100 * i))[: -1 if i == 2 else None])
+  for kind, task, keys in [("tsv", "translation", ()), ("text", "lm", ()), ("jsonl", "lm", ("t",))]:
+    records, rejected = _parsed_lines(kind, task, keys, paths)
+    source = sources.LineFileSource(kind, f"{tmp_path}/part*.txt", task, keys)
+    assert [source[i] for i in range(len(source))] == records and source.skipped == rejected
+    assert len(records) > 20 and rejected > 20
+
+
+def test_line_index_takes_arrays_far_smaller_than_the_file(tmp_path):
+  """Indexing a 50 MB file allocates (Python objects and numpy buffers alike) under a third of
+  its size: the index is 12 bytes a line in two arrays, the rest a few scan blocks."""
+  rng = np.random.RandomState(0)
+  block = "".join(f"{_sentence(rng, 8)}\t{_sentence(rng, 8)}\n" for _ in range(5000)).encode()
+  path = tmp_path / "big.tsv"
+  with open(path, "wb") as f:
+    for _ in range(50_000_000 // len(block)):
+      f.write(block)
+  size = path.stat().st_size
+  tracemalloc.start()
+  try:
+    source = sources.LineFileSource("tsv", str(path), "translation", ())
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert len(source) == 5000 * (50_000_000 // len(block))
+  assert source.offsets.nbytes + source.lengths.nbytes == 12 * len(source)
+  assert peak < size / 3, f"indexing took {peak / 1e6:.1f} MB for a {size / 1e6:.0f} MB file"
+
+
+def _open_on(paths) -> int:
+  """How many of this process's file descriptors are open on one of `paths`."""
+  targets = []
+  for fd in os.listdir("/proc/self/fd"):
+    try:
+      targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:  # the listing's own descriptor, closed by now
+      pass
+  return sum(target in set(map(str, paths)) for target in targets)
+
+
+def test_line_files_open_when_read_and_close_on_close(tmp_path, monkeypatch):
+  monkeypatch.setattr(sources, "MAX_OPEN_FILES", 2, raising=False)
+  paths = [tmp_path / f"part{i}.txt" for i in range(3)]
+  for i, path in enumerate(paths):
+    path.write_text(f"doc {i}a\ndoc {i}b\n")
+  source = sources.LineFileSource("text", f"{tmp_path}/part*.txt", "lm", ())
+  assert _open_on(paths) == 0  # the scan closed every file
+  docs = [source[i]["targets"] for i in range(6)]
+  assert docs == ["doc 0a", "doc 0b", "doc 1a", "doc 1b", "doc 2a", "doc 2b"]
+  assert _open_on(paths) == 2  # at most MAX_OPEN_FILES: the least recently read one closed
+  copy = pickle.loads(pickle.dumps(source))  # as a grain worker gets it: opens its own
+  assert copy[0] == {"targets": "doc 0a"} and _open_on(paths) == 3
+  source.close()
+  assert _open_on(paths) == 1
+  copy.close()
+  assert _open_on(paths) == 0
+  with source:
+    assert source[-1] == {"targets": "doc 2b"} and _open_on(paths) == 1
+  assert _open_on(paths) == 0
+
+
+def test_pipeline_closes_the_files_it_is_done_with(tmp_path):
+  train, held_out = tmp_path / "train.txt", tmp_path / "held_out.txt"
+  train.write_text("".join(f"w{i} w{i + 1}\n" for i in range(100)))
+  held_out.write_text("w1 w2\nw3 w4\n")
+  cfg = _data_config("lm", f"text:{train}", eval_source=f"text:{held_out}")
+  data = pipeline.load(cfg, str(tmp_path / "run"))
+  assert len(data.eval_records) == 2 and _open_on([held_out]) == 0  # read, then closed
+  assert _open_on([train]) == 1  # read for the tokenizer; the iterator reads it next
+  data.close()
+  assert _open_on([train]) == 0
 
 
 @pytest.mark.parametrize(
@@ -323,6 +431,75 @@ def test_each_process_reads_only_its_lanes_examples(tmp_path):
 def test_iterator_state_resumes_exactly(tmp_path, prefetch, workers):
   _, data = _demo_data(tmp_path, prefetch=prefetch, workers=workers)
   _assert_resumes_exactly(data, skip=5, count=4)
+
+
+def _with_long_pairs(tmp_path, pairs: int, long: int, **data):
+  """A config whose tsv has `pairs` short pairs, the malformed lines of _write_tsv, then `long`
+  pairs of 21 tokens that data.too_long=drop skips at seq_len 16; all of them train."""
+  path = tmp_path / "pairs.tsv"
+  bad = _write_tsv(path, rows=pairs)
+  rng = np.random.RandomState(1)
+  with open(path, "a") as f:
+    f.write("".join(f"{_sentence(rng, 20)}\t{_sentence(rng, 3)}\n" for _ in range(long)))
+  cfg = _data_config("translation", f"tsv:{path}", too_long="drop", eval_source=f"tsv:{path}")
+  cfg.data.update(data)
+  cfg.train.global_batch_size = 4
+  return cfg, bad
+
+
+def _skips_before_rows(dropped: set, order, lanes: int, workers: int, batches: int) -> int:
+  """Examples dropped to build `batches` unpacked batches: lane l takes order[l::lanes], a row
+  its next kept example; with data workers, worker w takes every workers-th example of a lane
+  from its w-th on and builds batches w, w + workers, ... (grain's mp_prefetch)."""
+  total = 0
+  for lane, worker in itertools.product(range(lanes), range(workers)):
+    rows, i = len(range(worker, batches, workers)), lane + worker * lanes
+    while rows:
+      total += order[i] in dropped
+      rows -= order[i] not in dropped
+      i += lanes * workers
+  return total
+
+
+def test_skipped_examples_count_exactly_with_data_workers(tmp_path):
+  """Malformed lines count at load; examples dropped while building rows (here too long) count
+  with the rows, also when grain's worker processes build them."""
+  pairs, long, batches = 120, 24, 80  # 320 rows: two epochs and a bit of the 144 examples
+  cfg, bad = _with_long_pairs(tmp_path, pairs, long, pack=False)
+  order = grain.MapDataset.range(pairs + long).shuffle(seed=cfg.seed).repeat()
+  counts, iterators = {}, []
+  for workers in (0, 2):
+    cfg.data.workers = workers
+    data = pipeline.load(cfg, str(tmp_path / "run"))
+    iterators.append(pipeline.TrainIterator(data))
+    for _ in range(batches):
+      next(iterators[-1])
+    counts[workers] = data.skipped_at_load + iterators[-1].skipped
+  dropped = set(range(pairs, pairs + long))
+  want = {w: bad + _skips_before_rows(dropped, order, 4, max(w, 1), batches) for w in counts}
+  assert counts == want and min(want.values()) > bad + long
+  for iterator in iterators:
+    iterator.close()
+
+
+def test_skipped_count_resumes_exactly_with_packing_and_prefetch(tmp_path):
+  """A resumed iterator counts the skips of the batches it yields once: the rows a packing
+  round had already given are packed again but not counted again, nor is read-ahead."""
+  cfg, _ = _with_long_pairs(tmp_path, 120, 24, prefetch=3)
+  data = pipeline.load(cfg, str(tmp_path / "run"))
+  uninterrupted = pipeline.TrainIterator(data)
+  for _ in range(6):
+    next(uninterrupted)
+  state = json.loads(json.dumps(uninterrupted.get_state()))
+  for _ in range(6):
+    next(uninterrupted)
+  resumed = pipeline.TrainIterator(data)
+  resumed.set_state(state)
+  for _ in range(6):
+    next(resumed)
+  assert resumed.skipped == uninterrupted.skipped > 0
+  resumed.close()
+  uninterrupted.close()
 
 
 def test_tokenizer_round_trips_and_is_cached(tmp_path):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 from collections.abc import Iterator
 
 import grain
@@ -30,6 +29,7 @@ MAX_PIECES = 64  # data.too_long=split: tokens past 64 x seq_len of one document
 # Rows a lane fills at once: fewer pack sparser (speed config: 4 -> 88%, 32 -> 93% tokens).
 LANE_PACKING_BINS = 32
 PROBE_EXAMPLES = 256  # a source whose first examples are all unusable is an error, not a hang
+SKIPPED = "skipped"  # the examples skipped before a lane's example, row, or a batch's rows
 
 
 @dataclasses.dataclass
@@ -42,18 +42,23 @@ class Data:
   eval_records: list[dict]
   eval: dict[str, np.ndarray]  # eval_records as padded token rows
   skipped_at_load: int  # malformed lines found while indexing local files
+  source: sources.Source  # what `train` reads; `close()` closes its files
 
   @property
   def eval_text(self) -> list[tuple[str, str]]:
     return [(r.get("inputs", ""), r["targets"]) for r in self.eval_records]
+
+  def close(self) -> None:
+    """Closes the training source's files (a later read opens them again)."""
+    self.source.close()
 
 
 def _held_out_split(cfg, train):
   """(train, eval records): `data.eval_source`, or the first data.eval_examples examples."""
   limit = cfg.data.eval_examples
   if cfg.data.eval_source:
-    held_out = sources.open_source(cfg.data.eval_source, cfg.data, cfg.task, cfg.seed + 1)
-    records = [r for r in (held_out[i] for i in range(min(limit, len(held_out)))) if r]
+    with sources.open_source(cfg.data.eval_source, cfg.data, cfg.task, cfg.seed + 1) as held_out:
+      records = [r for r in (held_out[i] for i in range(min(limit, len(held_out)))) if r]
     return train, records
   if len(train) <= limit:
     raise ConfigError(
@@ -92,7 +97,7 @@ def load(
   if tokenizer is None:
     tokenizer = tok.load_or_train(cfg.data, cfg.model.vocab_size, workdir, sample_texts, log)
   eval_tokens = eval_arrays(tokenizer, eval_records, cfg.data.seq_len)
-  return Data(cfg, tokenizer, train, eval_records, eval_tokens, source.skipped)
+  return Data(cfg, tokenizer, train, eval_records, eval_tokens, source.skipped, source)
 
 
 def encode(tokenizer: tok.Tokenizer, text: str, seq_len: int) -> np.ndarray:
@@ -101,30 +106,53 @@ def encode(tokenizer: tok.Tokenizer, text: str, seq_len: int) -> np.ndarray:
 
 
 class _Tokenize(grain.transforms.Map):
-  """Record -> token arrays (+EOS); None (dropped, counted) for a malformed or too long one.
+  """Record -> token arrays (+EOS); {} (dropped and counted by _DropSkipped; grain would drop a
+  None uncounted) for a malformed or too long one.
 
   too_long: "truncate" cuts at seq_len; "drop" skips; "split" keeps up to MAX_PIECES x seq_len
   tokens for _SplitLong to cut into pieces.
   """
 
-  def __init__(self, tokenizer, seq_len: int, too_long: str, skipped: SkipCounter):
+  def __init__(self, tokenizer, seq_len: int, too_long: str):
     self.tokenizer = tokenizer
     self.keep = seq_len * (MAX_PIECES if too_long == "split" else 1)
     self.drop_long = too_long == "drop"
-    self.skipped = skipped
 
   def map(self, record):
     if not record:
-      self.skipped.add()
-      return None
+      return {}
     keep = self.keep
     out = {k: encode(self.tokenizer, text, keep + 1) for k, text in record.items()}
     if any(len(v) > keep for v in out.values()):
       if self.drop_long:
-        self.skipped.add()
-        return None
+        return {}
       out = {k: v[:keep] for k, v in out.items()}
     return out
+
+
+class _DropSkipped(grain.IterDataset):
+  """Drops the examples _Tokenize rejected ({}) and writes into each kept one how many it
+  dropped just before it (SKIPPED). The count travels with the example through worker
+  processes, packing and prefetch, and reaches the main process with the row that holds it:
+  exact, and resumed exactly, whatever runs where."""
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _DropSkippedIterator(self._parent.__iter__())
+
+
+class _DropSkippedIterator(grain.DatasetIterator):
+  def __next__(self) -> dict[str, np.ndarray | int]:
+    skipped = 0
+    while not (example := next(self._parent)):
+      skipped += 1
+    example[SKIPPED] = skipped
+    return example
+
+  def get_state(self) -> dict:  # nothing pending between examples: the parent's position
+    return self._parent.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state)
 
 
 class _SplitLong(grain.experimental.FlatMapTransform):
@@ -137,30 +165,16 @@ class _SplitLong(grain.experimental.FlatMapTransform):
     self.seq_len = seq_len
 
   def flat_map(self, example):
-    tokens = example["targets"]
-    return [{"targets": tokens[i : i + self.seq_len]} for i in range(0, len(tokens), self.seq_len)]
-
-
-class SkipCounter:
-  """Examples skipped by the running pipeline (malformed, empty, or too long to keep)."""
-
-  def __init__(self, value: int = 0):
-    self.value, self._lock = value, threading.Lock()
-
-  def add(self):
-    with self._lock:
-      self.value += 1
-
-  def __getstate__(self):  # grain workers get a copy; their counts stay in the worker
-    return self.value
-
-  def __setstate__(self, value):
-    self.__init__(value)
+    tokens, n = example["targets"], self.seq_len
+    return [
+      {"targets": tokens[i : i + n], SKIPPED: example[SKIPPED] if i == 0 else 0}
+      for i in range(0, len(tokens), n)
+    ]
 
 
 def _pad_to(seq_len: int):
   def pad(example):
-    return {k: np.pad(v, (0, seq_len - len(v))) for k, v in example.items()}
+    return {k: v if k == SKIPPED else np.pad(v, (0, seq_len - len(v))) for k, v in example.items()}
 
   return pad
 
@@ -196,9 +210,9 @@ class TrainIterator:
     self.lanes = range(index * rows, (index + 1) * rows)
     self.workers = cfg.data.workers
     order = data.train.shuffle(seed=cfg.seed).repeat()  # reshuffled every epoch
-    self._skipped = {lane: SkipCounter() for lane in self.lanes}
+    self._skipped = dict.fromkeys(self.lanes, 0)  # lane -> skipped for the rows taken so far
     lanes = [
-      self._lane(cfg, data, order[lane :: cfg.train.global_batch_size], lane) for lane in self.lanes
+      self._lane(cfg, data, order[lane :: cfg.train.global_batch_size]) for lane in self.lanes
     ]
     ds = grain.experimental.ZipIterDataset(lanes).map(_stack_rows)
     if cfg.data.workers:  # worker processes each build whole batches: scales past the GIL
@@ -209,13 +223,13 @@ class TrainIterator:
       ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.data.prefetch)
     self._iterator = iter(ds)
 
-  def _lane(self, cfg, data, examples: grain.MapDataset, lane: int) -> grain.IterDataset:
+  def _lane(self, cfg, data, examples: grain.MapDataset) -> grain.IterDataset:
     seq_len = cfg.data.seq_len
-    tokenize = _Tokenize(data.tokenizer, seq_len, cfg.data.too_long, self._skipped[lane])
+    tokenize = _Tokenize(data.tokenizer, seq_len, cfg.data.too_long)
     # Reads and tokenizes in the batch-building thread (the prefetch thread or a worker): a
     # thread pool per lane would cost more in bookkeeping than it saves.
     reads = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-    ds = examples.map(tokenize).to_iter_dataset(reads).filter(lambda e: e is not None)
+    ds = _DropSkipped(examples.map(tokenize).to_iter_dataset(reads))
     if cfg.data.too_long == "split":
       ds = grain.experimental.FlatMapIterDataset(ds, _SplitLong(seq_len))
     if not cfg.data.pack:
@@ -226,21 +240,30 @@ class TrainIterator:
       length_struct={k: seq_len for k in keys},
       num_packing_bins=LANE_PACKING_BINS,
       seed=cfg.seed,
+      meta_features=(SKIPPED,),  # not packed: each row keeps the list of its examples' counts
     )
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._iterator)
+    batch = next(self._iterator)
+    for lane, count in zip(self.lanes, batch.pop(SKIPPED).tolist(), strict=True):
+      self._skipped[lane] += count
+    return batch
+
+  def close(self) -> None:
+    """Stops the prefetch thread or the worker processes."""
+    self._iterator.close()
 
   @property
   def skipped(self) -> int:
-    """Examples this process skipped (malformed, empty, too long), since the run began."""
-    return sum(counter.value for counter in self._skipped.values())
+    """Examples this process skipped (malformed, empty, too long) to build the batches it took
+    since the run began; with workers too, as the count comes with the rows."""
+    return sum(self._skipped.values())
 
   def get_state(self) -> dict:
-    skipped = {str(lane): counter.value for lane, counter in self._skipped.items()}
+    skipped = {str(lane): count for lane, count in self._skipped.items()}
     if self.workers:
       return {
         "grain": self._iterator.get_state(),
@@ -258,8 +281,7 @@ class TrainIterator:
         "--workdir: the checkpoint's data position predates per-lane data order; resume it "
         "with the zerolm that wrote it, or start a new workdir"
       )
-    for lane, counter in self._skipped.items():
-      counter.value = state["skipped"][str(lane)]
+    self._skipped = {lane: state["skipped"][str(lane)] for lane in self.lanes}
     if bool(self.workers) != ("grain" in state):
       raise ConfigError(
         "config.data.workers: a run saved with data workers resumes only with them, and one "
@@ -289,7 +311,9 @@ def merge_states(states: list[dict], own: dict | None) -> dict:
 
 
 def _stack_rows(rows: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
-  return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+  batch = {key: np.stack([row[key] for row in rows]) for key in rows[0] if key != SKIPPED}
+  batch[SKIPPED] = np.array([np.sum(row[SKIPPED]) for row in rows], np.int64)  # a list if packed
+  return batch
 
 
 def eval_arrays(tokenizer, records: list[dict], seq_len: int) -> dict[str, np.ndarray]:
