@@ -284,6 +284,33 @@ def test_sigterm_exits_within_a_step_and_a_save(tmp_path):
   assert elapsed < 3 * step_seconds + 3.0, (elapsed, step_seconds)
 
 
+def _flip_fingerprint(step_dir, path: str) -> None:
+  """The saved fingerprint of one array changed: it then restores as other numbers than were
+  saved, without a read error (what a flipped byte in a chunk does; orbax checksums only
+  shard indices)."""
+  meta = step_dir / "meta" / "metadata"
+  saved = json.loads(meta.read_text())
+  dtype, value = saved["fingerprints"][path].split(":")
+  saved["fingerprints"][path] = f"{dtype}:{int(value) ^ 1}"
+  meta.write_text(json.dumps(saved))
+
+
+def test_inference_reads_a_step_whose_optimizer_state_alone_is_damaged(tmp_path, capsys):
+  cfg = _config(total_steps=4)
+  cfg.checkpoint.update(every=2, keep=3)
+  lm_train.train(cfg, str(tmp_path))
+  step_dir = tmp_path / "checkpoints" / "4"
+  moment = next(p for p in json.loads((step_dir / "meta" / "metadata").read_text())["fingerprints"]
+                if p.startswith(".opt_state") and "embed" in p)  # fmt: skip
+  _flip_fingerprint(step_dir, moment)
+  # Eval, export, decode and serve read the parameters alone: step 4's are whole.
+  assert checkpoint.restore_latest(str(tmp_path))[3] == 4
+  capsys.readouterr()
+  lm_train.train(_changed(cfg, train__total_steps=5), str(tmp_path))
+  out = capsys.readouterr().out
+  assert f"state{moment} differs from what was saved" in out and "resumed from step 2" in out
+
+
 def _truncate(step_dir) -> None:
   """Cuts every array data file of a checkpoint step's state in half."""
   files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
@@ -302,15 +329,10 @@ def test_damaged_checkpoints_fall_back_to_the_newest_whole_one(tmp_path, capsys,
   _truncate(tmp_path / "checkpoints" / "6")  # fails the read
   # An array that reads as other numbers than were saved, without a read error: what a flipped
   # byte in a chunk does (orbax checksums only shard indices).
-  meta = tmp_path / "checkpoints" / "4" / "meta" / "metadata"
-  saved = json.loads(meta.read_text())
-  dtype, value = saved["fingerprints"][".params['embed']['table']"].split(":")
-  saved["fingerprints"][".params['embed']['table']"] = f"{dtype}:{int(value) ^ 1}"
-  meta.write_text(json.dumps(saved))
+  _flip_fingerprint(tmp_path / "checkpoints" / "4", ".params['embed']['table']")
+  _flip_fingerprint(tmp_path / "checkpoints" / "8", ".params['embed']['table']")
   capsys.readouterr()
-  # Inference reads the parameters alone, each checked against its fingerprint: step 8's
-  # damaged bytes lie in optimizer-state data, so eval / export / decode read step 8 whole.
-  assert checkpoint.restore_latest(str(tmp_path))[3] == 8
+  assert checkpoint.restore_latest(str(tmp_path))[3] == 2  # eval / export / decode fall back too
 
   cfg.train.total_steps = 12
   lm_train.train(cfg, str(tmp_path))
