@@ -142,6 +142,7 @@ def _base() -> ml_collections.ConfigDict:
       max_beam=8,  # largest beam_size a request may ask for
       timeout_s=30.0,  # a request not answered by then gets 504
       max_queue=1024,  # rows waiting; past this a request gets 503 with Retry-After
+      max_body_bytes=1 << 20,  # a larger request body gets 413, refused before it is read whole
     )
   )
   cfg.eval = ml_collections.ConfigDict(

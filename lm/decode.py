@@ -33,27 +33,38 @@ def _forbid(logits: jax.Array, vocab_limit: int) -> jax.Array:
   return jnp.where(banned, NEG_INF, logits)
 
 
-def length_penalty(length: jax.Array | float, alpha: float) -> jax.Array | float:
+def length_penalty(length: jax.Array | float, alpha: jax.Array | float) -> jax.Array | float:
   """GNMT's ((5 + length) / 6) ** alpha; length counts every token including EOS."""
   return ((5.0 + length) / 6.0) ** alpha
 
 
 def filter_logits(
-  logits: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+  logits: jax.Array,
+  temperature: jax.Array | float = 1.0,
+  top_k: jax.Array | int = 0,
+  top_p: jax.Array | float = 1.0,
 ) -> jax.Array:
-  """Temperature, then keep the top_k tokens and the smallest set holding top_p of the mass."""
+  """Temperature, then keep the top_k tokens and the smallest set holding top_p of the mass.
+
+  Each setting is a scalar or one value per row (logits [..., vocab], a setting [...]), so rows
+  with different settings share one program; top_k 0 and top_p 1 keep every token."""
+  temperature, top_k, top_p = (jnp.asarray(x)[..., None] for x in (temperature, top_k, top_p))
   logits = logits / temperature
-  if top_k:
-    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-    logits = jnp.where(logits < kth, NEG_INF, logits)
-  if top_p < 1.0:
-    ordered = jnp.sort(logits, axis=-1)[..., ::-1]
-    mass_before = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1) - jax.nn.softmax(
-      ordered, axis=-1
-    )
+
+  def truncate(logits):
+    vocab = logits.shape[-1]
+    ordered = jnp.sort(logits, axis=-1)[..., ::-1]  # [..., vocab], descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(ordered, jnp.broadcast_to(k - 1, logits.shape[:-1] + (1,)), -1)
+    ordered = jnp.where(ordered < kth, NEG_INF, ordered)  # top_p weighs top_k's survivors
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
     cutoff = jnp.min(jnp.where(mass_before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < cutoff, NEG_INF, logits)
-  return logits
+    cutoff = jnp.where(top_p < 1.0, cutoff, -jnp.inf)  # 1 keeps all, whatever the rounding
+    return jnp.where((logits < kth) | (logits < cutoff), NEG_INF, logits)
+
+  # The sort is skipped when no row asks for it (plain temperature sampling).
+  return jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)), truncate, lambda x: x, logits)
 
 
 def _generate(
@@ -115,18 +126,31 @@ def sample(
   max_len: int,
   vocab_limit: int,
   seeds: jax.Array,
-  temperature: float = 1.0,
-  top_k: int = 0,
-  top_p: float = 1.0,
+  temperature: jax.Array | float = 1.0,
+  top_k: jax.Array | int = 0,
+  top_p: jax.Array | float = 1.0,
   prompt: jax.Array | None = None,
   limits: jax.Array | None = None,
 ) -> jax.Array:
   """Tokens [batch, max_len] drawn from the filtered softmax (see filter_logits); row r's
-  draws come from its own seed, seeds[r]."""
+  draws come from its own seed, seeds[r]. The settings are scalars or per row ([batch]); a row
+  of temperature 0 is greedy."""
+  temperature, top_k, top_p = (
+    jnp.broadcast_to(jnp.asarray(x), (batch,)) for x in (temperature, top_k, top_p)
+  )
+  drawing = temperature > 0
 
   def pick(logits, keys):
-    logits = filter_logits(_forbid(logits, vocab_limit), temperature, top_k, top_p)
-    return jax.vmap(jax.random.categorical)(keys, logits)
+    logits = _forbid(logits, vocab_limit)
+    most_likely = logits.argmax(-1)
+
+    def draw():
+      filtered = filter_logits(logits, jnp.where(drawing, temperature, 1.0), top_k, top_p)
+      return jax.vmap(jax.random.categorical)(keys, filtered)
+
+    # A greedy batch never pays for the filter.
+    drawn = jax.lax.cond(drawing.any(), draw, lambda: most_likely)
+    return jnp.where(drawing, drawn, most_likely)
 
   return _generate(model, cache, batch, max_len, pick, prompt, seeds, limits)
 
@@ -145,7 +169,7 @@ def beam_search(
   beam: int,
   max_len: int,
   vocab_limit: int,
-  alpha: float,
+  alpha: jax.Array | float,
   limits: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Best sequences [batch, max_len] and their scores (log-prob / length penalty).
@@ -154,9 +178,10 @@ def beam_search(
   when it ranks among the step's top `beam`); stops early when no live beam can beat the worst
   finished one (log-probs only fall, the penalty is largest at the row's limit). At its
   limit (`limits` [batch], default max_len), a row's live hypotheses finish without EOS,
-  keeping all their tokens.
+  keeping all their tokens. `alpha` is a scalar or per row ([batch]).
   """
   limits = jnp.full((batch,), max_len) if limits is None else limits
+  alpha = jnp.broadcast_to(jnp.asarray(alpha, jnp.float32), (batch,))
   cache = _repeat_rows(cache, beam)
   seqs = jnp.zeros((batch, beam, max_len), jnp.int32)
   live_lp = jnp.tile(jnp.asarray([0.0] + [NEG_INF] * (beam - 1)), (batch, 1))
@@ -188,7 +213,8 @@ def beam_search(
     # Finished: the old finished hypotheses and the candidates that end here among the top
     # `beam` (as in fairseq: so beam 1 is greedy); keep the best `beam`.
     in_beam = jnp.arange(2 * beam) < beam
-    finished = jnp.where(ends & in_beam, top_lp / length_penalty(t + 1.0, alpha), NEG_INF)
+    penalty = length_penalty(t + 1.0, alpha[:, None])
+    finished = jnp.where(ends & in_beam, top_lp / penalty, NEG_INF)
     pool_score = jnp.concatenate([s["done_score"], finished], axis=1)
     pool_seq = jnp.concatenate([s["done"], grown], axis=1)
     done_score, pick = jax.lax.top_k(pool_score, beam)
@@ -251,8 +277,9 @@ class Decoder:
 
   Each batch is padded to a fixed shape (a source length bucket for translation, and with
   `row_buckets` a row count), so the set of compiled programs is small and known up front:
-  `row_counts` x `shapes`. `params` may be replaced between calls (periodic evaluation does)
-  without recompiling.
+  `row_counts` x `shapes` x the beam sizes asked for (translation). Every other setting is
+  per-row data. `params` may be replaced between calls (periodic evaluation does) without
+  recompiling.
   """
 
   def __init__(
@@ -294,6 +321,19 @@ class Decoder:
       return [(width, width)]
     return [(width, self._output_len(width)) for width in self.buckets]
 
+  @property
+  def max_input_tokens(self) -> int:
+    """The longest input, EOS aside: a source fits data.seq_len with its EOS; a prompt stays
+    within what training saw and leaves room for one token in the decode width."""
+    if self.run.cfg.task == "lm":
+      return min(self.src_len - 2, self.shapes[0][1] - 1)
+    return self.src_len - 1
+
+  @property
+  def max_output_tokens(self) -> int:
+    """The most tokens an output can have (an LM's continuation of a one-token prompt)."""
+    return self.shapes[-1][1] - (self.run.cfg.task == "lm")
+
   def _output_len(self, source_len: int) -> int:
     o = self.options
     return int(min(o.max_len, np.ceil(o.max_len_a * source_len + o.max_len_b)))
@@ -305,20 +345,20 @@ class Decoder:
     width = next(b for b in self.buckets if b >= longest)
     return width, self._output_len(width)
 
-  def _compiled(self, max_len: int):
-    if max_len not in self._jitted:
+  def _compiled(self, max_len: int, beam: int):
+    if (max_len, beam) not in self._jitted:
       # Outputs come back replicated so that every process can read them whole.
-      self._jitted[max_len] = jax.jit(
+      self._jitted[max_len, beam] = jax.jit(
         functools.partial(
-          _decode_batch, self.run, self.options, max_len, self.tokenizer.vocab_size
+          _decode_batch, self.run, self.options, max_len, beam, self.tokenizer.vocab_size
         ),
         out_shardings=self.run.shardings.replicated,
       )
-    return self._jitted[max_len]
+    return self._jitted[max_len, beam]
 
   def _encode(self, line: str, warn: Callable[[str], None]) -> list[int]:
     ids = self.tokenizer.encode(line)
-    limit = self.src_len - 1 if self.run.cfg.task == "translation" else self.src_len - 2
+    limit = self.max_input_tokens
     if len(ids) > limit:
       warn(f"warning: input of {len(ids)} tokens truncated to {limit}: {line[:40]!r}...")
       ids = ids[:limit]
@@ -329,29 +369,53 @@ class Decoder:
     batch_ids: list[list[int]],
     caps: list[int] | None = None,
     seeds: list[int] | None = None,
+    *,
+    temperatures: list[float] | None = None,
+    top_ks: list[int] | None = None,
+    top_ps: list[float] | None = None,
+    alphas: list[float] | None = None,
+    beam_size: int | None = None,
   ) -> np.ndarray:
     """Token ids of one batch (at most batch_size rows) -> output tokens [rows, max_len].
 
-    `caps`: per row, at most this many output tokens (0 = the options' limit; an LM counts the
-    continuation only); `seeds`: per row, the sampling seed (default the options' seed). Both
-    are data: any values share one compiled program, and a row's output depends on neither the
-    rows beside it nor its place in the batch. Under several processes every process passes the
-    same rows (as a server broadcasts its requests) and gets every output."""
+    Per row, each default the options': `caps`, at most this many output tokens (0 = the
+    options' limit; an LM counts the continuation only); `seeds`, the sampling seed;
+    `temperatures` (0 = greedy), `top_ks`, `top_ps` (LM sampling, see filter_logits); `alphas`
+    (beam search's length penalty). All are data: any values share one compiled program, and
+    a row's output depends on neither the rows beside it nor its place in the batch.
+    `beam_size` (translation; default the options') is the one setting compiled for. Under
+    several processes every process passes the same rows (as a server broadcasts its
+    requests) and gets every output."""
     rows = len(batch_ids)
+    limit = self.max_input_tokens + (self.run.cfg.task == "translation")  # with EOS
+    for r, ids in enumerate(batch_ids):
+      if len(ids) > limit:
+        raise ValueError(f"row {r} has {len(ids)} tokens; an input has at most {limit}")
     padded = next(c for c in self.row_counts if c >= rows)
     width, max_len = self._shape([len(ids) for ids in batch_ids])
     tokens = np.zeros((padded, width), np.int32)
     for r, ids in enumerate(batch_ids):
       tokens[r, : len(ids)] = ids
-    per_row = np.zeros((2, padded), np.int32)
-    per_row[0, :rows] = caps if caps is not None else 0
-    per_row[1, :rows] = seeds if seeds is not None else self.options.seed
+    o = self.options
+    # name: (the given values, the default, a padding row's: greedy, done after one token)
+    settings = dict(
+      cap=(caps, 0, 1),
+      seed=(seeds, o.seed, 0),
+      temperature=(temperatures, o.temperature, 0.0),
+      top_k=(top_ks, o.top_k, 0),
+      top_p=(top_ps, o.top_p, 1.0),
+      alpha=(alphas, o.alpha, 0.0),
+    )
+    per_row = {name: _column(*setting, rows, padded) for name, setting in settings.items()}
+    beam = 1 if self.run.cfg.task == "lm" else beam_size or self.options.beam_size
     with jax.set_mesh(self.run.mesh):
-      array, caps_array, seeds_array = (
-        jax.make_array_from_callback(x.shape, self.run.shardings.batch, lambda i, x=x: x[i])
-        for x in (tokens, per_row[0], per_row[1])
+      array, per_row = jax.tree.map(
+        lambda x: jax.make_array_from_callback(
+          x.shape, self.run.shardings.batch, lambda i, x=x: x[i]
+        ),
+        (tokens, per_row),
       )
-      out = self._compiled(max_len)(self.params, array, caps_array, seeds_array)
+      out = self._compiled(max_len, beam)(self.params, array, per_row)
     return np.asarray(out.addressable_data(0))[:rows]
 
   def __call__(
@@ -381,42 +445,47 @@ class Decoder:
     return outputs
 
 
+def _column(given: list | None, default, pad, rows: int, padded: int) -> np.ndarray:
+  """One per-row setting [padded]: the given values (or the default), then padding rows'."""
+  column = np.full((padded,), pad, np.int32 if isinstance(pad, int) else np.float32)
+  column[:rows] = default if given is None else given
+  return column
+
+
 def _decode_batch(
   run: Layout,
   options: DecodeOptions,
   max_len: int,
+  beam: int,
   vocab_limit: int,
   params,
   tokens: jax.Array,
-  caps: jax.Array,
-  seeds: jax.Array,
+  per_row: dict[str, jax.Array],
 ) -> jax.Array:
   model = nnx.merge(run.graphdef, params)
   batch = tokens.shape[0]
   lengths = (tokens > 0).sum(-1)
+  caps = per_row["cap"]
   if run.cfg.task == "translation":
     cache = model.init_cache(tokens, max_len)
     limits = jnp.ceil(options.max_len_a * lengths + options.max_len_b).astype(jnp.int32)
     limits = jnp.clip(jnp.where(caps > 0, jnp.minimum(limits, caps), limits), 1, max_len)
-    if options.beam_size > 1:
-      return beam_search(
-        model, cache, batch, options.beam_size, max_len, vocab_limit, options.alpha, limits
-      )[0]
+    if beam > 1:
+      alpha = per_row["alpha"]
+      return beam_search(model, cache, batch, beam, max_len, vocab_limit, alpha, limits)[0]
     return greedy(model, cache, batch, max_len, vocab_limit, limits=limits)
   cache = model.init_cache(batch, max_len)
   limits = jnp.where(caps > 0, jnp.minimum(lengths + caps, max_len), max_len)
-  if options.temperature > 0:
-    return sample(
-      model,
-      cache,
-      batch,
-      max_len,
-      vocab_limit,
-      seeds,
-      options.temperature,
-      options.top_k,
-      options.top_p,
-      prompt=tokens,
-      limits=limits,
-    )
-  return greedy(model, cache, batch, max_len, vocab_limit, prompt=tokens, limits=limits)
+  return sample(
+    model,
+    cache,
+    batch,
+    max_len,
+    vocab_limit,
+    per_row["seed"],
+    per_row["temperature"],
+    per_row["top_k"],
+    per_row["top_p"],
+    prompt=tokens,
+    limits=limits,
+  )

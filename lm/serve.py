@@ -1,13 +1,14 @@
 """The HTTP service (--mode=serve): translation and generation with dynamic batching.
 
 starlette + uvicorn. A request is validated and encoded, then queued as rows. One batching loop
-takes rows with the same decode settings, up to serve.max_batch, waiting at most
-serve.max_wait_ms after the oldest, and decodes them on the mesh in a worker thread, one batch
-at a time (the accelerator is the bottleneck; batches are how requests share it). A batch is
-padded to the smallest row bucket (powers of two up to max_batch) that holds it, so light
-traffic does not pay for full batches. Every shape the default settings use is compiled at
-start-up; other settings (a beam size, a sampling temperature) compile once on first use,
-counted on /v1/model. Caps and seeds are per-row data and never split batches.
+takes rows with the same beam size, up to serve.max_batch, waiting at most serve.max_wait_ms
+after the oldest, and decodes them on the mesh in a worker thread, one batch at a time (the
+accelerator is the bottleneck; batches are how requests share it). A batch is padded to the
+smallest row bucket (powers of two up to max_batch) that holds it, so light traffic does not
+pay for full batches. Caps, seeds, temperature, top_k, top_p and alpha are per-row data: rows
+with different settings share a batch and a program. The beam size is the one setting compiled
+for: beam 1 and decode.beam_size, with every shape, at start-up; nothing compiles on the
+request path (counted on /v1/model), and another beam size gets a 400.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import prometheus_client as prom
@@ -50,11 +53,27 @@ class RequestError(Exception):
     return JSONResponse({"error": error}, status_code=self.status, headers=self.headers)
 
 
+@dataclasses.dataclass(frozen=True)
+class RowSettings:
+  """A request's decode settings: data in whatever batch its rows join, never a new program."""
+
+  seed: int  # sampling: the row's own random stream
+  temperature: float  # LM: 0 = greedy
+  top_k: int
+  top_p: float
+  alpha: float  # beam search's length penalty
+
+  @classmethod
+  def of(cls, options: DecodeOptions) -> RowSettings:
+    """The decode options' defaults."""
+    return cls(options.seed, options.temperature, options.top_k, options.top_p, options.alpha)
+
+
 @dataclasses.dataclass
 class _Row:
   ids: list[int]
   cap: int  # most output tokens (0 = the settings' limit)
-  seed: int  # sampling: the row's own random stream
+  settings: RowSettings
   future: asyncio.Future
   queued: float
 
@@ -102,12 +121,15 @@ class Service:
     self.step, self.cfg, self.log = step, serve_cfg, log
     self.task = decoder.run.cfg.task
     self.max_batch = serve_cfg.max_batch
-    self.decoders: dict[DecodeOptions, Decoder] = {}
-    self._model = decoder  # the model, tokenizer and default settings; batches use their own
-    self.decoder = self._decoder(decoder.options)
-    limit = decoder.src_len - (1 if self.task == "translation" else 2)
+    d = decoder  # the model, tokenizer and default settings, batched up to max_batch rows
+    self.decoder = Decoder(
+      d.run, d.params, d.tokenizer, d.options, self.max_batch, row_buckets=True
+    )
+    beam = d.options.beam_size if self.task == "translation" else 1
+    self.beam_sizes = tuple(sorted({1, beam}))  # compiled at start-up; no other is served
+    limit = self.decoder.max_input_tokens
     self.max_input_tokens = min(serve_cfg.max_input_tokens or limit, limit)
-    self.queues: dict[DecodeOptions, list[_Row]] = {}
+    self.queues: dict[int, list[_Row]] = {}  # by beam size
     self.queued = 0
     self.metrics = _Metrics(self.max_batch)
     self.compiled_shapes: list[tuple[int, int, int]] = []
@@ -118,30 +140,29 @@ class Service:
   # -- start-up -------------------------------------------------------------------------------
 
   def warm_up(self) -> tuple[int, float]:
-    """Compiles every shape of the default settings: (programs compiled, seconds)."""
+    """Compiles every program a request can use, each shape at each served beam size:
+    (programs compiled, seconds)."""
     start = time.perf_counter()
     with metrics.counting_compiles() as compiles:
       for rows in self.decoder.row_counts:
         for width, out_len in self.decoder.shapes:
-          self.decoder.decode_ids([[4] * (width - 1) + [EOS_ID]] * rows)
+          ids = [4] * (width - 1) + [EOS_ID] if self.task == "translation" else [4]
+          for beam in self.beam_sizes:  # one token each: the program, not the output, matters
+            self.decoder.decode_ids([ids] * rows, [1] * rows, beam_size=beam)
           self.compiled_shapes.append((rows, width, out_len))
     return len(compiles), time.perf_counter() - start
-
-  def _decoder(self, options: DecodeOptions) -> Decoder:
-    if options not in self.decoders:
-      d = self._model
-      self.decoders[options] = Decoder(
-        d.run, d.params, d.tokenizer, options, self.max_batch, row_buckets=True
-      )
-    return self.decoders[options]
 
   # -- the batching loop ----------------------------------------------------------------------
 
   async def submit(
-    self, rows: list[list[int]], caps: list[int], options: DecodeOptions, seed: int = 0
+    self, rows: list[list[int]], caps: list[int], settings: RowSettings, beam_size: int = 1
   ):
-    """Output tokens per row, once batches holding them have run. Requests that differ only
-    in their seed share batches: a row's draws come from its own seed wherever it sits."""
+    """Output tokens per row, once batches holding them have run. Requests of one beam size
+    share batches whatever their other settings: those are per-row data, so a row's output
+    is the same wherever it sits."""
+    failure = self.batching_failure()
+    if failure:
+      raise RequestError(failure, status=503)
     if self.queued + len(rows) > self.cfg.max_queue:
       raise RequestError(
         f"the queue is full ({self.queued} rows waiting); retry shortly",
@@ -150,8 +171,8 @@ class Service:
       )
     loop = asyncio.get_running_loop()
     now = loop.time()
-    pending = [_Row(ids, cap, seed, loop.create_future(), now) for ids, cap in zip(rows, caps)]
-    self.queues.setdefault(options, []).extend(pending)
+    pending = [_Row(ids, cap, settings, loop.create_future(), now) for ids, cap in zip(rows, caps)]
+    self.queues.setdefault(beam_size, []).extend(pending)
     self._count_queued()
     self._arrived.set()
     try:
@@ -173,17 +194,17 @@ class Service:
       await self._arrived.wait()
       self._arrived.clear()
       while True:
-        for options in list(self.queues):  # rows of cancelled requests leave here
-          queue = [r for r in self.queues[options] if not r.future.done()]
+        for beam in list(self.queues):  # rows of cancelled requests leave here
+          queue = [r for r in self.queues[beam] if not r.future.done()]
           if queue:
-            self.queues[options] = queue
+            self.queues[beam] = queue
           else:
-            del self.queues[options]
+            del self.queues[beam]
         self._count_queued()
         if not self.queues:
           break
-        options = min(self.queues, key=lambda o: self.queues[o][0].queued)
-        queue = self.queues[options]
+        beam = min(self.queues, key=lambda b: self.queues[b][0].queued)
+        queue = self.queues[beam]
         deadline = queue[0].queued + wait
         while len(queue) < self.max_batch and loop.time() < deadline:
           self._arrived.clear()
@@ -193,24 +214,36 @@ class Service:
         del queue[: self.max_batch]
         self._count_queued()
         if batch:
-          await self._run(self._decoder(options), batch)
+          await self._run(batch, beam)
 
   def _count_queued(self) -> None:
     self.queued = sum(len(q) for q in self.queues.values())
     self.metrics.queue.set(self.queued)
 
-  async def _run(self, decoder: Decoder, batch: list[_Row]) -> None:
+  async def _run(self, batch: list[_Row], beam: int) -> None:
     start = time.perf_counter()
+    settings = [r.settings for r in batch]
+    decode = functools.partial(
+      self.decoder.decode_ids,
+      [r.ids for r in batch],
+      [r.cap for r in batch],
+      [s.seed for s in settings],
+      temperatures=[s.temperature for s in settings],
+      top_ks=[s.top_k for s in settings],
+      top_ps=[s.top_p for s in settings],
+      alphas=[s.alpha for s in settings],
+      beam_size=beam,
+    )
     try:
-      out = await asyncio.to_thread(
-        decoder.decode_ids, [r.ids for r in batch], [r.cap for r in batch], [r.seed for r in batch]
-      )
+      out = await asyncio.to_thread(decode)
     except Exception as e:  # the batch's requests get a 500 each; the server goes on
       for row in batch:
         if not row.future.done():
           row.future.set_exception(e)
       return
-    tokens = int((out > 0).sum())
+    # Generated tokens only: an LM's output row starts with its prompt.
+    skip = [len(r.ids) if self.task == "lm" else 0 for r in batch]
+    tokens = sum(int((row[n:] > 0).sum()) for row, n in zip(out, skip))
     self.metrics.batch_rows.observe(len(batch))
     self.metrics.tokens.inc(tokens)
     self.metrics.tokens_per_second.set(tokens / max(time.perf_counter() - start, 1e-9))
@@ -223,10 +256,29 @@ class Service:
     """Starlette's lifespan: the batching loop runs while the app serves."""
     self._arrived = asyncio.Event()
     self._loop_task = asyncio.create_task(self._batches())
+    self._loop_task.add_done_callback(self._stopped)
     with metrics.counting_compiles() as compiles:
       self.compiles_after_startup = compiles
       yield
     self._loop_task.cancel()
+
+  def batching_failure(self) -> str | None:
+    """Why the batching loop is not running (None while it runs, or before it starts)."""
+    task = self._loop_task
+    if task is None or not task.done() or task.cancelled():
+      return None
+    e = task.exception()
+    return f"the batching loop died ({type(e).__name__}: {e})" if e else "the batching loop ended"
+
+  def _stopped(self, task: asyncio.Task) -> None:
+    failure = self.batching_failure()
+    if failure is None:
+      return
+    self.log(f"serve: {failure}; /healthz answers 503")
+    for queue in self.queues.values():  # nothing will decode these rows: answer them now
+      for row in queue:
+        if not row.future.done():
+          row.future.set_exception(RequestError(failure, status=503))
 
   # -- requests -------------------------------------------------------------------------------
 
@@ -236,8 +288,9 @@ class Service:
     if not text.strip():
       raise RequestError(f"{field} is empty", field)
     ids = self.decoder.tokenizer.encode(text)
-    if len(ids) > self.max_input_tokens:
-      raise RequestError(f"text too long ({len(ids)} tokens, limit {self.max_input_tokens})", field)
+    limit = self.max_input_tokens
+    if len(ids) > limit:
+      raise RequestError(f"{field} too long ({len(ids)} tokens, limit {limit})", field)
     return ids + [EOS_ID] if self.task == "translation" else ids
 
   async def translate(self, body: dict) -> dict:
@@ -252,13 +305,11 @@ class Service:
       raise RequestError(f"{len(texts)} texts, limit {self.cfg.max_items}", "text")
     rows = [self._encode(t, "text") for t in texts]
     default = self.decoder.options
-    options = dataclasses.replace(
-      default,
-      beam_size=_integer(body, "beam_size", default.beam_size, 1, self.cfg.max_beam),
-      alpha=_number(body, "alpha", default.alpha, 0.0, 2.0),
-    )
+    beam = _choice(body, "beam_size", default.beam_size, self.beam_sizes)
+    alpha = _number(body, "alpha", default.alpha, 0.0, 2.0)
+    settings = dataclasses.replace(RowSettings.of(default), alpha=alpha)
     cap = _integer(body, "max_length", 0, 1, default.max_len)
-    outputs = await self.submit(rows, [cap] * len(rows), options)
+    outputs = await self.submit(rows, [cap] * len(rows), settings, beam)
     translations = [self.decoder.tokenizer.decode(row) for row in outputs]
     return {"translations": translations, "model_step": self.step}
 
@@ -268,19 +319,19 @@ class Service:
     _known(body, GENERATE_FIELDS)
     ids = self._encode(_required(body, "prompt"), "prompt")
     default = self.decoder.options
-    room = self.decoder.shapes[0][1] - len(ids)
-    options = dataclasses.replace(
-      default,
+    room = self.decoder.shapes[0][1] - len(ids)  # at least 1: see Decoder.max_input_tokens
+    settings = dataclasses.replace(
+      RowSettings.of(default),
+      seed=_integer(body, "seed", default.seed, 0, 2**31 - 1),
       temperature=_number(body, "temperature", default.temperature, 0.0, 5.0),
       top_k=_integer(body, "top_k", default.top_k, 0, self.decoder.run.vocab_limit),
       top_p=_number(body, "top_p", default.top_p, 1e-6, 1.0),
     )
-    seed = _integer(body, "seed", default.seed, 0, 2**31 - 1)
     cap = _integer(body, "max_tokens", room, 1, room)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
       raise RequestError("stream must be true or false", "stream")
-    (row,) = await self.submit([ids], [cap], options, seed)
+    (row,) = await self.submit([ids], [cap], settings)
     tokens = [int(t) for t in row[len(ids) :] if t > 0]
     text = self.decoder.tokenizer.decode(tokens)
     return {"text": text, "tokens": tokens, "model_step": self.step}, stream
@@ -304,6 +355,9 @@ class Service:
       "zero_stage": run.cfg.zero_stage,
       "max_batch": self.max_batch,
       "max_input_tokens": self.max_input_tokens,
+      "max_output_tokens": self.decoder.max_output_tokens,
+      **({"max_total_tokens": self.decoder.shapes[0][1]} if self.task == "lm" else {}),
+      "beam_sizes": list(self.beam_sizes),
       "compiled_shapes": [list(s) for s in self.compiled_shapes],
       "compiles_after_startup": len(self.compiles_after_startup or []),
     }
@@ -332,6 +386,17 @@ def _integer(body: dict, field: str, default: int, low: int, high: int) -> int:
   return value
 
 
+def _choice(body: dict, field: str, default: int, allowed: tuple[int, ...]) -> int:
+  """An integer setting that programs are compiled for: one of `allowed`."""
+  value = body.get(field, default)
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise RequestError(f"{field} must be an integer", field)
+  if value not in allowed:
+    names = ", ".join(map(str, allowed))
+    raise RequestError(f"{field}={value} is not served; allowed values: {names}", field)
+  return value
+
+
 def _number(body: dict, field: str, default: float, low: float, high: float) -> float:
   if field not in body:
     return default
@@ -343,8 +408,24 @@ def _number(body: dict, field: str, default: float, low: float, high: float) -> 
   return float(value)
 
 
-async def _json_body(request: Request) -> dict:
-  raw = await request.body()
+async def _read_body(request: Request, limit: int) -> bytes:
+  """The body, refused (413) as soon as it is known to pass `limit` bytes: from its declared
+  length, or while it streams in (chunked)."""
+  too_big = RequestError(f"the body is over serve.max_body_bytes={limit} bytes", status=413)
+  declared = request.headers.get("content-length", "")
+  if declared.isdigit() and int(declared) > limit:
+    raise too_big
+  chunks, size = [], 0
+  async for chunk in request.stream():
+    size += len(chunk)
+    if size > limit:
+      raise too_big
+    chunks.append(chunk)
+  return b"".join(chunks)
+
+
+async def _json_body(request: Request, limit: int) -> dict:
+  raw = await _read_body(request, limit)
   try:
     text = raw.decode("utf-8")
   except UnicodeDecodeError:
@@ -358,6 +439,25 @@ async def _json_body(request: Request) -> dict:
   return body
 
 
+def text_pieces(decode: Callable[[list[int]], str], tokens: list[int]) -> Iterator[str]:
+  """What each token adds to the text of the tokens before it, decoding a few tokens per step
+  (O(tokens) in all) instead of the whole prefix. A step decodes from the start of a context
+  that shows text (sentencepiece drops a text's leading spaces, so a window must not begin in
+  them); a token that shows nothing yet (UNK, an incomplete character: U+FFFD) adds to the
+  next piece."""
+  start = shown = 0  # tokens[start:shown]: the context of the next window; [:shown] are sent
+  context = ""  # decode(tokens[start:shown])
+  for end in range(1, len(tokens) + 1):
+    text = decode(tokens[start:end])
+    if len(text) <= len(context) or (text.endswith("\ufffd") and end < len(tokens)):
+      yield ""
+      continue
+    yield text[len(context) :]
+    latest = decode(tokens[shown:end])  # the piece's own tokens: the next context, if visible
+    start, context = (shown, latest) if latest else (start, text)
+    shown = end
+
+
 def app(service: Service) -> Starlette:
   """The ASGI app over a warmed-up service."""
   m = service.metrics
@@ -366,7 +466,8 @@ def app(service: Service) -> Starlette:
     async def respond(request: Request) -> Response:
       start = time.perf_counter()
       try:
-        work = asyncio.create_task(handle(request, await _json_body(request)))
+        body = await _json_body(request, service.cfg.max_body_bytes)
+        work = asyncio.create_task(handle(request, body))
         # A client that goes away before its answer frees its rows: the handler is cancelled,
         # and Service.submit takes its rows out of the queue.
         while not (await asyncio.wait({work}, timeout=DISCONNECT_POLL_S))[0]:
@@ -394,19 +495,20 @@ def app(service: Service) -> Starlette:
       return JSONResponse(result)
     tokenizer = service.decoder.tokenizer
 
-    async def events():
-      shown = ""  # the text of the tokens sent so far: each event carries what its token adds
-      for i, token in enumerate(result["tokens"]):
+    async def events():  # each event carries what its token adds to the text
+      pieces = text_pieces(tokenizer.decode, result["tokens"])
+      for token, piece in zip(result["tokens"], pieces):
         if await request.is_disconnected():
           return
-        text = tokenizer.decode(result["tokens"][: i + 1])
-        piece, shown = text[len(shown) :], text
         yield f"data: {json.dumps({'token': token, 'text': piece})}\n\n"
       yield f"event: done\ndata: {json.dumps({'model_step': service.step})}\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
   async def health(request: Request) -> Response:
+    failure = service.batching_failure()
+    if failure:  # requests would never be answered: take this server out of rotation
+      return JSONResponse({"status": "failed", "error": failure}, status_code=503)
     return JSONResponse({"status": "ok", **service.model_info()})
 
   async def model(request: Request) -> Response:
@@ -439,8 +541,8 @@ def serve(decoder: Decoder, step: int, serve_cfg, host: str, port: int, log=prin
   count, seconds = service.warm_up()
   log(
     f"serve: compiled {count} decode programs for {len(service.compiled_shapes)} shapes "
-    f"(rows, width, output) {service.compiled_shapes} in {seconds:.1f}s; "
-    f"listening on http://{host}:{port}"
+    f"(rows, width, output) {service.compiled_shapes} x beam sizes {list(service.beam_sizes)} "
+    f"in {seconds:.1f}s; listening on http://{host}:{port}"
   )
   # uvicorn handles SIGTERM/SIGINT (stop accepting, finish what is in flight), then raises the
   # signal again for the handler that was there before: this one lets the process exit 0.

@@ -91,6 +91,18 @@ def test_beam_search_finds_the_exhaustive_best(alpha):
     np.testing.assert_allclose(float(found_score[row]), scores[best], rtol=1e-5)
 
 
+def test_beam_search_takes_a_length_penalty_per_row():
+  run, model = _model("translation")
+  inputs = _tokens(3, (2, 6))
+  cache = model.init_cache(inputs, 3)
+  low, low_score = decode.beam_search(model, cache, 2, 32, 3, 8, 0.0)
+  high, high_score = decode.beam_search(model, cache, 2, 32, 3, 8, 2.0)
+  mixed, mixed_score = decode.beam_search(model, cache, 2, 32, 3, 8, jnp.asarray([0.0, 2.0]))
+  np.testing.assert_array_equal(mixed, jnp.stack([low[0], high[1]]))
+  np.testing.assert_allclose(mixed_score, jnp.stack([low_score[0], high_score[1]]), rtol=1e-6)
+  assert not np.allclose(low_score, high_score)  # each row's own penalty reached its scores
+
+
 def test_beam_one_and_top_k_one_equal_greedy():
   run, model = _model("translation")
   inputs = _tokens(4, (3, 6))
@@ -123,6 +135,89 @@ def test_top_p_keeps_the_smallest_set_with_the_mass():
   assert np.asarray(kept).tolist() == [[True, True, False, False]]
   kept = decode.filter_logits(logits, top_k=3) > decode.NEG_INF / 2
   assert np.asarray(kept).tolist() == [[True, True, True, False]]
+
+
+def test_per_row_filter_settings_equal_each_row_filtered_alone():
+  logits = jax.random.normal(jax.random.key(0), (5, 10))
+  settings = [(1.0, 0, 1.0), (0.5, 3, 1.0), (2.0, 0, 0.6), (0.7, 4, 0.5), (1.0, 20, 0.9)]
+  temperature, top_k, top_p = (jnp.asarray(column) for column in zip(*settings))
+  together = decode.filter_logits(logits, temperature, top_k, top_p)
+  for r, (t, k, p) in enumerate(settings):
+    np.testing.assert_array_equal(together[r], decode.filter_logits(logits[r : r + 1], t, k, p)[0])
+  kept = np.asarray(together > decode.NEG_INF / 2).sum(-1)
+  assert kept[0] == 10 and kept[1] == 3 and kept[3] <= 4  # top_k 0 keeps all, 20 > vocab too
+  assert kept[4] < 10
+
+
+def _row_settings_case(task):
+  """A decoder and per-row settings for `task`: LM sampling (temperature 0 = greedy) or beam
+  search's length penalty."""
+  run = Layout.build(tiny_config(task), devices=jax.devices()[:1])
+  params = run.init_params()
+  if task == "lm":
+    options = decode.DecodeOptions(max_len=12)
+    rows = [[5, 9], [11, 12, 13], [7], [8, 8]]
+    first = dict(
+      temperatures=[0.0, 1.0, 0.7, 1.3], top_ks=[0, 5, 0, 2], top_ps=[1.0, 1.0, 0.8, 0.9]
+    )
+    other = dict(
+      temperatures=[1.5, 0.0, 2.0, 0.4], top_ks=[3, 0, 1, 0], top_ps=[0.5, 1.0, 1.0, 0.7]
+    )
+  else:
+    options = decode.DecodeOptions(beam_size=3, max_len=12, max_len_a=1.0, max_len_b=4)
+    rows = [[7, 9, EOS_ID], [11, 12, 13, EOS_ID], [8, EOS_ID], [20, 21, EOS_ID]]
+    first, other = dict(alphas=[0.0, 0.6, 2.0, 1.0]), dict(alphas=[1.5, 0.1, 0.0, 0.3])
+  decoder = decode.Decoder(run, params, _Ids(), options, 4, row_buckets=True)
+  return run, params, decoder, rows, first, other
+
+
+@pytest.mark.parametrize("task", ["lm", "translation"])
+def test_rows_with_different_settings_share_a_program_and_decode_as_alone(task):
+  run, params, decoder, rows, first, other = _row_settings_case(task)
+  seeds = [1, 2, 3, 4]
+  together = decoder.decode_ids(rows, seeds=seeds, **first)
+  for r in range(len(rows)):
+    alone = decoder.decode_ids([rows[r]], seeds=[seeds[r]], **{k: [v[r]] for k, v in first.items()})
+    np.testing.assert_array_equal(alone[0], together[r])
+  with metrics.counting_compiles() as compiles:
+    again = decoder.decode_ids(rows, seeds=seeds, **other)
+  assert compiles == []  # other settings, the same program
+  if task == "lm":  # the settings reach the sampler; temperature 0 is greedy among sampled rows
+    assert (again != together).any()
+    model = nnx.merge(run.graphdef, params)
+    prompt = jnp.zeros((1, 12), jnp.int32).at[0, :2].set(jnp.asarray(rows[0]))
+    greedy = decode.greedy(model, model.init_cache(1, 12), 1, 12, 60, prompt=prompt)
+    np.testing.assert_array_equal(together[0], greedy[0])
+
+
+class _Numbers:
+  """Token ids written as numbers: "5 9" <-> [5, 9]."""
+
+  vocab_size = 60
+
+  def encode(self, text):
+    return [int(word) for word in text.split()]
+
+  def decode(self, ids):
+    ids = list(ids)
+    ids = ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids
+    return " ".join(str(i) for i in ids if i > EOS_ID)
+
+
+def test_a_long_lm_prompt_is_truncated_to_leave_room_to_generate():
+  """decode.max_len (the decode width, 12) below data.seq_len (32): the width bounds prompts."""
+  cfg = tiny_config("lm")
+  cfg.data.seq_len = 32
+  run = Layout.build(cfg, devices=jax.devices()[:1])
+  options = decode.DecodeOptions(max_len=12)
+  decoder = decode.Decoder(run, run.init_params(), _Numbers(), options, 4)
+  warnings = []
+  short, long = decoder(["5 6", " ".join(["7"] * 20)], warn=warnings.append)
+  assert len(warnings) == 1 and "input of 20 tokens truncated to 11" in warnings[0]
+  assert len(long.split()) <= 1 and len(short.split()) <= 10
+  assert (decoder.max_input_tokens, decoder.max_output_tokens) == (11, 11)
+  with pytest.raises(ValueError, match="row 1 has 12 tokens; an input has at most 11"):
+    decoder.decode_ids([[5], [7] * 12])
 
 
 def test_bleu_equals_sacrebleu():

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -18,13 +19,14 @@ import time
 
 import httpx
 import jax
+import numpy as np
 import pytest
 import websockets.sync.client
 
 from lm import checkpoint, decode, serve
 from lm.data import synthetic
 from lm.data import tokenizer as tok
-from lm.train_step import Trainer
+from lm.layout import Layout
 from tests.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,7 +107,7 @@ BAD = [
   (b'{"text": "' + b"the cat " * 40 + b'"}', "text too long", "text"),
   (json.dumps({"text": ["a"] * 65}).encode(), "65 texts, limit 64", "text"),
   (b'{"text": "a", "colour": "red"}', "unknown field", "colour"),
-  (b'{"text": "a", "beam_size": 0}', "out of range", "beam_size"),
+  (b'{"text": "a", "beam_size": 2}', "not served; allowed values: 1, 4", "beam_size"),
   (b'{"text": "a", "beam_size": 2.5}', "must be an integer", "beam_size"),
   (b'{"text": "a", "alpha": "high"}', "must be a number", "alpha"),
   (b"{}", "text is required", "text"),
@@ -137,18 +139,30 @@ def _counter(metrics: str, endpoint: str, status: str) -> float:
   return float(found.group(1)) if found else 0.0
 
 
+def _metric(metrics: str, name: str) -> float:
+  return float(re.search(rf"^{name} ([0-9.e+]+)$", metrics, re.M).group(1))
+
+
 def test_64_concurrent_clients_share_batches_without_compiling(translation_server, decoded):
+  """Batches as large as the traffic allows (at max_wait_ms 0 the first row may go alone), each
+  row decoded once, each answer the one a request gets alone."""
   _, url = translation_server
   lines, expected = decoded
   picks = [i % len(lines) for i in range(64)]
+  before = httpx.get(f"{url}/metrics").text
   responses = asyncio.run(_post_all(url, [{"text": lines[i]} for i in picks]))
-  assert [r.json()["translations"][0] for r in responses] == [expected[i] for i in picks]
-  metrics = httpx.get(f"{url}/metrics").text
-  batches = float(re.search(r"zerolm_batch_rows_count ([0-9.e+]+)", metrics).group(1))
-  single = float(re.search(r'zerolm_batch_rows_bucket{le="1.0"} ([0-9.e+]+)', metrics).group(1))
-  assert single < batches, "no batch held more than one row"
+  after = httpx.get(f"{url}/metrics").text
+  together = [r.json()["translations"][0] for r in responses]
+  assert together == [expected[i] for i in picks]
+  alone = [
+    httpx.post(f"{url}/v1/translate", json={"text": lines[i]}, timeout=60) for i in picks[:8]
+  ]
+  assert [r.json()["translations"][0] for r in alone] == together[:8]
+  rows = _metric(after, "zerolm_batch_rows_sum") - _metric(before, "zerolm_batch_rows_sum")
+  batches = _metric(after, "zerolm_batch_rows_count") - _metric(before, "zerolm_batch_rows_count")
+  assert rows == 64 and math.ceil(64 / 32) <= batches < 64, (rows, batches)
   model = httpx.get(f"{url}/v1/model").json()
-  assert model["compiles_after_startup"] == 0
+  assert model["compiles_after_startup"] == 0 and model["beam_sizes"] == [1, 4]
   assert model["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
   assert len(model["compiled_shapes"]) >= 3  # one per source length bucket
 
@@ -158,10 +172,10 @@ def lm_export(tmp_path_factory):
   """An untrained tiny LM as an export: streaming is about the wire, not the model."""
   cfg = tiny_config("lm")
   cfg.data.seq_len = 32
-  run = Trainer.build(cfg, devices=jax.devices()[:1])
+  run = Layout.build(cfg, devices=jax.devices()[:1])
   tokenizer = tok.train([f"w{i}" for i in range(100)] * 2, cfg.model.vocab_size, "word")
   directory = tmp_path_factory.mktemp("lm") / "export"
-  checkpoint.write_export(str(directory), run.init_state().params, cfg, tokenizer, step=7)
+  checkpoint.write_export(str(directory), run.init_params(), cfg, tokenizer, step=7)
   return directory
 
 
@@ -172,8 +186,9 @@ def test_generate_streams_the_tokens_it_returns_whole(lm_export, tmp_path):
     assert whole["model_step"] == 7 and 1 <= len(whole["tokens"]) <= 8
     with httpx.stream("POST", f"{url}/v1/generate", json={**body, "stream": True}) as r:
       events = [e for e in r.read().decode().split("\n\n") if e]
-    streamed = [json.loads(e.removeprefix("data: "))["token"] for e in events[:-1]]
-    assert streamed == whole["tokens"] and events[-1].startswith("event: done")
+    data = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert [d["token"] for d in data] == whole["tokens"] and events[-1].startswith("event: done")
+    assert "".join(d["text"] for d in data) == whole["text"]
     other = httpx.post(f"{url}/v1/generate", json={**body, "seed": 4}, timeout=60).json()
     assert other["tokens"] != whole["tokens"]  # the seed reaches the sampler
     assert httpx.post(f"{url}/v1/translate", json={"text": "w1"}).status_code == 404
@@ -187,12 +202,12 @@ def test_a_full_queue_answers_503_and_a_slow_request_504(trained_workdir):
 
   async def scenario():
     service._arrived = asyncio.Event()
-    ids = [[5, 6, 3]]
+    ids, settings = [[5, 6, 3]], serve.RowSettings.of(decoder.options)
     with pytest.raises(serve.RequestError) as full:
-      await service.submit(ids * 3, [0] * 3, decoder.options)
+      await service.submit(ids * 3, [0] * 3, settings, 4)
     assert full.value.status == 503 and full.value.headers == {"Retry-After": "1"}
     with pytest.raises(serve.RequestError) as slow:
-      await service.submit(ids, [0], decoder.options)
+      await service.submit(ids, [0], settings, 4)
     assert slow.value.status == 504 and "timeout_s" in slow.value.message
 
   asyncio.run(scenario())
@@ -204,6 +219,215 @@ def serve_settings(**overrides):
   settings = lmc.translation_defaults().serve
   settings.update(overrides)
   return settings
+
+
+# -- In this process: a Service over an untrained tiny model, driven through its app or directly.
+
+WORDS = [f"w{i}" for i in range(100)]
+
+
+def _service(task: str, **serve_overrides) -> serve.Service:
+  """A warmed-up service of batches of at most 2 rows. The LM's decode width (decode.max_len
+  12) is below its data.seq_len (32); translation has one source bucket (16)."""
+  cfg = tiny_config(task)
+  if task == "lm":
+    cfg.data.seq_len, cfg.decode.max_len = 32, 12
+  else:
+    cfg.decode.length_buckets = (16,)
+  run = Layout.build(cfg, devices=jax.devices()[:1])
+  tokenizer = tok.train(WORDS * 2, cfg.model.vocab_size, "word")
+  options = decode.DecodeOptions.from_config(cfg.decode)
+  decoder = decode.Decoder(run, run.init_params(), tokenizer, options, 2)
+  service = serve.Service(decoder, 7, serve_settings(max_batch=2, **serve_overrides))
+  service.warm_up()
+  return service
+
+
+@pytest.fixture(scope="module")
+def lm_service():
+  return _service("lm")
+
+
+@pytest.fixture(scope="module")
+def translation_service():
+  return _service("translation")
+
+
+def _while_running(service: serve.Service, work):
+  """work(client) awaited while the service's batching loop runs, with an HTTP client on the
+  service's app in the same event loop."""
+
+  async def main():
+    transport = httpx.ASGITransport(app=serve.app(service))
+    async with service.running():
+      async with httpx.AsyncClient(transport=transport, base_url="http://serve") as client:
+        return await work(client)
+
+  return asyncio.run(main())
+
+
+def _sample(service: serve.Service, name: str) -> float:
+  return service.metrics.registry.get_sample_value(name) or 0.0
+
+
+def test_sampling_settings_are_per_row_data_and_compile_nothing(lm_service):
+  async def work(client):
+    for i in range(12):
+      settings = {"temperature": 0.13 * i, "top_k": i % 5, "top_p": 0.5 + 0.04 * i, "seed": i}
+      body = {"prompt": "w1 w2", "max_tokens": 3, **settings}
+      response = await client.post("/v1/generate", json=body)
+      assert response.status_code == 200, response.text
+    return (await client.get("/v1/model")).json()
+
+  assert _while_running(lm_service, work)["compiles_after_startup"] == 0
+
+
+def test_beam_sizes_are_a_fixed_set_and_alpha_is_per_row_data(translation_service):
+  async def work(client):
+    for alpha in (0.0, 0.3, 0.61, 1.7, 2.0):
+      for beam in (1, 4):
+        body = {"text": "w1 w2", "alpha": alpha, "beam_size": beam}
+        assert (await client.post("/v1/translate", json=body)).status_code == 200
+    other = await client.post("/v1/translate", json={"text": "w1", "beam_size": 3})
+    return other, (await client.get("/v1/model")).json()
+
+  other, model = _while_running(translation_service, work)
+  assert other.status_code == 400, other.text
+  message = "beam_size=3 is not served; allowed values: 1, 4"
+  assert other.json()["error"] == {"message": message, "field": "beam_size"}
+  assert model["compiles_after_startup"] == 0 and model["beam_sizes"] == [1, 4]
+
+
+@pytest.mark.parametrize("task", ["translation", "lm"])
+def test_requests_with_different_settings_share_batches_and_decode_as_alone(task, request):
+  """Every request is queued before the loop wakes: 5 rows make ceil(5 / 2) batches of 2, 2, 1,
+  and each request's answer is the one it gets alone."""
+  service = request.getfixturevalue(f"{task}_service")
+  if task == "translation":
+    call = service.translate
+    bodies = [{"text": f"w{i} w{i + 1} w{i + 2}", "alpha": 0.5 * i} for i in range(5)]
+  else:
+    call = service.generate
+    sampling = [(0.0, 0, 1.0), (0.8, 0, 0.9), (1.5, 5, 1.0), (0.8, 3, 0.7), (0.0, 0, 1.0)]
+    bodies = [
+      {"prompt": f"w{i} w{2 * i}", "temperature": t, "top_k": k, "top_p": p, "seed": i}
+      for i, (t, k, p) in enumerate(sampling)
+    ]
+
+  async def together(client):
+    return await asyncio.gather(*(call(body) for body in bodies))
+
+  async def one_by_one(client):
+    return [await call(body) for body in bodies]
+
+  batches = _sample(service, "zerolm_batch_rows_count")
+  batched = _while_running(service, together)
+  assert _sample(service, "zerolm_batch_rows_count") - batches == math.ceil(len(bodies) / 2)
+  assert len(service.compiles_after_startup) == 0
+  assert batched == _while_running(service, one_by_one)
+
+
+def test_a_prompt_past_the_decode_width_gets_400_and_the_model_reports_the_limits(lm_service):
+  async def work(client):
+    too_long = await client.post("/v1/generate", json={"prompt": " ".join(["w1"] * 20)})
+    longest = await client.post("/v1/generate", json={"prompt": " ".join(["w1"] * 11)})
+    return too_long, longest, (await client.get("/v1/model")).json()
+
+  too_long, longest, model = _while_running(lm_service, work)
+  assert too_long.status_code == 400, too_long.text
+  message = "prompt too long (20 tokens, limit 11)"
+  assert too_long.json()["error"] == {"message": message, "field": "prompt"}
+  assert longest.status_code == 200 and len(longest.json()["tokens"]) == 1
+  limits = model["max_input_tokens"], model["max_output_tokens"], model["max_total_tokens"]
+  assert limits == (11, 11, 12)  # a 1-token prompt leaves 11 of the decode width's 12
+
+
+def test_streaming_decodes_each_token_once_not_the_whole_prefix(lm_service, monkeypatch):
+  real = lm_service.decoder.tokenizer
+  decoded = []  # the length of every decode call
+
+  class Counting:
+    vocab_size, encode = real.vocab_size, real.encode
+
+    def decode(self, ids):
+      decoded.append(len(ids))
+      return real.decode(ids)
+
+  monkeypatch.setattr(lm_service.decoder, "tokenizer", Counting())
+  body = {"prompt": "w1", "max_tokens": 11, "stream": True}
+
+  async def work(client):
+    return (await client.post("/v1/generate", json=body)).text
+
+  events = [e for e in _while_running(lm_service, work).split("\n\n") if e]
+  data = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+  tokens = [d["token"] for d in data]
+  assert len(tokens) >= 8 and events[-1].startswith("event: done")  # enough to tell O(n^2)
+  assert "".join(d["text"] for d in data) == real.decode(tokens)
+  # The whole text once for the answer, then about a piece and its context per token.
+  assert sum(decoded) <= 4 * len(tokens), decoded
+
+
+def test_streamed_pieces_add_up_to_the_text():
+  """Subword pieces (a word spelled by several), UNK and BOS (which show nothing), lone word
+  boundaries (which sentencepiece drops at a text's start) and EOS."""
+  texts = [" ".join(synthetic.DemoSource(400, 3)[i]) for i in range(400)]
+  tokenizer = tok.train(texts, 96, "bpe")
+  rng = np.random.RandomState(0)
+  for _ in range(300):
+    ids = [int(i) for i in rng.randint(1, tokenizer.vocab_size, size=rng.randint(1, 30))]
+    pieces = list(serve.text_pieces(tokenizer.decode, ids))
+    assert len(pieces) == len(ids) and "".join(pieces) == tokenizer.decode(ids), ids
+
+
+def test_lm_tokens_per_second_counts_generated_tokens_not_the_prompt(lm_service):
+  async def work(client):
+    body = {"prompt": "w1 w2 w3 w4 w5", "max_tokens": 4}
+    return (await client.post("/v1/generate", json=body)).json()
+
+  counted = _sample(lm_service, "zerolm_output_tokens_total")
+  result = _while_running(lm_service, work)
+  assert 1 <= len(result["tokens"]) <= 4
+  assert _sample(lm_service, "zerolm_output_tokens_total") - counted == len(result["tokens"])
+
+
+def test_a_body_over_serve_max_body_bytes_gets_413(lm_service, monkeypatch):
+  monkeypatch.setitem(lm_service.cfg, "max_body_bytes", 256)
+  big = json.dumps({"prompt": "w1 " * 100}).encode()
+
+  async def chunks():  # a body without a declared length
+    yield big[:200]
+    yield big[200:]
+
+  async def work(client):
+    declared = await client.post("/v1/generate", content=big)
+    chunked = await client.post("/v1/generate", content=chunks())
+    small = await client.post("/v1/generate", json={"prompt": "w1", "max_tokens": 1})
+    return declared, chunked, small
+
+  declared, chunked, small = _while_running(lm_service, work)
+  assert "content-length" not in chunked.request.headers
+  for response in (declared, chunked):
+    assert response.status_code == 413, response.text
+    error = '{"error":{"message":"the body is over serve.max_body_bytes=256 bytes"}}'
+    assert response.text == error
+  assert small.status_code == 200
+
+
+def test_healthz_answers_503_once_the_batching_loop_has_died(lm_service, monkeypatch):
+  async def broken():
+    raise RuntimeError("boom")
+
+  async def work(client):
+    await asyncio.sleep(0)  # the loop's first step: it dies
+    return await client.get("/healthz"), await client.post("/v1/generate", json={"prompt": "w1"})
+
+  monkeypatch.setattr(lm_service, "_batches", broken)
+  health, generate = _while_running(lm_service, work)
+  assert health.status_code == 503, health.text
+  died = "the batching loop died (RuntimeError: boom)"
+  assert health.json() == {"status": "failed", "error": died}
+  assert generate.status_code == 503 and generate.json()["error"]["message"] == died
 
 
 def _chromium() -> str | None:
