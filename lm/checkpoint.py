@@ -52,11 +52,19 @@ def _meta(cfg: ml_collections.ConfigDict, tokenizer: tok.Tokenizer) -> dict:
 
 def meta_config(meta: dict) -> ml_collections.ConfigDict:
   """The saved config over today's defaults: a checkpoint written before a field existed loads
-  with that field's default."""
+  with that field's default, and a field removed since (serve.max_beam) is dropped."""
   saved = meta["config"]
   cfg = lmc.lm_defaults() if saved.get("task") == "lm" else lmc.translation_defaults()
-  cfg.update(saved)
+  cfg.update(_known_fields(saved, cfg))
   return cfg
+
+
+def _known_fields(saved: dict, schema) -> dict:
+  return {
+    key: _known_fields(value, schema[key]) if isinstance(value, dict) else value
+    for key, value in saved.items()
+    if key in schema
+  }
 
 
 def meta_tokenizer(meta: dict) -> tok.Tokenizer:

@@ -139,7 +139,6 @@ def _base() -> ml_collections.ConfigDict:
       length_buckets=(),  # source widths compiled at start-up; () = decode.length_buckets
       max_input_tokens=0,  # longest accepted input; 0 = what the model takes (data.seq_len)
       max_items=64,  # texts in one request
-      max_beam=8,  # largest beam_size a request may ask for
       timeout_s=30.0,  # a request not answered by then gets 504
       max_queue=1024,  # rows waiting; past this a request gets 503 with Retry-After
       max_body_bytes=1 << 20,  # a larger request body gets 413, refused before it is read whole
@@ -330,7 +329,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     )
   if m.positions == "rotary" and (m.head_dim or m.d_model // m.num_heads) % 2:
     _fail("model.head_dim", "rotary positions need an even head dimension")
-  for field in ("max_batch", "max_items", "max_beam", "max_queue", "timeout_s"):
+  for field in ("max_batch", "max_items", "max_queue", "timeout_s", "max_body_bytes"):
     _check_positive(cfg, "serve." + field)
   for field in ("max_wait_ms", "max_input_tokens"):
     _check_positive(cfg, "serve." + field, allow_zero=True)

@@ -284,15 +284,15 @@ class Decoder:
 
   def __init__(
     self,
-    run: Layout,
+    layout: Layout,
     params: Any,
     tokenizer: Tokenizer,
     options: DecodeOptions,
     batch_size: int,
     row_buckets: bool = False,
   ):
-    self.run, self.params, self.tokenizer, self.options = run, params, tokenizer, options
-    rows_multiple = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+    self.layout, self.params, self.tokenizer, self.options = layout, params, tokenizer, options
+    rows_multiple = layout.mesh.shape["data"] * layout.mesh.shape["fsdp"]
     self.batch_size = -(-batch_size // rows_multiple) * rows_multiple
     # Row counts a batch is padded to: a few rows need not pay for a full batch (a server's
     # batches are as large as the traffic); powers of two times the mesh's batch divisor.
@@ -300,7 +300,7 @@ class Decoder:
     if row_buckets:
       counts |= {rows_multiple << i for i in range(self.batch_size.bit_length())}
     self.row_counts = tuple(sorted(c for c in counts if c <= self.batch_size))
-    self.src_len = run.cfg.data.seq_len
+    self.src_len = layout.cfg.data.seq_len
     self.buckets = source_buckets(self.src_len, options.length_buckets)
     self._jitted = {}
 
@@ -308,16 +308,16 @@ class Decoder:
   def from_workdir(cls, workdir: str, decode_cfg=None, devices=None, export=None) -> Decoder:
     """The workdir's latest checkpoint (or `export`) on a mesh over the devices; decode_cfg
     overrides the checkpoint's decode settings."""
-    run, params, tokenizer, _ = checkpoint.restore_for_inference(workdir, export, devices)
-    decode_cfg = decode_cfg if decode_cfg is not None else run.cfg.decode
+    layout, params, tokenizer, _ = checkpoint.restore_for_inference(workdir, export, devices)
+    decode_cfg = decode_cfg if decode_cfg is not None else layout.cfg.decode
     options = DecodeOptions.from_config(decode_cfg)
-    return cls(run, params, tokenizer, options, decode_cfg.batch_size)
+    return cls(layout, params, tokenizer, options, decode_cfg.batch_size)
 
   @property
   def shapes(self) -> list[tuple[int, int]]:
     """Every (input width, output length) a batch can have: one compiled program each."""
-    if self.run.cfg.task == "lm":
-      width = min(self.options.max_len, self.run.cfg.model.max_len)
+    if self.layout.cfg.task == "lm":
+      width = min(self.options.max_len, self.layout.cfg.model.max_len)
       return [(width, width)]
     return [(width, self._output_len(width)) for width in self.buckets]
 
@@ -325,21 +325,23 @@ class Decoder:
   def max_input_tokens(self) -> int:
     """The longest input, EOS aside: a source fits data.seq_len with its EOS; a prompt stays
     within what training saw and leaves room for one token in the decode width."""
-    if self.run.cfg.task == "lm":
+    if self.layout.cfg.task == "lm":
       return min(self.src_len - 2, self.shapes[0][1] - 1)
     return self.src_len - 1
 
   @property
   def max_output_tokens(self) -> int:
     """The most tokens an output can have (an LM's continuation of a one-token prompt)."""
-    return self.shapes[-1][1] - (self.run.cfg.task == "lm")
+    return self.shapes[-1][1] - (self.layout.cfg.task == "lm")
 
   def _output_len(self, source_len: int) -> int:
-    o = self.options
-    return int(min(o.max_len, np.ceil(o.max_len_a * source_len + o.max_len_b)))
+    o, m = self.options, self.layout.cfg.model
+    # Learned positions end at model.max_len: a longer output would look up past the table.
+    cap = min(o.max_len, m.max_len) if m.positions == "learned" else o.max_len
+    return int(min(cap, np.ceil(o.max_len_a * source_len + o.max_len_b)))
 
   def _shape(self, source_lengths: list[int]) -> tuple[int, int]:
-    if self.run.cfg.task == "lm":
+    if self.layout.cfg.task == "lm":
       return self.shapes[0]
     longest = max(source_lengths, default=1)
     width = next(b for b in self.buckets if b >= longest)
@@ -350,9 +352,9 @@ class Decoder:
       # Outputs come back replicated so that every process can read them whole.
       self._jitted[max_len, beam] = jax.jit(
         functools.partial(
-          _decode_batch, self.run, self.options, max_len, beam, self.tokenizer.vocab_size
+          _decode_batch, self.layout, self.options, max_len, beam, self.tokenizer.vocab_size
         ),
-        out_shardings=self.run.shardings.replicated,
+        out_shardings=self.layout.shardings.replicated,
       )
     return self._jitted[max_len, beam]
 
@@ -362,7 +364,7 @@ class Decoder:
     if len(ids) > limit:
       warn(f"warning: input of {len(ids)} tokens truncated to {limit}: {line[:40]!r}...")
       ids = ids[:limit]
-    return ids + [EOS_ID] if self.run.cfg.task == "translation" else ids
+    return ids + [EOS_ID] if self.layout.cfg.task == "translation" else ids
 
   def decode_ids(
     self,
@@ -387,7 +389,7 @@ class Decoder:
     several processes every process passes the same rows (as a server broadcasts its
     requests) and gets every output."""
     rows = len(batch_ids)
-    limit = self.max_input_tokens + (self.run.cfg.task == "translation")  # with EOS
+    limit = self.max_input_tokens + (self.layout.cfg.task == "translation")  # with EOS
     for r, ids in enumerate(batch_ids):
       if len(ids) > limit:
         raise ValueError(f"row {r} has {len(ids)} tokens; an input has at most {limit}")
@@ -407,11 +409,11 @@ class Decoder:
       alpha=(alphas, o.alpha, 0.0),
     )
     per_row = {name: _column(*setting, rows, padded) for name, setting in settings.items()}
-    beam = 1 if self.run.cfg.task == "lm" else beam_size or self.options.beam_size
-    with jax.set_mesh(self.run.mesh):
+    beam = 1 if self.layout.cfg.task == "lm" else beam_size or self.options.beam_size
+    with jax.set_mesh(self.layout.mesh):
       array, per_row = jax.tree.map(
         lambda x: jax.make_array_from_callback(
-          x.shape, self.run.shardings.batch, lambda i, x=x: x[i]
+          x.shape, self.layout.shardings.batch, lambda i, x=x: x[i]
         ),
         (tokens, per_row),
       )
@@ -437,7 +439,7 @@ class Decoder:
       seeds = [self.options.seed + i for i, _ in chunk]
       tokens = self.decode_ids([ids for _, ids in chunk], seeds=seeds)
       for (i, ids), row in zip(chunk, tokens):
-        if self.run.cfg.task == "lm":  # a continuation: what follows the prompt
+        if self.layout.cfg.task == "lm":  # a continuation: what follows the prompt
           row = row[len(ids) :]
         outputs[i] = self.tokenizer.decode(row)
       if progress:
@@ -453,7 +455,7 @@ def _column(given: list | None, default, pad, rows: int, padded: int) -> np.ndar
 
 
 def _decode_batch(
-  run: Layout,
+  layout: Layout,
   options: DecodeOptions,
   max_len: int,
   beam: int,
@@ -462,11 +464,11 @@ def _decode_batch(
   tokens: jax.Array,
   per_row: dict[str, jax.Array],
 ) -> jax.Array:
-  model = nnx.merge(run.graphdef, params)
+  model = nnx.merge(layout.graphdef, params)
   batch = tokens.shape[0]
   lengths = (tokens > 0).sum(-1)
   caps = per_row["cap"]
-  if run.cfg.task == "translation":
+  if layout.cfg.task == "translation":
     cache = model.init_cache(tokens, max_len)
     limits = jnp.ceil(options.max_len_a * lengths + options.max_len_b).astype(jnp.int32)
     limits = jnp.clip(jnp.where(caps > 0, jnp.minimum(limits, caps), limits), 1, max_len)

@@ -119,11 +119,11 @@ class Service:
 
   def __init__(self, decoder: Decoder, step: int, serve_cfg, log=print):
     self.step, self.cfg, self.log = step, serve_cfg, log
-    self.task = decoder.run.cfg.task
+    self.task = decoder.layout.cfg.task
     self.max_batch = serve_cfg.max_batch
     d = decoder  # the model, tokenizer and default settings, batched up to max_batch rows
     self.decoder = Decoder(
-      d.run, d.params, d.tokenizer, d.options, self.max_batch, row_buckets=True
+      d.layout, d.params, d.tokenizer, d.options, self.max_batch, row_buckets=True
     )
     beam = d.options.beam_size if self.task == "translation" else 1
     self.beam_sizes = tuple(sorted({1, beam}))  # compiled at start-up; no other is served
@@ -324,7 +324,7 @@ class Service:
       RowSettings.of(default),
       seed=_integer(body, "seed", default.seed, 0, 2**31 - 1),
       temperature=_number(body, "temperature", default.temperature, 0.0, 5.0),
-      top_k=_integer(body, "top_k", default.top_k, 0, self.decoder.run.vocab_limit),
+      top_k=_integer(body, "top_k", default.top_k, 0, self.decoder.layout.vocab_limit),
       top_p=_number(body, "top_p", default.top_p, 1e-6, 1.0),
     )
     cap = _integer(body, "max_tokens", room, 1, room)
@@ -337,8 +337,8 @@ class Service:
     return {"text": text, "tokens": tokens, "model_step": self.step}, stream
 
   def model_info(self) -> dict:
-    run = self.decoder.run
-    m = run.cfg.model
+    layout = self.decoder.layout
+    m = layout.cfg.model
     return {
       "task": self.task,
       "model": {
@@ -351,8 +351,8 @@ class Service:
       },
       "vocab_size": self.decoder.tokenizer.vocab_size,
       "model_step": self.step,
-      "mesh": dict(run.mesh.shape),
-      "zero_stage": run.cfg.zero_stage,
+      "mesh": dict(layout.mesh.shape),
+      "zero_stage": layout.cfg.zero_stage,
       "max_batch": self.max_batch,
       "max_input_tokens": self.max_input_tokens,
       "max_output_tokens": self.decoder.max_output_tokens,

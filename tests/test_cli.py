@@ -4,6 +4,7 @@ import concurrent.futures
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -109,13 +110,65 @@ def test_bad_command_lines_end_in_one_line(tmp_path):
   assert not failures, "\n\n".join(failures)
 
 
-@pytest.mark.parametrize("module", ["demo", "demo_adapt", "speed", "wmt_ende", "lm1b", "gpt2"])
-def test_every_experiment_module_gives_a_valid_config(module):
-  from lm import config as lmc
+EXPERIMENTS = [
+  ("demo", "default"),
+  ("demo", "tiny"),
+  ("demo_adapt", "lora"),
+  ("speed", "default"),
+  ("wmt_ende", "base"),
+  ("wmt_ende", "big"),
+  ("lm1b", None),
+  ("gpt2", "small"),
+  ("gpt2", "medium"),
+]
 
-  cfg = __import__(f"experiments.{module}", fromlist=["get_config"]).get_config()
+
+@pytest.mark.parametrize("module,variant", EXPERIMENTS)
+def test_every_experiment_lays_out_and_its_decoder_takes_every_input_it_accepts(module, variant):
+  """Each experiment's layout (abstract: eval_shape, no compile) on 8 devices, and its decoder's
+  limits and programs traced at every shape it compiles."""
+  import functools
+
+  import jax
+  import numpy as np
+
+  from lm import config as lmc
+  from lm import decode
+  from lm.layout import Layout
+
+  get_config = __import__(f"experiments.{module}", fromlist=["get_config"]).get_config
+  cfg = get_config(variant) if variant else get_config()
   lmc.validate(cfg)
   assert cfg.data.source
+  cfg.mesh.update(data=1, fsdp=-1, tensor=1, dcn_data=1)  # its own mesh may be a pod's
+  layout = Layout.build(cfg)
+  options = decode.DecodeOptions.from_config(cfg.decode)
+  vocab = types.SimpleNamespace(vocab_size=layout.vocab_limit)
+  decoder = decode.Decoder(layout, None, vocab, options, cfg.decode.batch_size)
+  m = cfg.model
+  widths = [width for width, _ in decoder.shapes]
+  if cfg.task == "lm":  # a prompt of the longest accepted length still has room to generate
+    assert 1 <= decoder.max_input_tokens < widths[0] <= m.max_len
+    assert decoder.max_input_tokens <= cfg.data.seq_len - 2
+  else:  # the longest source, with its EOS, fits the widest bucket
+    assert decoder.max_input_tokens + 1 <= max(widths) == cfg.data.seq_len
+  if m.positions == "learned":
+    assert all(out <= m.max_len for _, out in decoder.shapes), decoder.shapes
+  rows = decoder.row_counts[0]
+  per_row = {
+    name: jax.ShapeDtypeStruct((rows,), np.float32 if name in FLOAT_SETTINGS else np.int32)
+    for name in ("cap", "seed", "temperature", "top_k", "top_p", "alpha")
+  }
+  for width, out in decoder.shapes[-1:]:  # the largest program: traced, not compiled
+    program = functools.partial(
+      decode._decode_batch, layout, options, out, options.beam_size, layout.vocab_limit
+    )
+    tokens = jax.ShapeDtypeStruct((rows, width), np.int32)
+    result = jax.eval_shape(program, layout.abstract_params, tokens, per_row)
+    assert result.shape == (rows, out)
+
+
+FLOAT_SETTINGS = ("temperature", "top_p", "alpha")
 
 
 def test_the_flax_comparison_names_a_missing_example_in_one_line(tmp_path):

@@ -348,3 +348,17 @@ def test_periodic_evaluation_compiles_once_per_run(tmp_path, monkeypatch):
   assert "bleu" in results and len(per_evaluation) == 3  # steps 10, 20 and the final one
   assert per_evaluation[0] >= 2  # the loss step and at least one decoder shape
   assert per_evaluation[1:] == [0, 0], per_evaluation
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_translation_with_learned_positions_never_decodes_past_the_position_table(beam):
+  """model.max_len 20 learned positions, sources up to 16 tokens: the length rule (1.5 x 16 +
+  10 = 34) would ask for positions 20..33, which the table does not have."""
+  cfg = tiny_config("translation", positions="learned", max_len=20)
+  run = Layout.build(cfg, devices=jax.devices()[:1])
+  options = decode.DecodeOptions(beam_size=beam, max_len=256, max_len_a=1.5, max_len_b=10)
+  decoder = decode.Decoder(run, run.init_params(), _Ids(), options, batch_size=4)
+  assert max(out for _, out in decoder.shapes) == 20
+  sources = [[7] * 15 + [EOS_ID], [9, 8, EOS_ID]]
+  out = decoder.decode_ids(sources)
+  assert out.shape[1] <= 20 and ((out >= 0) & (out < 60)).all()
