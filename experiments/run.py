@@ -25,8 +25,9 @@ _MODE = flags.DEFINE_enum(
   ["train", "eval", "decode", "export", "serve"],
   "train (resumes from WORKDIR's latest checkpoint) | eval (its held-out metrics and BLEU to "
   "WORKDIR/eval.json) | decode (--input lines to --output lines) | export (its parameters to "
-  "--output) | serve (an HTTP API and web page on --host:--port; with --config, its serve, "
-  "decode, mesh and zero_stage settings apply).",
+  "--output) | serve (an HTTP API and web page on --host:--port). With --config, eval, "
+  "decode and serve take its mesh, zero_stage, decode, eval and serve settings (and the "
+  "eval source and batch sizes it overrides); the model comes from the checkpoint.",
 )
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "serve: the address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "serve: the port to listen on.")
@@ -199,6 +200,17 @@ def _fail(message: str):
   sys.exit(2)
 
 
+# Modules of experiments/ that are tools, not experiments (no get_config).
+NOT_EXPERIMENTS = (
+  "__init__.py",
+  "run.py",
+  "bench.py",
+  "bench_line_source.py",
+  "compare_flax_wmt.py",
+  "loadtest.py",
+)
+
+
 def check_config_module(argv) -> None:
   """A --config module that does not exist: one line listing those that do."""
   values = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
@@ -210,7 +222,7 @@ def check_config_module(argv) -> None:
       modules = sorted(
         f"experiments/{name}"
         for name in os.listdir(here)
-        if name.endswith(".py") and name not in ("__init__.py", "run.py", "bench.py")
+        if name.endswith(".py") and name not in NOT_EXPERIMENTS
       )
       _fail(f"--config: {path!r} does not exist; experiment modules: {', '.join(modules)}")
 

@@ -129,7 +129,7 @@ case $command in
       done
       on_all_workers "rm -rf $remote_dir && mkdir $remote_dir && tar -xzf zerolm.tar.gz -C $remote_dir"
     fi
-    on_all_workers "cd $remote_dir && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt 'jax[tpu]' && .venv/bin/pip install -q -e '.[gcs]'"
+    on_all_workers "cd $remote_dir && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt 'jax[tpu]' && .venv/bin/pip install -q --no-deps -e . && .venv/bin/pip install -q gcsfs google-cloud-storage"
     ;;
   run)
     [[ ${#job_args[@]} -gt 0 ]] || die "run: give the job's flags after --, e.g. -- --config=experiments/demo.py --workdir=gs://BUCKET/demo"

@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -189,6 +190,8 @@ class Checkpointer:
       for attempt in range(1, RESTORE_ATTEMPTS + 1):
         try:
           result, failure, error = restore_step(step), _OK, None
+        except PROGRAM_ERRORS:  # a bad config or a bug, not the checkpoint: nothing to retry
+          raise
         except Exception as e:  # TensorStore, orbax and JSON raise many kinds for damaged files
           result, failure, error = None, _failure_kind(e), e
         if error is not None:
@@ -246,15 +249,23 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if iterator is not None:
       items["data"] = _DataRestore(_IteratorItem(iterator))
-    state = self.manager.restore(step, args=ocp.args.Composite(**items)).state
+    state = _read_on_every_process(
+      lambda: self.manager.restore(step, args=ocp.args.Composite(**items)).state
+    )
     self._check_fingerprints(step, fingerprints(state))
     return state
 
-  def _check_structure(self, step: int, abstract_state) -> None:
-    """StateMismatch when the saved train state has other arrays or shapes than the target."""
+  def _check_structure(self, step: int, target, partial: bool = False) -> None:
+    """StateMismatch when the saved train state has other arrays or shapes than the target
+    (`partial`: than the target's top-level entries)."""
     handler = ocp.PyTreeCheckpointHandler()
-    saved = _leaf_shapes(handler.metadata(self.path(step) / "state").tree)
-    wanted = _leaf_shapes(abstract_state)
+    try:
+      saved = _leaf_shapes(handler.metadata(self.path(step) / "state").tree)
+    finally:
+      handler.close()
+    wanted = _leaf_shapes(target)
+    if partial:
+      saved = {path: shape for path, shape in saved.items() if path[0] in target}
     if saved != wanted:
       differing = sorted(set(saved.items()) ^ set(wanted.items()))
       raise StateMismatch("/".join(differing[0][0]))
@@ -263,15 +274,20 @@ class Checkpointer:
     """The parameters alone at `step`, laid out as `layout` says: orbax's partial restore
     reads no optimizer state and no local-SGD replicas (what inference needs)."""
     target = {"params": layout.placed_params()}
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
-      restored = reader.restore(
-        self.path(step) / "state",
-        args=ocp.args.PyTreeRestore(
-          item=target,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True,
-        ),
-      )
+    self._check_structure(step, target, partial=True)
+
+    def read():
+      with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+        return reader.restore(
+          self.path(step) / "state",
+          args=ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+          ),
+        )
+
+    restored = _read_on_every_process(read)
     # The train state's fingerprints name its fields as attributes: ".params[...]".
     found = {"." + path[2:].replace("']", "", 1): v for path, v in fingerprints(restored).items()}
     self._check_fingerprints(step, found)
@@ -309,8 +325,10 @@ class StateMismatch(Exception):
   def describe(self, cfg, saved_cfg, path: str) -> str:
     """One line naming the config field that made the difference."""
     ours, theirs = _flat(cfg) if cfg is not None else {}, _flat(saved_cfg)
-    fields = [f for f in ours if ours[f] != theirs.get(f) and f.startswith(STATE_FIELDS)]
-    fields.sort(key=lambda f: next(i for i, p in enumerate(STATE_FIELDS) if f.startswith(p)))
+    candidates = STATE_FIELDS
+    if ours.get("train.sync_every") and theirs.get("train.sync_every"):
+      candidates += ("mesh.data", "mesh.dcn_data")  # the replicas' leading axis
+    fields = [f for f in candidates if f in ours and ours[f] != theirs.get(f)]
     if not fields:
       return (
         f"--workdir: checkpoint {path} holds another train state than this config builds "
@@ -328,21 +346,31 @@ class StateMismatch(Exception):
 # Config fields that change the train state's structure, most likely culprit first.
 STATE_FIELDS = (
   "optim.name",
+  "optim.clip_norm",  # 0 drops the clipping transform's (empty) state from the chain
   "train.trainable",
-  "model.lora",
-  "model.adapter",
+  "model.lora_rank",
+  "model.lora_targets",
+  "model.adapter_dim",
   "train.sync_every",
   "train.outer_optimizer",
-  "mesh.data",
-  "mesh.dcn_data",
-  "optim.",
-  "model.",
+  "model.quantize",
+  *(f"model.{field}" for field in lmc.SHAPE_FIELDS),
 )
+# Not the checkpoint's fault: a bad config, or a bug. Raised at once, never retried.
+PROGRAM_ERRORS = (lmc.ConfigError, TypeError, AttributeError, NameError, AssertionError)
 RESTORE_ATTEMPTS = 3
 RETRY_SECONDS = 2.0  # times the attempt number
 _OK, _TRANSIENT, _DAMAGE, _MISMATCH = 0, 1, 2, 3  # ordered: the worst on any process wins
 # TensorStore's status codes: what a damaged file gives, and what an unavailable store gives.
-_DAMAGE_CODES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "FAILED_PRECONDITION")
+_DAMAGE_CODES = (
+  "DATA_LOSS",
+  "NOT_FOUND",
+  "OUT_OF_RANGE",
+  "FAILED_PRECONDITION",
+  "INVALID_ARGUMENT",  # a chunk that does not decode
+  "Error decoding",
+  "Unexpected end",
+)
 _TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED")
 
 
@@ -359,10 +387,34 @@ def _failure_kind(error: Exception) -> int:
     code in text for code in _TRANSIENT_CODES
   ):
     return _TRANSIENT
-  damage_types = (DamagedCheckpoint, FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError)
+  damage_types = (
+    DamagedCheckpoint,
+    FileNotFoundError,
+    EOFError,
+    zlib.error,
+    json.JSONDecodeError,
+    UnicodeDecodeError,
+  )
   if any(isinstance(e, damage_types) for e in chain) or any(c in text for c in _DAMAGE_CODES):
     return _DAMAGE
   return _TRANSIENT
+
+
+class _FailedElsewhere(Exception):
+  """Another process's read of this step failed."""
+
+
+def _read_on_every_process(read: Callable[[], Any]) -> Any:
+  """read(), agreed on by every process before anything collective (the fingerprints) runs:
+  a process whose read failed raises its error, the others _FailedElsewhere, so that all meet
+  in restore_newest's agreement instead of one waiting in a collective the other never joins."""
+  try:
+    result, error = read(), None
+  except Exception as e:
+    result, error = None, e
+  if _on_every_process(error is None):
+    return result
+  raise error if error is not None else _FailedElsewhere("failed on another process")
 
 
 def _worst_on_any_process(kind: int) -> int:
@@ -501,34 +553,34 @@ def load_export(directory: str, abstract_params) -> Any:
   return restored.params
 
 
-def _inference_config(meta: dict, layout, settings: dict | None) -> ml_collections.ConfigDict:
-  """The saved config on `layout`'s mesh and ZeRO stage, or (None) fsdp over every device;
+def _inference_config(meta: dict, mesh_cfg, settings: dict | None) -> ml_collections.ConfigDict:
+  """The saved config on `mesh_cfg`'s mesh and ZeRO stage, or (None) fsdp over every device;
   then `settings` ({field: value}, from lmc.inference_settings) over it."""
   cfg = meta_config(meta)
-  if layout is None:
+  if mesh_cfg is None:
     cfg.mesh.update(data=1, fsdp=-1, tensor=1, dcn_data=1)
   else:
-    cfg.mesh.update(layout.mesh.to_dict())
-    cfg.zero_stage = layout.zero_stage
+    cfg.mesh.update(mesh_cfg.mesh.to_dict())
+    cfg.zero_stage = mesh_cfg.zero_stage
   if settings:
     cfg.update_from_flattened_dict(settings)
   return cfg
 
 
 def restore_latest(
-  workdir: str, devices=None, layout=None, settings: dict | None = None
+  workdir: str, devices=None, mesh_cfg=None, settings: dict | None = None
 ) -> tuple[Layout, Any, tok.Tokenizer, int]:
   """(layout, params, tokenizer, step) of the workdir's latest checkpoint, for inference: the
   parameters alone are read.
 
   The model comes from the checkpoint's own config; the mesh fills the given devices, as fsdp
-  or as `layout` (a config) says; `settings` are a mode's own fields over it.
+  or as `mesh_cfg` (a config) says; `settings` are a mode's own fields over it.
   """
   checkpoints = Checkpointer(workdir)
 
   def read(step):
     meta = checkpoints.meta(step)
-    cfg, tokenizer = _inference_config(meta, layout, settings), meta_tokenizer(meta)
+    cfg, tokenizer = _inference_config(meta, mesh_cfg, settings), meta_tokenizer(meta)
     built = Layout.build(cfg, devices, tokenizer_size=tokenizer.vocab_size)
     return built, checkpoints.restore_params(step, built), tokenizer
 
@@ -561,21 +613,21 @@ def source_meta(path: str, field: str = "train.init_from") -> dict:
 
 
 def restore_for_inference(
-  workdir: str, export: str | None = None, devices=None, layout=None, settings=None
+  workdir: str, export: str | None = None, devices=None, mesh_cfg=None, settings=None
 ) -> tuple[Layout, Any, tok.Tokenizer, int]:
   """An export if one is named, else the workdir's latest checkpoint (see restore_latest)."""
   if export:
-    return restore_export(export, devices, layout, settings)
-  return restore_latest(workdir, devices, layout, settings)
+    return restore_export(export, devices, mesh_cfg, settings)
+  return restore_latest(workdir, devices, mesh_cfg, settings)
 
 
 def restore_model(
-  path: str, layout, field: str, devices=None
+  path: str, mesh_cfg, field: str, devices=None
 ) -> tuple[Layout, Any, tok.Tokenizer, int]:
   """(layout, params, tokenizer, step) of an export or a workdir's latest checkpoint (the model
-  named by config field `field`), laid out on `layout`'s mesh and ZeRO stage."""
+  named by config field `field`), laid out on `mesh_cfg`'s mesh and ZeRO stage."""
   source_meta(path, field)  # a clear error for a path that holds no model
-  return restore_for_inference(path, path if _is_export(path) else None, devices, layout)
+  return restore_for_inference(path, path if _is_export(path) else None, devices, mesh_cfg)
 
 
 def _is_export(path: str) -> bool:
@@ -606,12 +658,12 @@ def export(workdir: str, output: str, dtype: str = "float32", merge_lora: bool =
 
 
 def restore_export(
-  directory: str, devices=None, layout=None, settings=None
+  directory: str, devices=None, mesh_cfg=None, settings=None
 ) -> tuple[Layout, Any, tok.Tokenizer, int]:
   """(layout, params, tokenizer, step) of an export, laid out as restore_latest does."""
   if not _is_export(directory):
     raise lmc.ConfigError(f"--export: {directory!r} is not an export (no meta/metadata)")
   meta = load_meta(directory)
-  cfg, tokenizer = _inference_config(meta, layout, settings), meta_tokenizer(meta)
+  cfg, tokenizer = _inference_config(meta, mesh_cfg, settings), meta_tokenizer(meta)
   built = Layout.build(cfg, devices, tokenizer_size=tokenizer.vocab_size)
   return built, load_export(directory, built.placed_params()), tokenizer, meta.get("step", 0)

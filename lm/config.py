@@ -270,7 +270,7 @@ def inference_settings(cfg, overridden, mode: str) -> dict:
         f"checkpoint; it applies only {', '.join(s + '.*' for s in INFERENCE_SECTIONS[2:])}, "
         f"mesh.*, zero_stage, {', '.join(INFERENCE_FIELDS)}"
       )
-  validate(cfg)
+  validate(cfg, training=False)
   settings = {"zero_stage": cfg.zero_stage}
   for section in ("mesh", "decode", "eval", "serve"):
     settings.update({f"{section}.{k}": v for k, v in cfg[section].items()})
@@ -309,8 +309,10 @@ def _check_known_keys(cfg, schema, prefix: str = ""):
       _check_known_keys(cfg[key], schema[key], prefix + key + ".")
 
 
-def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError on the first bad value. Device-dependent checks live in mesh.py."""
+def validate(cfg: ml_collections.ConfigDict, training: bool = True) -> None:
+  """Raises ConfigError on the first bad value. Device-dependent checks live in mesh.py.
+  `training=False`: only what the model, its data, decoding and serving need (a checkpoint's
+  saved config, read by eval, decode, export and serve, is not held to training's rules)."""
   _check_known_keys(cfg, _base())
   _check_choice(cfg, "task", TASKS)
   _check_choice(cfg, "zero_stage", (0, 1, 2, 3))
@@ -348,14 +350,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       re.compile(_lookup(cfg, field))
     except re.error as e:
       _fail(field, f"{_lookup(cfg, field)!r} is not a regular expression ({e})")
-  if not 0.0 <= cfg.train.distill_weight <= 1.0:
-    _fail("train.distill_weight", f"{cfg.train.distill_weight!r} must lie in [0, 1]")
-  _check_positive(cfg, "train.distill_temperature")
-  if cfg.train.teacher and cfg.train.sync_every:
-    _fail("train.sync_every", "local SGD does not run a teacher; set it to 0 to distill")
-  adapting = cfg.train.trainable or m.lora_rank or m.adapter_dim
-  if adapting and cfg.train.sync_every:
-    _fail("train.sync_every", "local SGD trains every parameter; set it to 0 to freeze some")
   for field in ("dropout_rate", "label_smoothing"):
     value = m[field]
     if not 0.0 <= value < 1.0:
@@ -367,17 +361,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if [cfg.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) > 1:
     _fail("mesh", "at most one of data, fsdp, tensor may be -1")
   _check_positive(cfg, "mesh.dcn_data")
-  for field in ("total_steps", "global_batch_size", "microbatches", "log_every"):
+  for field in ("global_batch_size", "microbatches"):
     _check_positive(cfg, "train." + field)
   for field in ("every", "examples"):
     _check_positive(cfg, "eval." + field, allow_zero=True)
-  _check_choice(cfg, "train.on_nan", ("skip", "halt"))
   _check_choice(cfg, "train.grad_reduce_dtype", ("float32", "bfloat16"))
-  _check_positive(cfg, "train.sync_every", allow_zero=True)
-  _check_choice(cfg, "train.outer_optimizer", ("average", "nesterov"))
-  _check_positive(cfg, "train.outer_lr")
-  if not 0.0 <= cfg.train.outer_momentum < 1.0:
-    _fail("train.outer_momentum", f"{cfg.train.outer_momentum!r} must lie in [0, 1)")
   for field in ("beam_size", "max_len", "batch_size"):
     _check_positive(cfg, "decode." + field)
   for field in ("alpha", "max_len_a", "max_len_b", "temperature", "top_k"):
@@ -387,18 +375,52 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _fail("decode.length_buckets", f"{buckets!r} must be increasing positive integers")
   if not 0.0 < cfg.decode.top_p <= 1.0:
     _fail("decode.top_p", f"{cfg.decode.top_p!r} must lie in (0, 1]")
-  _check_positive(cfg, "checkpoint.every", allow_zero=True)
-  _check_positive(cfg, "checkpoint.keep")
-  _check_choice(cfg, "checkpoint.best_metric", ("", *EVAL_METRICS))
-  _check_choice(cfg, "checkpoint.on_corrupt", ("fallback", "fail"))
-  if cfg.checkpoint.best_metric and not cfg.eval.every:
-    _fail("checkpoint.best_metric", "needs periodic evaluation; set eval.every")
   if cfg.train.global_batch_size % cfg.train.microbatches:
     _fail(
       "train.global_batch_size",
       f"{cfg.train.global_batch_size} is not divisible by "
       f"train.microbatches={cfg.train.microbatches}",
     )
+  for field in ("seq_len", "eval_examples", "tokenizer_sample"):
+    _check_positive(cfg, "data." + field)
+  _check_positive(cfg, "data.prefetch", allow_zero=True)
+  _check_positive(cfg, "data.workers", allow_zero=True)
+  _check_choice(cfg, "data.too_long", ("truncate", "drop", "split"))
+  if cfg.data.too_long == "split" and cfg.task != "lm":
+    _fail("data.too_long", "'split' cuts LM documents; for translation use truncate or drop")
+  _check_choice(cfg, "data.spm_model_type", ("unigram", "bpe", "word", "char"))
+  if m.positions == "learned" and cfg.data.seq_len > m.max_len:
+    _fail("data.seq_len", f"{cfg.data.seq_len} exceeds model.max_len={m.max_len}")
+  if not cfg.data.source:
+    _fail("data.source", "empty; name a source such as 'synthetic:demo'")
+  if training:
+    _validate_training(cfg)
+
+
+def _validate_training(cfg: ml_collections.ConfigDict) -> None:
+  m = cfg.model
+  for field in ("total_steps", "log_every"):
+    _check_positive(cfg, "train." + field)
+  _check_choice(cfg, "train.on_nan", ("skip", "halt"))
+  _check_positive(cfg, "train.sync_every", allow_zero=True)
+  _check_choice(cfg, "train.outer_optimizer", ("average", "nesterov"))
+  _check_positive(cfg, "train.outer_lr")
+  if not 0.0 <= cfg.train.outer_momentum < 1.0:
+    _fail("train.outer_momentum", f"{cfg.train.outer_momentum!r} must lie in [0, 1)")
+  if not 0.0 <= cfg.train.distill_weight <= 1.0:
+    _fail("train.distill_weight", f"{cfg.train.distill_weight!r} must lie in [0, 1]")
+  _check_positive(cfg, "train.distill_temperature")
+  if cfg.train.teacher and cfg.train.sync_every:
+    _fail("train.sync_every", "local SGD does not run a teacher; set it to 0 to distill")
+  adapting = cfg.train.trainable or m.lora_rank or m.adapter_dim
+  if adapting and cfg.train.sync_every:
+    _fail("train.sync_every", "local SGD trains every parameter; set it to 0 to freeze some")
+  _check_positive(cfg, "checkpoint.every", allow_zero=True)
+  _check_positive(cfg, "checkpoint.keep")
+  _check_choice(cfg, "checkpoint.best_metric", ("", *EVAL_METRICS))
+  _check_choice(cfg, "checkpoint.on_corrupt", ("fallback", "fail"))
+  if cfg.checkpoint.best_metric and not cfg.eval.every:
+    _fail("checkpoint.best_metric", "needs periodic evaluation; set eval.every")
   _check_choice(cfg, "optim.name", OPTIMIZERS)
   _check_choice(cfg, "optim.schedule", SCHEDULES)
   _check_positive(cfg, "optim.learning_rate")
@@ -413,15 +435,3 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for field in ("b1", "b2", "momentum"):
     if not 0.0 <= cfg.optim[field] < 1.0:
       _fail("optim." + field, f"{cfg.optim[field]!r} must lie in [0, 1)")
-  for field in ("seq_len", "eval_examples", "tokenizer_sample"):
-    _check_positive(cfg, "data." + field)
-  _check_positive(cfg, "data.prefetch", allow_zero=True)
-  _check_positive(cfg, "data.workers", allow_zero=True)
-  _check_choice(cfg, "data.too_long", ("truncate", "drop", "split"))
-  if cfg.data.too_long == "split" and cfg.task != "lm":
-    _fail("data.too_long", "'split' cuts LM documents; for translation use truncate or drop")
-  _check_choice(cfg, "data.spm_model_type", ("unigram", "bpe", "word", "char"))
-  if m.positions == "learned" and cfg.data.seq_len > m.max_len:
-    _fail("data.seq_len", f"{cfg.data.seq_len} exceeds model.max_len={m.max_len}")
-  if not cfg.data.source:
-    _fail("data.source", "empty; name a source such as 'synthetic:demo'")

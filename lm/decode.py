@@ -386,8 +386,8 @@ class Decoder:
     (beam search's length penalty). All are data: any values share one compiled program, and
     a row's output depends on neither the rows beside it nor its place in the batch.
     `beam_size` (translation; default the options') is the one setting compiled for. Under
-    several processes every process passes the same rows (as a server broadcasts its
-    requests) and gets every output."""
+    several processes every process passes the same rows (as --mode=decode does: each process
+    reads the whole input) and gets every output."""
     rows = len(batch_ids)
     limit = self.max_input_tokens + (self.layout.cfg.task == "translation")  # with EOS
     for r, ids in enumerate(batch_ids):

@@ -42,9 +42,9 @@ class Evaluator:
     options = DecodeOptions.from_config(layout.cfg.decode)
     self.decoder = Decoder(layout, None, data.tokenizer, options, layout.cfg.decode.batch_size)
     # Rows per evaluation batch: training's microbatch, so that evaluation's peak memory is
-    # never above training's.
-    train = layout.cfg.train
-    self.rows = train.global_batch_size // train.microbatches
+    # never above training's; rounded up to fill every batch shard (padding rows count nothing).
+    train, shards = layout.cfg.train, layout.mesh.shape["data"] * layout.mesh.shape["fsdp"]
+    self.rows = -(-train.global_batch_size // train.microbatches // shards) * shards
 
   def teacher_forced(self, params: Any) -> dict:
     """NLL, perplexity and accuracy over every held-out row (last batch padded, none dropped)."""

@@ -28,11 +28,6 @@ def reduction_plan(layout: Layout, local_sgd: bool = False):
   )
 
 
-def per_replica(shardings):
-  """Local SGD: a layout with a leading [data] axis, one copy per data replica."""
-  return jax.tree.map(lambda s: jax.sharding.NamedSharding(s.mesh, P("data", *s.spec)), shardings)
-
-
 def summed_grads(
   layout: Layout,
   trainable: dict,

@@ -43,7 +43,7 @@ class Layout:
     """Compiles nothing. The embedding has max(model.vocab_size, tokenizer_size) rows padded
     for the mesh; only the tokenizer's ids (model.vocab_size without one) can be targets or
     outputs."""
-    lmc.validate(cfg)
+    lmc.validate(cfg, training=False)
     mesh = lm_mesh.make_mesh(cfg.mesh, devices)
     lm_mesh.check_divisibility(cfg, mesh)
     vocab_limit = tokenizer_size or cfg.model.vocab_size

@@ -15,8 +15,15 @@ import jax.numpy as jnp
 import optax
 
 from lm import optim
-from lm.grads import per_replica
 from lm.layout import Layout
+
+
+def per_replica(shardings):
+  """Local SGD: a layout with a leading [data] axis, one copy per data replica."""
+  return jax.tree.map(
+    lambda s: jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec("data", *s.spec)),
+    shardings,
+  )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,6 @@ import optax
 from lm.trees import decay_mask
 
 
-# Parameters named so are norms' scales and biases: no weight decay on them.
 def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """constant; rsqrt (Transformer: linear warmup, then peak * sqrt(warmup / step));
   cosine and linear (warmup, then decay to end_fraction * peak at total_steps)."""

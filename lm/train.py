@@ -65,8 +65,9 @@ class StopSignals:
 
   def interrupting(self) -> bool:
     """Whether a phase between steps (an evaluation) should end now: a signal received by a
-    single process. Several processes cannot leave a collective phase apart; they stop after
-    it, their checkpoint saved before it."""
+    single process. Several processes cannot leave a collective phase apart: a signal during
+    an evaluation stops them after it (at the next step's sync point); the step was saved
+    before the evaluation, except with checkpoint.best_metric, whose save needs its metrics."""
     return not self._several and self.received is not None
 
   def stop_after(self, step: int) -> int | None:
@@ -100,22 +101,22 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, overridden=()) -> dict:
       tok.save(checkpoint.meta_tokenizer(source), workdir)
   log = metrics.Logger(workdir, cfg)
   data = pipeline.load(cfg, workdir, log.info)
-  run = Trainer.build(
+  trainer = Trainer.build(
     cfg, tokenizer_size=data.tokenizer.vocab_size, teacher=load_teacher(cfg, data, log)
   )
-  describe(run, log)
+  describe(trainer, log)
   batches = pipeline.TrainIterator(data)
   checkpoints = checkpoint.Checkpointer(workdir, cfg)
   try:
-    state = restore_or_init(run, checkpoints, batches, log)
+    state = restore_or_init(trainer, checkpoints, batches, log)
     started = time.time()
-    step_fn = run.compile_train_step()
-    sync_fn = run.compile_sync_step() if run.replica_count else None
+    step_fn = trainer.compile_train_step()
+    sync_fn = trainer.compile_sync_step() if trainer.replica_count else None
     log.info(f"train step compiled in {time.time() - started:.1f}s")
-    describe_communication(run, step_fn, log)
+    describe_communication(trainer, step_fn, log)
     if sync_fn:
-      describe_communication(run, sync_fn, log, "local SGD sync")
-    return _loop(run, state, step_fn, sync_fn, data, batches, checkpoints, log)
+      describe_communication(trainer, sync_fn, log, "local SGD sync")
+    return _loop(trainer, state, step_fn, sync_fn, data, batches, checkpoints, log)
   finally:
     checkpoints.close()
     batches.close()
@@ -145,17 +146,24 @@ def load_teacher(cfg, data: pipeline.Data, log) -> Teacher | None:
   return Teacher(layout, params)
 
 
-def describe(run: Trainer, log) -> None:
+def describe(trainer: Trainer, log) -> None:
   """Start-up lines: mesh, stage, size, vocab padding, and any tensor ZeRO cannot shard."""
-  layout = run.layout
+  layout = trainer.layout
   cfg, dims = layout.cfg, layout.dims
   log.info(
     f"mesh {dict(layout.mesh.shape)}, zero_stage {cfg.zero_stage}, "
     f"{param_count(layout.abstract_params) / 1e6:.2f}M params "
-    f"({param_count(select(layout.abstract_params, run.trainable)) / 1e6:.2f}M trainable), "
+    f"({param_count(select(layout.abstract_params, trainer.trainable)) / 1e6:.2f}M trainable), "
     f"{dims.vocab_size} embedding rows "
     f"for {layout.vocab_limit} token ids (the rest: padding for the mesh, never predicted), "
     f"dtype {dims.dtype.name}, remat {dims.remat}"
+  )
+  smoothing = cfg.model.label_smoothing
+  log.info(
+    "loss: the training cross-entropy"
+    + (f" with label smoothing {smoothing:g}" if smoothing else "")
+    + "; eval_loss: the plain negative log-likelihood per target token "
+    "(eval_perplexity = exp(eval_loss))"
   )
   if cfg.zero_stage:
     whole = sharding.replicated_over_fsdp(layout.logical, layout.abstract_params, layout.mesh)
@@ -166,10 +174,10 @@ def describe(run: Trainer, log) -> None:
       )
 
 
-def describe_communication(run: Trainer, compiled, log, what: str = "step") -> None:
+def describe_communication(trainer: Trainer, compiled, log, what: str = "step") -> None:
   """One line per collective kind of a compiled step: bytes per device per call, as the
   bandwidth model of lm.parallel.report counts them (loops counted per iteration)."""
-  traffic = report.collective_traffic(compiled.as_text(), dict(run.layout.mesh.shape))
+  traffic = report.collective_traffic(compiled.as_text(), dict(trainer.layout.mesh.shape))
   prefix = "" if what == "step" else f"{what} "
   for kind, t in traffic.items():
     if t["count"]:
@@ -182,26 +190,28 @@ def describe_communication(run: Trainer, compiled, log, what: str = "step") -> N
   log.tensorboard(0, {f"{tag}/{k}_bytes": t["bandwidth_bytes"] for k, t in traffic.items()})
 
 
-def restore_or_init(run: Trainer, checkpoints: checkpoint.Checkpointer, batches, log) -> TrainState:
+def restore_or_init(
+  trainer: Trainer, checkpoints: checkpoint.Checkpointer, batches, log
+) -> TrainState:
   """The newest readable checkpoint (state and data position) if there is one, else a fresh
   state."""
   step, state = checkpoints.restore_newest(
-    lambda step: checkpoints.restore(step, run.abstract_state(), batches), log.info
+    lambda step: checkpoints.restore(step, trainer.abstract_state(), batches), log.info
   )
-  cfg = run.layout.cfg
+  cfg = trainer.layout.cfg
   if step is None and cfg.train.init_from:
     source = cfg.train.init_from
     _, params, _, source_step = checkpoint.restore_model(source, cfg, "train.init_from")
     log.info(f"initialized from {source} (its step {source_step}); training starts at step 0")
-    return run.init_state(params)
+    return trainer.init_state(params)
   if step is None:
-    return run.init_state()
+    return trainer.init_state()
   log.info(f"resumed from step {step} ({checkpoints.path(step)})")
   return state
 
 
-def _loop(run, state, step_fn, sync_fn, data, batches, checkpoints, log) -> dict:
-  layout = run.layout
+def _loop(trainer, state, step_fn, sync_fn, data, batches, checkpoints, log) -> dict:
+  layout = trainer.layout
   cfg = layout.cfg
   total = cfg.train.total_steps
   peak, peak_source = metrics.device_peak_flops(layout.mesh.devices.flat[0])
@@ -211,12 +221,16 @@ def _loop(run, state, step_fn, sync_fn, data, batches, checkpoints, log) -> dict
   pending, last_good = [], checkpoints.latest_step()
   with StopSignals() as stop:
     evaluator = evaluate.Evaluator(layout, data, log, stop.interrupting)
-    if cfg.train.init_from and int(state.step) == 0:  # the starting point, on this run's data
-      log.scalars(0, evaluator(state.params))
-    if int(state.step) >= total:  # resumed at the end: only the evaluation is left
-      results = evaluator(state.params)
-      log.scalars(total, results)
-      return results
+    try:
+      if cfg.train.init_from and int(state.step) == 0:  # the starting point, on this run's data
+        log.scalars(0, evaluator(state.params))
+      if int(state.step) >= total:  # resumed at the end: only the evaluation is left
+        results = evaluator(state.params)
+        log.scalars(total, results)
+        return results
+    except evaluate.Interrupted:  # nothing trained since the last checkpoint: nothing to save
+      log.info(f"{signal.Signals(stop.received).name}: stopped before training")
+      return {"stopped_at": int(state.step)}
     for step in range(int(state.step) + 1, total + 1):
       with meter.waiting_for_input():
         batch = next(batches)

@@ -17,10 +17,12 @@ import ml_collections
 import optax
 from flax import struct
 
+from lm import config as lmc
 from lm import grads, optim, trees
 from lm.layout import Layout
-from lm.local_sgd import LocalSGD
+from lm.local_sgd import LocalSGD, per_replica
 from lm.objective import Teacher
+from lm.parallel import mesh as lm_mesh
 
 
 @struct.dataclass
@@ -64,11 +66,14 @@ class Trainer:
   ) -> Trainer:
     """The layout and the training pieces on it; compiles nothing. `teacher` is used when
     train.distill_weight > 0."""
+    lmc.validate(cfg)  # training's own rules first, before any device work
     return cls.for_layout(Layout.build(cfg, devices, tokenizer_size), teacher)
 
   @classmethod
   def for_layout(cls, layout: Layout, teacher: Teacher | None = None) -> Trainer:
     cfg = layout.cfg
+    lmc.validate(cfg)
+    lm_mesh.check_batch_divisibility(cfg, layout.mesh)
     trainable = trees.trainable_mask(cfg, layout.abstract_params)
     tx = optim.optimizer(cfg.optim, cfg.train.total_steps)
     local_sgd = LocalSGD.build(layout)
@@ -147,7 +152,7 @@ class Trainer:
 
     update_shardings = self.layout.shardings.update
     if local:
-      update_shardings = grads.per_replica(update_shardings)
+      update_shardings = per_replica(update_shardings)
     trained = trees.select(params, self.trainable)
     mean_grads = jax.lax.with_sharding_constraint(
       jax.tree.map(mean, summed, trained), trees.select(update_shardings, self.trainable)

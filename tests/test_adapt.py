@@ -17,16 +17,17 @@ from lm.data import pipeline, synthetic
 from lm.data import tokenizer as tok
 from lm.data.synthetic import random_batch
 from lm.decode import DecodeOptions, Decoder
+from lm.layout import Layout
 from lm.models import layers
 from lm.train_step import Trainer
 from lm.trees import param_paths, select
 from tests.helpers import tiny_config
 
 
-def _logits(run: Trainer, params, batch) -> np.ndarray:
-  with jax.set_mesh(run.layout.mesh):
-    forward = jax.jit(lambda p, b: nnx.merge(run.layout.graphdef, p)(b))
-    return np.asarray(forward(params, run.layout.shard_batch(batch)))
+def _logits(layout: Layout, params, batch) -> np.ndarray:
+  with jax.set_mesh(layout.mesh):
+    forward = jax.jit(lambda p, b: nnx.merge(layout.graphdef, p)(b))
+    return np.asarray(forward(params, layout.shard_batch(batch)))
 
 
 def _adapted_config(mesh=(1, 1, 1), stage=0, **model):
@@ -58,7 +59,7 @@ def test_lora_and_adapters_start_exactly_as_the_base_model(adaptation):
   params = adapted.init_state(_base_params()).params
   batch = random_batch(base.layout.cfg, seed=1, padding=2)
   np.testing.assert_array_equal(
-    _logits(adapted, params, batch), _logits(base, _base_params(), batch)
+    _logits(adapted.layout, params, batch), _logits(base.layout, _base_params(), batch)
   )
 
 
@@ -68,8 +69,8 @@ def _teacher(cfg, devices):
   teacher_cfg.mesh.update(cfg.mesh.to_dict())
   teacher_cfg.zero_stage = cfg.zero_stage
   teacher_cfg.seed = 7
-  run = Trainer.build(teacher_cfg, devices=devices)
-  return run, run.init_state().params
+  layout = Layout.build(teacher_cfg, devices=devices)
+  return objective.Teacher(layout, layout.init_params())
 
 
 def _train(cfg, steps: int = 3):
@@ -221,7 +222,7 @@ def test_init_from_restores_onto_another_mesh_and_lora_merges_into_the_export(so
 
   run, data, state = start(workdir)
   assert int(state.step) == 0
-  at_start = evaluate.Evaluator(run, data, None).teacher_forced(state.params)
+  at_start = evaluate.Evaluator(run.layout, data, None).teacher_forced(state.params)
   np.testing.assert_allclose(at_start["eval_loss"], results["eval_loss"], rtol=1e-5)
 
   train.train(cfg, workdir)
@@ -331,7 +332,7 @@ def test_an_int8_export_holds_under_a_third_of_the_bytes_and_runs_dequantized(
   )
   losses = {}
   for dtype, (run, params, _, _) in exports.items():
-    data = pipeline.load(run.layout.cfg, str(tmp_path / f"data_{dtype}"), print, tokenizer)
+    data = pipeline.load(run.cfg, str(tmp_path / f"data_{dtype}"), print, tokenizer)
     losses[dtype] = evaluate.Evaluator(run, data, None).teacher_forced(params)["eval_loss"]
   assert abs(losses["int8"] - losses["float32"]) <= 0.01 * losses["float32"], losses
   lines = [text for text, _ in data.eval_text[:16]]

@@ -82,8 +82,8 @@ def make_mesh(
   )
 
 
-def check_divisibility(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-  """Errors that need the mesh, raised before anything compiles."""
+def check_batch_divisibility(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Training's batch must split evenly over the batch axes and microbatches."""
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   rows = cfg.train.global_batch_size
   if rows % (batch_shards * cfg.train.microbatches):
@@ -92,6 +92,10 @@ def check_divisibility(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
       f"{batch_shards}*{cfg.train.microbatches}; use a multiple of "
       f"{batch_shards * cfg.train.microbatches}"
     )
+
+
+def check_divisibility(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Errors of the model's layout that need the mesh, raised before anything compiles."""
   tensor = mesh.shape["tensor"]
   if cfg.model.num_heads % tensor:
     raise ConfigError(
