@@ -16,6 +16,7 @@ import pytest
 
 from experiments import demo
 from lm import checkpoint, evaluate
+from lm import config as lmc
 from lm import train as lm_train
 from lm.config import ConfigError
 from lm.data import pipeline
@@ -482,3 +483,16 @@ print("RESULT", train.train(cfg, {str(tmp_path)!r}))
   assert f"SIGTERM: stopped after step {stopped}" in result.stdout
   steps = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
   assert max(steps) == stopped
+  evaluated = [
+    m["step"] for m in map(json.loads, open(tmp_path / "metrics.jsonl")) if "eval_loss" in m
+  ]
+  assert stopped not in evaluated  # the evaluation was cut short, not run to its end
+
+
+def test_a_saved_config_loads_over_todays_defaults_without_fields_removed_since():
+  saved = json.loads(_config().to_json_best_effort())
+  saved["serve"]["max_beam"] = 8  # a field of older releases
+  del saved["serve"]["max_body_bytes"]  # a field added since
+  cfg = checkpoint.meta_config({"config": saved})
+  assert "max_beam" not in cfg.serve and cfg.serve.max_body_bytes == 1 << 20
+  lmc.validate(cfg, training=False)

@@ -49,3 +49,45 @@ def test_evaluation_runs_in_the_training_microbatch_and_adds_up_to_the_whole_bat
   expected = whole[1].teacher_forced(params)
   for key in ("eval_loss", "eval_accuracy"):
     np.testing.assert_allclose(results[key], expected[key], rtol=1e-6)
+
+
+def test_eval_takes_the_eval_source_mesh_decode_and_batch_settings_it_is_given(
+  trained_workdir, tmp_path
+):
+  """What --mode=eval --config=... --config.data.eval_source=... applies (experiments/run.py
+  passes lm.config.inference_settings to evaluate_workdir)."""
+  from experiments import demo
+  from lm import checkpoint
+  from lm import config as lmc
+  from lm.data import pipeline
+
+  cfg = demo.get_config("tiny")
+  pairs = pipeline.load(
+    checkpoint.restore_latest(str(trained_workdir))[0].cfg, str(trained_workdir)
+  ).eval_text[:5]
+  source = tmp_path / "dev.tsv"
+  source.write_text("".join(f"{a}\t{b}\n" for a, b in pairs))
+  cfg.data.eval_source = f"tsv:{source}"
+  cfg.mesh.update(data=2, fsdp=4, tensor=1)
+  cfg.decode.beam_size = 1
+  cfg.train.update(global_batch_size=8, microbatches=2)
+  cfg.eval.bleu = False
+  overridden = {"data.eval_source", "train.global_batch_size", "train.microbatches"}
+  settings = lmc.inference_settings(cfg, overridden, "eval")
+  layout = checkpoint.restore_latest(str(trained_workdir), settings=settings)[0]
+  assert dict(layout.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert layout.cfg.decode.beam_size == 1 and layout.cfg.data.eval_source == f"tsv:{source}"
+  assert (
+    layout.cfg.model.d_model == 64
+    or layout.cfg.model
+    == checkpoint.meta_config(checkpoint.source_meta(str(trained_workdir))).model
+  )  # the model stays the checkpoint's
+
+  results = evaluate.evaluate_workdir(str(trained_workdir), settings=settings)
+  everything = evaluate.evaluate_workdir(str(trained_workdir))
+  assert results["eval_loss"] != everything["eval_loss"]  # 5 pairs, not the whole held-out set
+  layout, params, tokenizer, _ = checkpoint.restore_latest(str(trained_workdir), settings=settings)
+  data = pipeline.load(layout.cfg, str(trained_workdir), tokenizer=tokenizer)
+  assert len(data.eval_text) == 5
+  expected = evaluate.Evaluator(layout, data).teacher_forced(params)
+  np.testing.assert_allclose(results["eval_loss"], expected["eval_loss"], rtol=1e-6)
