@@ -84,7 +84,7 @@ def main(argv):
   # Imported here: jax must not initialize before --distributed has set up the processes.
   import jax
 
-  from lm import checkpoint, evaluate, metrics, train
+  from lm import evaluate, inference, metrics, train
 
   try:
     if _MODE.value == "train":
@@ -102,7 +102,7 @@ def main(argv):
     elif _MODE.value == "export":
       if not _OUTPUT.value:
         raise ConfigError("--output: required with --mode=export; name a new directory")
-      step = checkpoint.export(
+      step = inference.export(
         _WORKDIR.value, _OUTPUT.value, _EXPORT_DTYPE.value, merge_lora=_MERGE_LORA.value
       )
       if jax.process_index() == 0:
@@ -148,13 +148,13 @@ def decode_lines(input_path: str, output_path: str) -> None:
   of them) and process 0 writes the output."""
   import jax  # after main's jax set-up, as there
 
-  from lm import checkpoint
+  from lm import inference
   from lm.decode import DecodeOptions, Decoder
 
   if input_path != "-" and not os.path.exists(input_path):
     raise ConfigError(f"--input: {input_path!r} does not exist")
   settings = inference_settings("decode")
-  layout, params, tokenizer, _ = checkpoint.restore_for_inference(
+  layout, params, tokenizer, _ = inference.restore_for_inference(
     _WORKDIR.value, _EXPORT.value, settings=settings
   )
   decode_cfg = layout.cfg.decode
@@ -180,11 +180,11 @@ def decode_lines(input_path: str, output_path: str) -> None:
 
 
 def serve_model() -> None:
-  from lm import checkpoint, serve  # after main's jax set-up, as there
+  from lm import inference, serve  # after main's jax set-up, as there
   from lm.decode import DecodeOptions, Decoder
 
   settings = inference_settings("serve")  # checked before anything loads
-  layout, params, tokenizer, step = checkpoint.restore_for_inference(
+  layout, params, tokenizer, step = inference.restore_for_inference(
     _WORKDIR.value, _EXPORT.value, settings=settings
   )
   cfg = layout.cfg

@@ -37,14 +37,13 @@ from lm import paths
 from lm.data import pipeline
 from lm.data import tokenizer as tok
 from lm.layout import Layout
-from lm.models import layers
 
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "unreadable_checkpoints"  # damaged steps are moved here, never deleted
 LOWER_IS_BETTER = ("eval_loss", "eval_perplexity")
 
 
-def _meta(cfg: ml_collections.ConfigDict, tokenizer: tok.Tokenizer) -> dict:
+def meta_of(cfg: ml_collections.ConfigDict, tokenizer: tok.Tokenizer) -> dict:
   return {
     "config": json.loads(cfg.to_json_best_effort()),
     "tokenizer": base64.b64encode(tokenizer.model_proto).decode("ascii"),
@@ -156,7 +155,7 @@ class Checkpointer:
 
   def save(self, step: int, state, iterator, tokenizer, metrics: dict | None = None) -> None:
     """Starts an async save; the previous one is finished first (orbax does that)."""
-    meta = {**_meta(self.cfg, tokenizer), "fingerprints": fingerprints(state)}
+    meta = {**meta_of(self.cfg, tokenizer), "fingerprints": fingerprints(state)}
     self.manager.save(
       step,
       args=ocp.args.Composite(
@@ -520,150 +519,6 @@ def _on_every_process(ok: bool) -> bool:
   return bool(multihost_utils.process_allgather(np.asarray(ok)).all())
 
 
-def write_export(
-  directory: str, params, cfg, tokenizer: tok.Tokenizer, dtype: str = "float32", step: int = 0
-) -> None:
-  """Parameters only (optionally cast), with the config, tokenizer and training step: what
-  decoding and serving load."""
-  if dtype != "float32":
-    params = jax.tree.map(lambda x: x.astype(dtype) if x.dtype == np.float32 else x, params)
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    checkpointer.save(
-      paths.resolve(directory),
-      args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        meta=ocp.args.JsonSave({**_meta(cfg, tokenizer), "step": step}),
-      ),
-      force=True,
-    )
-
-
 def load_meta(directory: str) -> dict:
   """The config and tokenizer of an export (or of one checkpoint step's directory)."""
   return json.loads((paths.resolve(directory) / "meta" / "metadata").read_text())
-
-
-def load_export(directory: str, abstract_params) -> Any:
-  """Parameters of an export, laid out (and cast) as `abstract_params` says."""
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    restored = checkpointer.restore(
-      paths.resolve(directory),
-      args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)),
-    )
-  return restored.params
-
-
-def _inference_config(meta: dict, mesh_cfg, settings: dict | None) -> ml_collections.ConfigDict:
-  """The saved config on `mesh_cfg`'s mesh and ZeRO stage, or (None) fsdp over every device;
-  then `settings` ({field: value}, from lmc.inference_settings) over it."""
-  cfg = meta_config(meta)
-  if mesh_cfg is None:
-    cfg.mesh.update(data=1, fsdp=-1, tensor=1, dcn_data=1)
-  else:
-    cfg.mesh.update(mesh_cfg.mesh.to_dict())
-    cfg.zero_stage = mesh_cfg.zero_stage
-  if settings:
-    cfg.update_from_flattened_dict(settings)
-  return cfg
-
-
-def restore_latest(
-  workdir: str, devices=None, mesh_cfg=None, settings: dict | None = None
-) -> tuple[Layout, Any, tok.Tokenizer, int]:
-  """(layout, params, tokenizer, step) of the workdir's latest checkpoint, for inference: the
-  parameters alone are read.
-
-  The model comes from the checkpoint's own config; the mesh fills the given devices, as fsdp
-  or as `mesh_cfg` (a config) says; `settings` are a mode's own fields over it.
-  """
-  checkpoints = Checkpointer(workdir)
-
-  def read(step):
-    meta = checkpoints.meta(step)
-    cfg, tokenizer = _inference_config(meta, mesh_cfg, settings), meta_tokenizer(meta)
-    built = Layout.build(cfg, devices, tokenizer_size=tokenizer.vocab_size)
-    return built, checkpoints.restore_params(step, built), tokenizer
-
-  try:
-    step, restored = checkpoints.restore_newest(read, log=lambda line: print(line, file=sys.stderr))
-  finally:  # also on errors: an open manager's threads print a traceback at exit
-    checkpoints.close()
-  if step is None:
-    raise lmc.ConfigError(f"--workdir: no checkpoint in {checkpoints.directory}; train first")
-  built, params, tokenizer = restored
-  return built, params, tokenizer, step
-
-
-def source_meta(path: str, field: str = "train.init_from") -> dict:
-  """The meta (config, tokenizer, step) of a trained model given as an export or a workdir (its
-  latest checkpoint)."""
-  if _is_export(path):
-    return load_meta(path)
-  checkpoints = Checkpointer(path) if (paths.resolve(path) / CHECKPOINT_DIR).is_dir() else None
-  try:
-    step = checkpoints.latest_step() if checkpoints else None
-    if step is None:
-      raise lmc.ConfigError(
-        f"config.{field}: {path!r} is neither an export nor a workdir with a checkpoint"
-      )
-    return {**checkpoints.meta(step), "step": step}
-  finally:
-    if checkpoints:
-      checkpoints.close()
-
-
-def restore_for_inference(
-  workdir: str, export: str | None = None, devices=None, mesh_cfg=None, settings=None
-) -> tuple[Layout, Any, tok.Tokenizer, int]:
-  """An export if one is named, else the workdir's latest checkpoint (see restore_latest)."""
-  if export:
-    return restore_export(export, devices, mesh_cfg, settings)
-  return restore_latest(workdir, devices, mesh_cfg, settings)
-
-
-def restore_model(
-  path: str, mesh_cfg, field: str, devices=None
-) -> tuple[Layout, Any, tok.Tokenizer, int]:
-  """(layout, params, tokenizer, step) of an export or a workdir's latest checkpoint (the model
-  named by config field `field`), laid out on `mesh_cfg`'s mesh and ZeRO stage."""
-  source_meta(path, field)  # a clear error for a path that holds no model
-  return restore_for_inference(path, path if _is_export(path) else None, devices, mesh_cfg)
-
-
-def _is_export(path: str) -> bool:
-  return (paths.resolve(path) / "meta" / "metadata").is_file()
-
-
-def export(workdir: str, output: str, dtype: str = "float32", merge_lora: bool = False) -> int:
-  """Writes the latest checkpoint's parameters (+ config, tokenizer) to `output`; its step.
-  `merge_lora`: LoRA's updates folded into the kernels, the export a model without LoRA.
-  dtype "int8": matmul kernels as int8 with per-channel scales (model.quantize)."""
-  built, params, tokenizer, step = restore_latest(workdir)
-  cfg = built.cfg
-  if merge_lora:
-    m = cfg.model
-    if not m.lora_rank:
-      raise lmc.ConfigError(f"--merge_lora: {workdir!r} has no LoRA (model.lora_rank is 0)")
-    with jax.set_mesh(built.mesh):
-      params = jax.jit(lambda p: layers.merge_lora(p, m.lora_alpha / m.lora_rank))(params)
-    cfg = cfg.copy_and_resolve_references()
-    cfg.model.lora_rank = 0
-  if dtype == "int8":
-    with jax.set_mesh(built.mesh):
-      params = jax.jit(layers.quantize_int8)(params)
-    cfg = cfg.copy_and_resolve_references()
-    cfg.model.quantize, dtype = "int8", "float32"  # scales and unquantized tensors stay float
-  write_export(output, params, cfg, tokenizer, dtype, step)
-  return step
-
-
-def restore_export(
-  directory: str, devices=None, mesh_cfg=None, settings=None
-) -> tuple[Layout, Any, tok.Tokenizer, int]:
-  """(layout, params, tokenizer, step) of an export, laid out as restore_latest does."""
-  if not _is_export(directory):
-    raise lmc.ConfigError(f"--export: {directory!r} is not an export (no meta/metadata)")
-  meta = load_meta(directory)
-  cfg, tokenizer = _inference_config(meta, mesh_cfg, settings), meta_tokenizer(meta)
-  built = Layout.build(cfg, devices, tokenizer_size=tokenizer.vocab_size)
-  return built, load_export(directory, built.placed_params()), tokenizer, meta.get("step", 0)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lm import checkpoint
+from lm import inference
 from lm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from lm.layout import Layout
 
@@ -308,7 +308,7 @@ class Decoder:
   def from_workdir(cls, workdir: str, decode_cfg=None, devices=None, export=None) -> Decoder:
     """The workdir's latest checkpoint (or `export`) on a mesh over the devices; decode_cfg
     overrides the checkpoint's decode settings."""
-    layout, params, tokenizer, _ = checkpoint.restore_for_inference(workdir, export, devices)
+    layout, params, tokenizer, _ = inference.restore_for_inference(workdir, export, devices)
     decode_cfg = decode_cfg if decode_cfg is not None else layout.cfg.decode
     options = DecodeOptions.from_config(decode_cfg)
     return cls(layout, params, tokenizer, options, decode_cfg.batch_size)

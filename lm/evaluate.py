@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import sacrebleu
 
-from lm import checkpoint, objective, paths
+from lm import inference, objective, paths
 from lm.data import pipeline
 from lm.decode import DecodeOptions, Decoder
 from lm.layout import Layout
@@ -93,7 +93,7 @@ def evaluate_workdir(workdir: str, log=None, export=None, settings: dict | None 
   """--mode=eval: the latest checkpoint (or `export`) on its held-out set, with the tokenizer it
   was trained with; also written to WORKDIR/eval.json. `settings`: the fields --config sets
   (lm.config.inference_settings)."""
-  layout, params, tokenizer, step = checkpoint.restore_for_inference(
+  layout, params, tokenizer, step = inference.restore_for_inference(
     workdir, export, settings=settings
   )
   data = pipeline.load(layout.cfg, workdir, log.info if log else print, tokenizer)

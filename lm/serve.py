@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import prometheus_client as prom
@@ -31,6 +30,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from lm import metrics
+from lm.data import tokenizer as tok
 from lm.data.tokenizer import EOS_ID
 from lm.decode import DecodeOptions, Decoder
 from lm.trees import param_count
@@ -439,25 +439,6 @@ async def _json_body(request: Request, limit: int) -> dict:
   return body
 
 
-def text_pieces(decode: Callable[[list[int]], str], tokens: list[int]) -> Iterator[str]:
-  """What each token adds to the text of the tokens before it, decoding a few tokens per step
-  (O(tokens) in all) instead of the whole prefix. A step decodes from the start of a context
-  that shows text (sentencepiece drops a text's leading spaces, so a window must not begin in
-  them); a token that shows nothing yet (UNK, an incomplete character: U+FFFD) adds to the
-  next piece."""
-  start = shown = 0  # tokens[start:shown]: the context of the next window; [:shown] are sent
-  context = ""  # decode(tokens[start:shown])
-  for end in range(1, len(tokens) + 1):
-    text = decode(tokens[start:end])
-    if len(text) <= len(context) or (text.endswith("\ufffd") and end < len(tokens)):
-      yield ""
-      continue
-    yield text[len(context) :]
-    latest = decode(tokens[shown:end])  # the piece's own tokens: the next context, if visible
-    start, context = (shown, latest) if latest else (start, text)
-    shown = end
-
-
 def app(service: Service) -> Starlette:
   """The ASGI app over a warmed-up service."""
   m = service.metrics
@@ -496,7 +477,7 @@ def app(service: Service) -> Starlette:
     tokenizer = service.decoder.tokenizer
 
     async def events():  # each event carries what its token adds to the text
-      pieces = text_pieces(tokenizer.decode, result["tokens"])
+      pieces = tok.text_pieces(tokenizer.decode, result["tokens"])
       for token, piece in zip(result["tokens"], pieces):
         if await request.is_disconnected():
           return

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from lm import checkpoint, evaluate, metrics, paths
+from lm import checkpoint, evaluate, inference, metrics, paths
 from lm import config as lmc
 from lm.data import pipeline
 from lm.data import tokenizer as tok
@@ -89,7 +89,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, overridden=()) -> dict:
   if cfg.model.quantize:
     raise lmc.ConfigError("config.model.quantize: int8 weights are for inference; train in float")
   if cfg.train.init_from:
-    source = checkpoint.source_meta(cfg.train.init_from)
+    source = inference.source_meta(cfg.train.init_from)
     source_cfg = checkpoint.meta_config(source)
     if source_cfg.model.quantize:
       raise lmc.ConfigError(
@@ -129,9 +129,7 @@ def load_teacher(cfg, data: pipeline.Data, log) -> Teacher | None:
   (or train.distill_weight is 0: plain training, the teacher never loaded)."""
   if not (cfg.train.teacher and cfg.train.distill_weight > 0):
     return None
-  layout, params, tokenizer, step = checkpoint.restore_model(
-    cfg.train.teacher, cfg, "train.teacher"
-  )
+  layout, params, tokenizer, step = inference.restore_model(cfg.train.teacher, cfg, "train.teacher")
   if tokenizer.model_proto != data.tokenizer.model_proto:
     raise lmc.ConfigError(
       f"config.train.teacher: its tokenizer ({tokenizer.vocab_size} pieces) is not this run's "
@@ -201,7 +199,7 @@ def restore_or_init(
   cfg = trainer.layout.cfg
   if step is None and cfg.train.init_from:
     source = cfg.train.init_from
-    _, params, _, source_step = checkpoint.restore_model(source, cfg, "train.init_from")
+    _, params, _, source_step = inference.restore_model(source, cfg, "train.init_from")
     log.info(f"initialized from {source} (its step {source_step}); training starts at step 0")
     return trainer.init_state(params)
   if step is None:

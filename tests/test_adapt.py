@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from experiments import demo
-from lm import checkpoint, evaluate, metrics, objective, train
+from lm import checkpoint, evaluate, inference, metrics, objective, train
 from lm import config as lmc
 from lm.data import pipeline, synthetic
 from lm.data import tokenizer as tok
@@ -204,12 +204,12 @@ def test_init_from_restores_onto_another_mesh_and_lora_merges_into_the_export(so
   cfg.model.update(lora_rank=4, d_model=64)  # d_model: not an override, taken from the source
   cfg.optim.update(schedule="constant", learning_rate=1e-2)
   with pytest.raises(lmc.ConfigError, match=r"config\.model\.d_model: 64 changes .* 128"):
-    lmc.adopt_model(cfg, checkpoint.meta_config(checkpoint.source_meta(source)), {"model.d_model"})
-  adopted = lmc.adopt_model(cfg, checkpoint.meta_config(checkpoint.source_meta(source)))
+    lmc.adopt_model(cfg, checkpoint.meta_config(inference.source_meta(source)), {"model.d_model"})
+  adopted = lmc.adopt_model(cfg, checkpoint.meta_config(inference.source_meta(source)))
   assert adopted.model.d_model == 128
 
   def start(workdir):
-    tok.save(checkpoint.meta_tokenizer(checkpoint.source_meta(source)), workdir)
+    tok.save(checkpoint.meta_tokenizer(inference.source_meta(source)), workdir)
     data = pipeline.load(adopted, workdir, print)
     run = Trainer.build(adopted, tokenizer_size=data.tokenizer.vocab_size)
     checkpoints = checkpoint.Checkpointer(workdir, adopted)
@@ -230,8 +230,8 @@ def test_init_from_restores_onto_another_mesh_and_lora_merges_into_the_export(so
     first = next(m for m in map(json.loads, f) if "eval_loss" in m)
   assert first["step"] == 0  # the loop evaluates its starting point
   np.testing.assert_allclose(first["eval_loss"], results["eval_loss"], rtol=1e-5)
-  _, tuned, _, step = checkpoint.restore_latest(workdir)
-  _, original, _, _ = checkpoint.restore_latest(source)
+  _, tuned, _, step = inference.restore_latest(workdir)
+  _, original, _, _ = inference.restore_latest(source)
   assert step == 3
   for path, x in zip(jax.tree.leaves(param_paths(original)), jax.tree.leaves(original)):
     y = tuned
@@ -241,9 +241,9 @@ def test_init_from_restores_onto_another_mesh_and_lora_merges_into_the_export(so
   assert int(start(workdir)[2].step) == 3  # its own checkpoint wins over init_from
 
   export = str(tmp_path / "merged")
-  checkpoint.export(workdir, export, merge_lora=True)
-  merged_run, merged, tokenizer, _ = checkpoint.restore_export(export)
-  lora_run, lora, _, _ = checkpoint.restore_latest(workdir)
+  inference.export(workdir, export, merge_lora=True)
+  merged_run, merged, tokenizer, _ = inference.restore_export(export)
+  lora_run, lora, _, _ = inference.restore_latest(workdir)
   assert merged_run.cfg.model.lora_rank == 0 and "query_lora" not in str(param_paths(merged))
   batch = random_batch(merged_run.cfg, seed=3, padding=2)
   np.testing.assert_allclose(
@@ -295,8 +295,8 @@ def test_an_int8_export_holds_under_a_third_of_the_bytes_and_runs_dequantized(
   """Decode and eval load it; its logits are the float model's with the dequantized weights."""
   exports = {}
   for dtype in ("float32", "int8"):
-    checkpoint.export(str(trained_workdir), str(tmp_path / dtype), dtype)
-    exports[dtype] = checkpoint.restore_export(str(tmp_path / dtype))
+    inference.export(str(trained_workdir), str(tmp_path / dtype), dtype)
+    exports[dtype] = inference.restore_export(str(tmp_path / dtype))
   (run_f, float_params, tokenizer, _), (run_q, int8_params, _, _) = exports.values()
   nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
   assert nbytes(int8_params) <= 0.3 * nbytes(float_params), (

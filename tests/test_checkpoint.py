@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from experiments import demo
-from lm import checkpoint, evaluate
+from lm import checkpoint, evaluate, inference
 from lm import config as lmc
 from lm import train as lm_train
 from lm.config import ConfigError
@@ -216,23 +216,23 @@ def test_export_reloads_with_the_training_loss(tmp_path):
   cfg = _config(total_steps=6)
   workdir, out = tmp_path / "run", tmp_path / "export"
   lm_train.train(cfg, str(workdir))
-  run, params, tokenizer, step = checkpoint.restore_latest(str(workdir))
-  assert checkpoint.export(str(workdir), str(out)) == step == 6
+  run, params, tokenizer, step = inference.restore_latest(str(workdir))
+  assert inference.export(str(workdir), str(out)) == step == 6
   data = pipeline.load(cfg, str(workdir))
   teacher_forced = evaluate.Evaluator(run, data).teacher_forced
   reference = teacher_forced(params)
-  exported = checkpoint.load_export(str(out), run.placed_params())
+  exported = inference.load_export(str(out), run.placed_params())
   assert teacher_forced(exported)["eval_loss"] == reference["eval_loss"]
   meta = checkpoint.load_meta(str(out))
   assert checkpoint.meta_tokenizer(meta).model_proto == tokenizer.model_proto
   assert checkpoint.meta_config(meta).model.d_model == cfg.model.d_model
 
-  checkpoint.export(str(workdir), str(tmp_path / "bf16"), "bfloat16")
+  inference.export(str(workdir), str(tmp_path / "bf16"), "bfloat16")
   abstract_bf16 = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, jax.numpy.bfloat16, sharding=x.sharding),
     run.placed_params(),
   )
-  halved = checkpoint.load_export(str(tmp_path / "bf16"), abstract_bf16)
+  halved = inference.load_export(str(tmp_path / "bf16"), abstract_bf16)
   assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(halved))
   as_f32 = jax.tree.map(lambda x: x.astype(np.float32), halved)
   loss_bf16 = teacher_forced(as_f32)["eval_loss"]
@@ -305,7 +305,7 @@ def test_inference_reads_a_step_whose_optimizer_state_alone_is_damaged(tmp_path,
                 if p.startswith(".opt_state") and "embed" in p)  # fmt: skip
   _flip_fingerprint(step_dir, moment)
   # Eval, export, decode and serve read the parameters alone: step 4's are whole.
-  assert checkpoint.restore_latest(str(tmp_path))[3] == 4
+  assert inference.restore_latest(str(tmp_path))[3] == 4
   capsys.readouterr()
   lm_train.train(_changed(cfg, train__total_steps=5), str(tmp_path))
   out = capsys.readouterr().out
@@ -333,7 +333,7 @@ def test_damaged_checkpoints_fall_back_to_the_newest_whole_one(tmp_path, capsys,
   _flip_fingerprint(tmp_path / "checkpoints" / "4", ".params['embed']['table']")
   _flip_fingerprint(tmp_path / "checkpoints" / "8", ".params['embed']['table']")
   capsys.readouterr()
-  assert checkpoint.restore_latest(str(tmp_path))[3] == 2  # eval / export / decode fall back too
+  assert inference.restore_latest(str(tmp_path))[3] == 2  # eval / export / decode fall back too
 
   cfg.train.total_steps = 12
   lm_train.train(cfg, str(tmp_path))
@@ -346,7 +346,7 @@ def test_damaged_checkpoints_fall_back_to_the_newest_whole_one(tmp_path, capsys,
   assert aside == ["4", "6", "8"]
   losses = _losses(tmp_path)
   assert [losses[s] for s in range(3, 13)] == [full_losses[s] for s in range(3, 13)]
-  run, params, _, step = checkpoint.restore_latest(str(tmp_path))
+  run, params, _, step = inference.restore_latest(str(tmp_path))
   assert step == 12 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from lm import evaluate
+from lm import evaluate, inference
 from lm.data.synthetic import random_batch
 from lm.layout import Layout
 from tests.helpers import tiny_config
@@ -63,7 +63,7 @@ def test_eval_takes_the_eval_source_mesh_decode_and_batch_settings_it_is_given(
 
   cfg = demo.get_config("tiny")
   pairs = pipeline.load(
-    checkpoint.restore_latest(str(trained_workdir))[0].cfg, str(trained_workdir)
+    inference.restore_latest(str(trained_workdir))[0].cfg, str(trained_workdir)
   ).eval_text[:5]
   source = tmp_path / "dev.tsv"
   source.write_text("".join(f"{a}\t{b}\n" for a, b in pairs))
@@ -74,19 +74,18 @@ def test_eval_takes_the_eval_source_mesh_decode_and_batch_settings_it_is_given(
   cfg.eval.bleu = False
   overridden = {"data.eval_source", "train.global_batch_size", "train.microbatches"}
   settings = lmc.inference_settings(cfg, overridden, "eval")
-  layout = checkpoint.restore_latest(str(trained_workdir), settings=settings)[0]
+  layout = inference.restore_latest(str(trained_workdir), settings=settings)[0]
   assert dict(layout.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
   assert layout.cfg.decode.beam_size == 1 and layout.cfg.data.eval_source == f"tsv:{source}"
   assert (
     layout.cfg.model.d_model == 64
-    or layout.cfg.model
-    == checkpoint.meta_config(checkpoint.source_meta(str(trained_workdir))).model
+    or layout.cfg.model == checkpoint.meta_config(inference.source_meta(str(trained_workdir))).model
   )  # the model stays the checkpoint's
 
   results = evaluate.evaluate_workdir(str(trained_workdir), settings=settings)
   everything = evaluate.evaluate_workdir(str(trained_workdir))
   assert results["eval_loss"] != everything["eval_loss"]  # 5 pairs, not the whole held-out set
-  layout, params, tokenizer, _ = checkpoint.restore_latest(str(trained_workdir), settings=settings)
+  layout, params, tokenizer, _ = inference.restore_latest(str(trained_workdir), settings=settings)
   data = pipeline.load(layout.cfg, str(trained_workdir), tokenizer=tokenizer)
   assert len(data.eval_text) == 5
   expected = evaluate.Evaluator(layout, data).teacher_forced(params)

@@ -6,7 +6,7 @@ import httpx
 import jax
 import numpy as np
 
-from lm import checkpoint, evaluate
+from lm import checkpoint, evaluate, inference
 from lm import train as lm_train
 from lm.data.synthetic import random_batch
 from lm.decode import Decoder
@@ -117,13 +117,13 @@ def test_a_local_sgd_checkpoint_exports_evaluates_decodes_serves_and_initializes
   _, consensus = _final_params(workdir, cfg)  # the whole train state, on its own mesh
 
   one = jax.devices()[:1]
-  layout, params, tokenizer, step = checkpoint.restore_latest(str(workdir), devices=one)
+  layout, params, tokenizer, step = inference.restore_latest(str(workdir), devices=one)
   assert step == 4 and dict(layout.mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
   for a, b in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(consensus)):
     np.testing.assert_array_equal(a, b)
 
-  checkpoint.export(str(workdir), str(tmp_path / "export"))
-  exported = checkpoint.restore_export(str(tmp_path / "export"), devices=one)[1]
+  inference.export(str(workdir), str(tmp_path / "export"))
+  exported = inference.restore_export(str(tmp_path / "export"), devices=one)[1]
   for a, b in zip(jax.tree.leaves(jax.device_get(exported)), jax.tree.leaves(consensus)):
     np.testing.assert_array_equal(a, b)
 

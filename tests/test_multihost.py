@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from lm import checkpoint, evaluate
+from lm import evaluate, inference
 from lm.decode import Decoder
 from tests import multihost_worker
 from tests.helpers import cluster_flags, damage_largest_array_file
@@ -184,11 +184,11 @@ def test_eval_decode_and_export_under_two_processes_equal_one(resumed_runs, tmp_
     np.testing.assert_allclose(together[key], alone[key], rtol=1e-5)
   decoder = Decoder.from_workdir(str(workdir))
   assert (tmp_path / "out").read_text().splitlines() == decoder(lines)
-  run, params, _, _ = checkpoint.restore_latest(str(workdir))
+  run, params, _, _ = inference.restore_latest(str(workdir))
   abstract = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params
   )
-  exported = checkpoint.load_export(str(tmp_path / "export"), abstract)
+  exported = inference.load_export(str(tmp_path / "export"), abstract)
   for got, want in zip(jax.tree.leaves(exported), jax.tree.leaves(params), strict=True):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
@@ -235,6 +235,6 @@ def test_a_lost_process_ends_the_job_within_the_heartbeat_timeout(tmp_path):
     if resumed_from is not None:
       assert f"resumed from step {resumed_from}" in log, log[-3000:]
     previous = resumed_from or 0
-    run, params, _, resumed_from = checkpoint.restore_latest(str(workdir))
+    run, params, _, resumed_from = inference.restore_latest(str(workdir))
     assert resumed_from > previous  # each round got further and its checkpoint reads whole
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))

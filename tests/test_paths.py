@@ -10,7 +10,7 @@ from etils import epath
 from etils.epath import testing as epath_testing
 from orbax.checkpoint._src.path import gcs_utils
 
-from lm import checkpoint, metrics
+from lm import checkpoint, inference, metrics
 from lm.data import pipeline
 from tests.helpers import tiny_config
 
@@ -86,7 +86,7 @@ def test_checkpoints_and_exports_of_a_gs_workdir_are_named_by_url(bucket, monkey
   meta = bucket / "b" / "export" / "meta"
   meta.mkdir(parents=True)
   (meta / "metadata").write_text(json.dumps({"step": 5}))
-  assert checkpoint.source_meta("gs://b/export") == {"step": 5}
+  assert inference.source_meta("gs://b/export") == {"step": 5}
   assert isinstance(checkpoint.paths.resolve("gs://b/export"), epath.Path)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import websockets.sync.client
 
-from lm import checkpoint, decode, serve
+from lm import decode, inference, serve
 from lm.data import synthetic
 from lm.data import tokenizer as tok
 from lm.layout import Layout
@@ -175,7 +175,7 @@ def lm_export(tmp_path_factory):
   run = Layout.build(cfg, devices=jax.devices()[:1])
   tokenizer = tok.train([f"w{i}" for i in range(100)] * 2, cfg.model.vocab_size, "word")
   directory = tmp_path_factory.mktemp("lm") / "export"
-  checkpoint.write_export(str(directory), run.init_params(), cfg, tokenizer, step=7)
+  inference.write_export(str(directory), run.init_params(), cfg, tokenizer, step=7)
   return directory
 
 
@@ -376,7 +376,7 @@ def test_streamed_pieces_add_up_to_the_text():
   rng = np.random.RandomState(0)
   for _ in range(300):
     ids = [int(i) for i in rng.randint(1, tokenizer.vocab_size, size=rng.randint(1, 30))]
-    pieces = list(serve.text_pieces(tokenizer.decode, ids))
+    pieces = list(tok.text_pieces(tokenizer.decode, ids))
     assert len(pieces) == len(ids) and "".join(pieces) == tokenizer.decode(ids), ids
 
 

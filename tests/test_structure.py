@@ -57,7 +57,8 @@ def _find_cycle(graph):
 def test_library_import_graph_has_no_cycle():
   graph = import_graph()
   assert {"lm.layout", "lm.train", "lm.decode", "lm.evaluate", "lm.checkpoint"} <= set(graph)
-  assert "lm.layout" in graph["lm.checkpoint"] and "lm.checkpoint" in graph["lm.decode"]
+  assert "lm.layout" in graph["lm.inference"] and "lm.checkpoint" in graph["lm.inference"]
+  assert "lm.inference" in graph["lm.decode"]
   assert _find_cycle(graph) is None, " -> ".join(_find_cycle(graph))
 
 
@@ -78,7 +79,7 @@ def test_inference_modules_load_no_optimizer_and_no_train_step():
       [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
     loaded = set(eval(out))  # a printed list of names
-    assert {module, "lm.layout", "lm.checkpoint"} <= loaded
+    assert {module, "lm.layout", "lm.inference", "lm.checkpoint"} <= loaded
     assert not loaded & (TRAINING_MODULES | {"lm.evaluate"}), sorted(loaded & TRAINING_MODULES)
   graph = import_graph()
   assert not any("optax" in line for line in _import_lines("lm/layout.py", "lm/decode.py"))

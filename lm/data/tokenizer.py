@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -115,3 +115,22 @@ def load_or_train(data_cfg, vocab_size: int, workdir: str, sample_texts, log=pri
       raise RuntimeError(f"process 0 wrote no {path} in {WAIT_SECONDS}s")
     time.sleep(0.5)
   return Tokenizer.load(path)
+
+
+def text_pieces(decode: Callable[[list[int]], str], tokens: list[int]) -> Iterator[str]:
+  """What each token adds to the text of the tokens before it, decoding a few tokens per step
+  (O(tokens) in all) instead of the whole prefix. A step decodes from the start of a context
+  that shows text (sentencepiece drops a text's leading spaces, so a window must not begin in
+  them); a token that shows nothing yet (UNK, an incomplete character: U+FFFD) adds to the
+  next piece."""
+  start = shown = 0  # tokens[start:shown]: the context of the next window; [:shown] are sent
+  context = ""  # decode(tokens[start:shown])
+  for end in range(1, len(tokens) + 1):
+    text = decode(tokens[start:end])
+    if len(text) <= len(context) or (text.endswith("\ufffd") and end < len(tokens)):
+      yield ""
+      continue
+    yield text[len(context) :]
+    latest = decode(tokens[shown:end])  # the piece's own tokens: the next context, if visible
+    start, context = (shown, latest) if latest else (start, text)
+    shown = end
