@@ -66,13 +66,12 @@ class Trainer:
   ) -> Trainer:
     """The layout and the training pieces on it; compiles nothing. `teacher` is used when
     train.distill_weight > 0."""
-    lmc.validate(cfg)  # training's own rules first, before any device work
     return cls.for_layout(Layout.build(cfg, devices, tokenizer_size), teacher)
 
   @classmethod
   def for_layout(cls, layout: Layout, teacher: Teacher | None = None) -> Trainer:
     cfg = layout.cfg
-    lmc.validate(cfg)
+    lmc.validate(cfg)  # training's own rules, beyond the layout's (before anything compiles)
     lm_mesh.check_batch_divisibility(cfg, layout.mesh)
     trainable = trees.trainable_mask(cfg, layout.abstract_params)
     tx = optim.optimizer(cfg.optim, cfg.train.total_steps)
