@@ -148,19 +148,12 @@ def decode_lines(input_path: str, output_path: str) -> None:
   of them) and process 0 writes the output."""
   import jax  # after main's jax set-up, as there
 
-  from lm import inference
-  from lm.decode import DecodeOptions, Decoder
+  from lm.decode import Decoder
 
   if input_path != "-" and not os.path.exists(input_path):
     raise ConfigError(f"--input: {input_path!r} does not exist")
   settings = inference_settings("decode")
-  layout, params, tokenizer, _ = inference.restore_for_inference(
-    _WORKDIR.value, _EXPORT.value, settings=settings
-  )
-  decode_cfg = layout.cfg.decode
-  decoder = Decoder(
-    layout, params, tokenizer, DecodeOptions.from_config(decode_cfg), decode_cfg.batch_size
-  )
+  decoder = Decoder.from_workdir(_WORKDIR.value, export=_EXPORT.value, settings=settings)
   source = sys.stdin if input_path == "-" else open(input_path, encoding="utf-8")
   with source:
     lines = [line.rstrip("\n") for line in source]

@@ -305,11 +305,15 @@ class Decoder:
     self._jitted = {}
 
   @classmethod
-  def from_workdir(cls, workdir: str, decode_cfg=None, devices=None, export=None) -> Decoder:
-    """The workdir's latest checkpoint (or `export`) on a mesh over the devices; decode_cfg
-    overrides the checkpoint's decode settings."""
-    layout, params, tokenizer, _ = inference.restore_for_inference(workdir, export, devices)
-    decode_cfg = decode_cfg if decode_cfg is not None else layout.cfg.decode
+  def from_workdir(
+    cls, workdir: str, devices=None, export=None, settings: dict | None = None
+  ) -> Decoder:
+    """The workdir's latest checkpoint (or `export`) on a mesh over the devices, decoding as
+    its config says; `settings` (lm.config.inference_settings) override mesh and decoding."""
+    layout, params, tokenizer, _ = inference.restore_for_inference(
+      workdir, export, devices, settings=settings
+    )
+    decode_cfg = layout.cfg.decode
     options = DecodeOptions.from_config(decode_cfg)
     return cls(layout, params, tokenizer, options, decode_cfg.batch_size)
 
