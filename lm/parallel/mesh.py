@@ -48,7 +48,8 @@ def init_distributed(
     coordinator_address, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout
   )
   index, count = jax.process_index(), jax.process_count()
-  print(f"process {index} of {count}: {jax.local_device_count()} local devices")
+  # Flushed now: a file-buffered stdout would otherwise land after a later stderr error line.
+  print(f"process {index} of {count}: {jax.local_device_count()} local devices", flush=True)
 
 
 def make_mesh(
