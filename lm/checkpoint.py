@@ -11,7 +11,6 @@ process count resumes the same global order.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import gc
 import json
@@ -46,7 +45,7 @@ LOWER_IS_BETTER = ("eval_loss", "eval_perplexity")
 def meta_of(cfg: ml_collections.ConfigDict, tokenizer: tok.Tokenizer) -> dict:
   return {
     "config": json.loads(cfg.to_json_best_effort()),
-    "tokenizer": base64.b64encode(tokenizer.model_proto).decode("ascii"),
+    "tokenizer": tokenizer.to_meta(),
   }
 
 
@@ -68,7 +67,7 @@ def _known_fields(saved: dict, schema) -> dict:
 
 
 def meta_tokenizer(meta: dict) -> tok.Tokenizer:
-  return tok.Tokenizer(base64.b64decode(meta["tokenizer"]))
+  return tok.from_meta(meta["tokenizer"])
 
 
 class _IteratorItem:

@@ -12,7 +12,7 @@ import re
 import ml_collections
 
 TASKS = ("translation", "lm")
-ACTIVATIONS = ("relu", "gelu", "swiglu")
+ACTIVATIONS = ("relu", "gelu", "gelu_exact", "silu", "swiglu")
 POSITIONS = ("sinusoidal", "learned", "rotary")
 NORMS = ("layernorm", "rmsnorm")
 REMAT = ("auto", "none", "full", "save_dots")
@@ -48,16 +48,37 @@ def _base() -> ml_collections.ConfigDict:
       vocab_size=8000,
       d_model=512,
       num_heads=8,
+      # Grouped-query attention: key/value heads, each shared by num_heads / num_kv_heads query
+      # heads; 0 = num_heads (multi-head attention).
+      num_kv_heads=0,
       head_dim=0,  # 0 = d_model // num_heads
       mlp_dim=2048,
       enc_layers=6,  # ignored by the decoder-only LM
       dec_layers=6,
+      # relu; gelu (tanh approximation, GPT-2's gelu_new); gelu_exact (erf); silu; swiglu
+      # (a silu-gated MLP with a second input kernel, Llama's).
       activation="relu",
       positions="sinusoidal",
+      # Sinusoid frequencies: "t2t" (tensor2tensor's: 1 / 10000^(i / (d/2 - 1))) or "marian"
+      # (1 / 10000^(2i / d), Marian's and Vaswani et al.'s); either way sines, then cosines.
+      sinusoid="t2t",
+      rope_theta=10000.0,  # rotary's base wavelength
       max_len=512,  # table size for learned positions; longest sequence for rotary/sinusoidal
       norm="layernorm",
-      use_bias=True,
+      norm_eps=1e-6,
+      # "pre": x + f(norm(x)), with a final norm after the last layer; "post": norm(x + f(x))
+      # (Vaswani et al., Marian), no final norm.
+      norm_position="pre",
+      # Token embeddings times sqrt(d_model): "auto" with sinusoidal positions, or "sqrt_d" /
+      # "none" always.
+      embed_scale="auto",
+      use_bias=True,  # biases on every projection (attention and MLP)
+      qkv_bias=False,  # biases on the query, key and value projections only (Qwen2's)
+      logits_bias=False,  # a learned bias on the output logits (Marian's final_logits_bias)
       tie_embeddings=True,  # one table for encoder input, decoder input and output logits
+      # The token the decoder reads at position 0 of every segment: the tokenizer's BOS for
+      # zerolm's own (2); an imported model's decoder start (Marian: its pad; GPT-2: 50256).
+      start_id=2,
       dropout_rate=0.1,
       label_smoothing=0.1,
       dtype="auto",  # compute dtype; auto = bfloat16 on TPU/GPU, float32 on CPU
@@ -210,12 +231,13 @@ def lm_defaults() -> ml_collections.ConfigDict:
   return cfg
 
 
-# The model fields that decide parameter shapes: a run started from a trained model
-# (train.init_from) takes them from it.
+# The model fields that decide parameter shapes or what the parameters compute: a run started
+# from a trained model (train.init_from) takes them from it.
 SHAPE_FIELDS = (
   "vocab_size",
   "d_model",
   "num_heads",
+  "num_kv_heads",
   "head_dim",
   "mlp_dim",
   "enc_layers",
@@ -224,7 +246,15 @@ SHAPE_FIELDS = (
   "positions",
   "max_len",
   "norm",
+  "norm_position",
+  "norm_eps",
+  "embed_scale",
+  "sinusoid",
+  "rope_theta",
+  "start_id",
   "use_bias",
+  "qkv_bias",
+  "logits_bias",
   "tie_embeddings",
   "param_dtype",
 )
@@ -319,8 +349,16 @@ def validate(cfg: ml_collections.ConfigDict, training: bool = True) -> None:
   m = cfg.model
   for field in ("vocab_size", "d_model", "num_heads", "mlp_dim", "dec_layers", "max_len"):
     _check_positive(cfg, "model." + field)
-  for field in ("head_dim", "enc_layers"):
+  for field in ("head_dim", "enc_layers", "num_kv_heads", "start_id"):
     _check_positive(cfg, "model." + field, allow_zero=True)
+  if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+    _fail(
+      "model.num_kv_heads",
+      f"{m.num_kv_heads} does not divide model.num_heads={m.num_heads}; each key/value head "
+      "serves a whole group of query heads",
+    )
+  for field in ("rope_theta", "norm_eps"):
+    _check_positive(cfg, "model." + field)
   if cfg.task == "translation" and m.enc_layers == 0:
     _fail("model.enc_layers", "a translation model needs at least one encoder layer")
   if m.head_dim == 0 and m.d_model % m.num_heads:
@@ -338,6 +376,9 @@ def validate(cfg: ml_collections.ConfigDict, training: bool = True) -> None:
   _check_choice(cfg, "model.activation", ACTIVATIONS)
   _check_choice(cfg, "model.positions", POSITIONS)
   _check_choice(cfg, "model.norm", NORMS)
+  _check_choice(cfg, "model.norm_position", ("pre", "post"))
+  _check_choice(cfg, "model.embed_scale", ("auto", "sqrt_d", "none"))
+  _check_choice(cfg, "model.sinusoid", ("t2t", "marian"))
   _check_choice(cfg, "model.remat", REMAT)
   _check_choice(cfg, "model.dtype", DTYPES)
   _check_choice(cfg, "model.param_dtype", ("float32", "bfloat16"))

@@ -20,16 +20,36 @@ import numpy as np
 from flax import nnx
 
 from lm import inference
-from lm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from lm.data import tokenizer as tok
 from lm.layout import Layout
 
 NEG_INF = -1e30  # finite, so that sums and differences of masked scores stay well defined
 
 
-def _forbid(logits: jax.Array, vocab_limit: int) -> jax.Array:
-  """No PAD, no BOS and none of the ids padded onto the vocab for the mesh."""
+@dataclasses.dataclass(frozen=True)
+class Specials:
+  """The ids decoding treats specially: the decoder's first input, the end token (which also
+  fills every position after a row's end) and the ids never generated."""
+
+  start: int = tok.BOS_ID
+  eos: int = tok.EOS_ID
+  banned: tuple[int, ...] = (tok.PAD_ID, tok.BOS_ID)
+
+  @classmethod
+  def of(cls, tokenizer, start_id: int) -> Specials:
+    """The tokenizer's end, the model's start (model.start_id); pad and start are never
+    generated, unless one of them is also the end (GPT-2's 50256 is BOS and EOS)."""
+    eos = tokenizer.eos_id
+    banned = {tokenizer.pad_id, start_id} - {None, eos}
+    return cls(start_id, eos, tuple(sorted(banned)))
+
+
+def _forbid(logits: jax.Array, vocab_limit: int, specials: Specials) -> jax.Array:
+  """None of the banned ids and none of the ids padded onto the vocab for the mesh."""
   ids = jnp.arange(logits.shape[-1])
-  banned = (ids == PAD_ID) | (ids == BOS_ID) | (ids >= vocab_limit)
+  banned = ids >= vocab_limit
+  for i in specials.banned:
+    banned = banned | (ids == i)
   return jnp.where(banned, NEG_INF, logits)
 
 
@@ -68,18 +88,29 @@ def filter_logits(
 
 
 def _generate(
-  model, cache, batch: int, max_len: int, pick: Callable, prompt=None, seeds=None, limits=None
+  model,
+  cache,
+  batch: int,
+  max_len: int,
+  pick: Callable,
+  specials: Specials,
+  prompt=None,
+  prompt_lengths=None,
+  seeds=None,
+  limits=None,
 ):
   """Token by token until every row has emitted EOS or reached its length limit.
 
-  `prompt` [batch, max_len] (0 = free) forces those positions; `limits` [batch] (default
-  max_len) caps each row; `seeds` [batch] (default 0) seed each row's own random stream, so a
-  row's draws do not depend on the rows beside it. Tokens after the end are PAD; a row that
-  reaches its limit without EOS keeps all its tokens.
+  `prompt` [batch, width <= max_len] forces each row's first `prompt_lengths` [batch]
+  positions; `limits` [batch] (default max_len) caps each row; `seeds` [batch] (default 0)
+  seed each row's own random stream, so a row's draws do not depend on the rows beside it.
+  Tokens after the end are EOS; a row that reaches its limit without EOS keeps all its tokens.
   """
   limits = jnp.full((batch,), max_len) if limits is None else limits
   seeds = jnp.zeros((batch,), jnp.int32) if seeds is None else seeds
-  out = jnp.zeros((batch, max_len), jnp.int32)
+  out = jnp.full((batch, max_len), specials.eos, jnp.int32)
+  if prompt is not None:
+    prompt = jnp.pad(prompt, ((0, 0), (0, max_len - prompt.shape[1])))
   keys = jax.vmap(jax.random.key)(seeds)
 
   def cond(carry):
@@ -91,14 +122,16 @@ def _generate(
     logits, cache = model.decode_step(previous, t, cache)
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
     token = pick(logits, step_keys).astype(jnp.int32)
+    forcing = jnp.zeros((batch,), bool)
     if prompt is not None:
-      forced = prompt[:, t]
-      token = jnp.where(forced > 0, forced, token)
-    token = jnp.where(done, PAD_ID, token)
-    done = done | (token == EOS_ID) | (t + 1 >= limits)
+      forcing = t < prompt_lengths
+      token = jnp.where(forcing, prompt[:, t], token)
+    token = jnp.where(done, specials.eos, token)
+    done = done | ((token == specials.eos) & ~forcing) | (t + 1 >= limits)
     return t + 1, out.at[:, t].set(token), token, done, cache
 
-  start = (0, out, jnp.full((batch,), BOS_ID, jnp.int32), jnp.zeros((batch,), bool), cache)
+  first = jnp.full((batch,), specials.start, jnp.int32)
+  start = (0, out, first, jnp.zeros((batch,), bool), cache)
   return jax.lax.while_loop(cond, body, start)[1]
 
 
@@ -109,14 +142,18 @@ def greedy(
   max_len: int,
   vocab_limit: int,
   prompt: jax.Array | None = None,
+  prompt_lengths: jax.Array | None = None,
   limits: jax.Array | None = None,
+  specials: Specials = Specials(),
 ) -> jax.Array:
   """Tokens [batch, max_len], the most likely one at every step."""
 
   def pick(logits, _):
-    return _forbid(logits, vocab_limit).argmax(-1)
+    return _forbid(logits, vocab_limit, specials).argmax(-1)
 
-  return _generate(model, cache, batch, max_len, pick, prompt, limits=limits)
+  return _generate(
+    model, cache, batch, max_len, pick, specials, prompt, prompt_lengths, limits=limits
+  )
 
 
 def sample(
@@ -130,7 +167,9 @@ def sample(
   top_k: jax.Array | int = 0,
   top_p: jax.Array | float = 1.0,
   prompt: jax.Array | None = None,
+  prompt_lengths: jax.Array | None = None,
   limits: jax.Array | None = None,
+  specials: Specials = Specials(),
 ) -> jax.Array:
   """Tokens [batch, max_len] drawn from the filtered softmax (see filter_logits); row r's
   draws come from its own seed, seeds[r]. The settings are scalars or per row ([batch]); a row
@@ -141,7 +180,7 @@ def sample(
   drawing = temperature > 0
 
   def pick(logits, keys):
-    logits = _forbid(logits, vocab_limit)
+    logits = _forbid(logits, vocab_limit, specials)
     most_likely = logits.argmax(-1)
 
     def draw():
@@ -152,7 +191,9 @@ def sample(
     drawn = jax.lax.cond(drawing.any(), draw, lambda: most_likely)
     return jnp.where(drawing, drawn, most_likely)
 
-  return _generate(model, cache, batch, max_len, pick, prompt, seeds, limits)
+  return _generate(
+    model, cache, batch, max_len, pick, specials, prompt, prompt_lengths, seeds, limits
+  )
 
 
 def _repeat_rows(cache: dict, beam: int) -> dict:
@@ -171,6 +212,7 @@ def beam_search(
   vocab_limit: int,
   alpha: jax.Array | float,
   limits: jax.Array | None = None,
+  specials: Specials = Specials(),
 ) -> tuple[jax.Array, jax.Array]:
   """Best sequences [batch, max_len] and their scores (log-prob / length penalty).
 
@@ -183,13 +225,13 @@ def beam_search(
   limits = jnp.full((batch,), max_len) if limits is None else limits
   alpha = jnp.broadcast_to(jnp.asarray(alpha, jnp.float32), (batch,))
   cache = _repeat_rows(cache, beam)
-  seqs = jnp.zeros((batch, beam, max_len), jnp.int32)
+  seqs = jnp.full((batch, beam, max_len), specials.eos, jnp.int32)  # EOS after the end
   live_lp = jnp.tile(jnp.asarray([0.0] + [NEG_INF] * (beam - 1)), (batch, 1))
   state = dict(
     t=0,
     live=seqs,
     live_lp=live_lp,
-    previous=jnp.full((batch, beam), BOS_ID, jnp.int32),
+    previous=jnp.full((batch, beam), specials.start, jnp.int32),
     done=seqs,
     done_score=jnp.full((batch, beam), NEG_INF),
     cache=cache,
@@ -203,13 +245,13 @@ def beam_search(
   def body(s):
     t = s["t"]
     logits, cache = model.decode_step(s["previous"].reshape(-1), t, s["cache"])
-    logp = jax.nn.log_softmax(_forbid(logits, vocab_limit)).reshape(batch, beam, -1)
+    logp = jax.nn.log_softmax(_forbid(logits, vocab_limit, specials)).reshape(batch, beam, -1)
     vocab = logp.shape[-1]
     scores = (s["live_lp"][..., None] + logp).reshape(batch, beam * vocab)
     top_lp, top_index = jax.lax.top_k(scores, 2 * beam)
     origin, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
     grown = jnp.take_along_axis(s["live"], origin[..., None], axis=1).at[:, :, t].set(token)
-    ends = (token == EOS_ID) | (t + 1 >= limits)[:, None]
+    ends = (token == specials.eos) | (t + 1 >= limits)[:, None]
     # Finished: the old finished hypotheses and the candidates that end here among the top
     # `beam` (as in fairseq: so beam 1 is greedy); keep the best `beam`.
     in_beam = jnp.arange(2 * beam) < beam
@@ -286,12 +328,13 @@ class Decoder:
     self,
     layout: Layout,
     params: Any,
-    tokenizer: Tokenizer,
+    tokenizer: tok.Tokenizer,
     options: DecodeOptions,
     batch_size: int,
     row_buckets: bool = False,
   ):
     self.layout, self.params, self.tokenizer, self.options = layout, params, tokenizer, options
+    self.specials = Specials.of(tokenizer, layout.dims.start_id)
     rows_multiple = layout.mesh.shape["data"] * layout.mesh.shape["fsdp"]
     self.batch_size = -(-batch_size // rows_multiple) * rows_multiple
     # Row counts a batch is padded to: a few rows need not pay for a full batch (a server's
@@ -356,19 +399,26 @@ class Decoder:
       # Outputs come back replicated so that every process can read them whole.
       self._jitted[max_len, beam] = jax.jit(
         functools.partial(
-          _decode_batch, self.layout, self.options, max_len, beam, self.tokenizer.vocab_size
+          _decode_batch,
+          self.layout,
+          self.options,
+          self.specials,
+          max_len,
+          beam,
+          self.tokenizer.vocab_size,
         ),
         out_shardings=self.layout.shardings.replicated,
       )
     return self._jitted[max_len, beam]
 
   def _encode(self, line: str, warn: Callable[[str], None]) -> list[int]:
-    ids = self.tokenizer.encode(line)
+    translation = self.layout.cfg.task == "translation"
+    ids = self.tokenizer.encode(line, "inputs" if translation else "targets")
     limit = self.max_input_tokens
     if len(ids) > limit:
       warn(f"warning: input of {len(ids)} tokens truncated to {limit}: {line[:40]!r}...")
       ids = ids[:limit]
-    return ids + [EOS_ID] if self.layout.cfg.task == "translation" else ids
+    return ids + [self.tokenizer.eos_id] if translation else ids
 
   def decode_ids(
     self,
@@ -405,6 +455,7 @@ class Decoder:
     o = self.options
     # name: (the given values, the default, a padding row's: greedy, done after one token)
     settings = dict(
+      length=([len(ids) for ids in batch_ids], 0, 0),
       cap=(caps, 0, 1),
       seed=(seeds, o.seed, 0),
       temperature=(temperatures, o.temperature, 0.0),
@@ -451,6 +502,12 @@ class Decoder:
     return outputs
 
 
+def until_end(row, eos: int) -> list[int]:
+  """An output row's tokens before its first EOS (all of them if it has none)."""
+  row = [int(t) for t in np.asarray(row).reshape(-1)]
+  return row[: row.index(eos)] if eos in row else row
+
+
 def _column(given: list | None, default, pad, rows: int, padded: int) -> np.ndarray:
   """One per-row setting [padded]: the given values (or the default), then padding rows'."""
   column = np.full((padded,), pad, np.int32 if isinstance(pad, int) else np.float32)
@@ -461,6 +518,7 @@ def _column(given: list | None, default, pad, rows: int, padded: int) -> np.ndar
 def _decode_batch(
   layout: Layout,
   options: DecodeOptions,
+  specials: Specials,
   max_len: int,
   beam: int,
   vocab_limit: int,
@@ -470,16 +528,17 @@ def _decode_batch(
 ) -> jax.Array:
   model = nnx.merge(layout.graphdef, params)
   batch = tokens.shape[0]
-  lengths = (tokens > 0).sum(-1)
-  caps = per_row["cap"]
+  lengths, caps = per_row["length"], per_row["cap"]
   if layout.cfg.task == "translation":
-    cache = model.init_cache(tokens, max_len)
+    cache = model.init_cache(tokens, lengths, max_len)
     limits = jnp.ceil(options.max_len_a * lengths + options.max_len_b).astype(jnp.int32)
     limits = jnp.clip(jnp.where(caps > 0, jnp.minimum(limits, caps), limits), 1, max_len)
     if beam > 1:
       alpha = per_row["alpha"]
-      return beam_search(model, cache, batch, beam, max_len, vocab_limit, alpha, limits)[0]
-    return greedy(model, cache, batch, max_len, vocab_limit, limits=limits)
+      return beam_search(model, cache, batch, beam, max_len, vocab_limit, alpha, limits, specials)[
+        0
+      ]
+    return greedy(model, cache, batch, max_len, vocab_limit, limits=limits, specials=specials)
   cache = model.init_cache(batch, max_len)
   limits = jnp.where(caps > 0, jnp.minimum(lengths + caps, max_len), max_len)
   return sample(
@@ -493,5 +552,7 @@ def _decode_batch(
     per_row["top_k"],
     per_row["top_p"],
     prompt=tokens,
+    prompt_lengths=lengths,
     limits=limits,
+    specials=specials,
   )

@@ -111,11 +111,11 @@ class Layout:
 
 
 def batch_keys(task: str, packed: bool) -> tuple[str, ...]:
-  """The [batch, seq_len] int32 arrays of a training batch."""
+  """The [batch, seq_len] int32 arrays of a training batch: tokens and segment ids (0 marks
+  padding) per side, and positions when packed (else 0, 1, ...)."""
   sides = ("targets",) if task == "lm" else ("inputs", "targets")
-  if not packed:
-    return sides
-  return tuple(side + part for side in sides for part in ("", "_segment_ids", "_positions"))
+  parts = ("", "_segment_ids", "_positions") if packed else ("", "_segment_ids")
+  return tuple(side + part for side in sides for part in parts)
 
 
 def _stacks(logical) -> set[str]:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from lm.layout import Layout
 from lm.models.loss import cross_entropy_sums, distill_sums
+from lm.models.transformer import segment_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,7 @@ def loss_sums(
   """(loss sum, (target tokens, correct tokens)) of one batch; with `teacher_logits`, the
   distillation mix (train.distill_weight, train.distill_temperature)."""
   logits = layout.logits(params, batch, dropout_key)  # [batch, length, vocab] float32
-  weights = (batch["targets"] > 0).astype(jnp.float32)
+  weights = (segment_ids(batch, "targets") > 0).astype(jnp.float32)
   loss, tokens, correct = cross_entropy_sums(
     logits, batch["targets"], weights, label_smoothing, layout.vocab_limit
   )

@@ -31,8 +31,7 @@ from starlette.routing import Route
 
 from lm import metrics
 from lm.data import tokenizer as tok
-from lm.data.tokenizer import EOS_ID
-from lm.decode import DecodeOptions, Decoder
+from lm.decode import DecodeOptions, Decoder, until_end
 from lm.trees import param_count
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
@@ -146,7 +145,8 @@ class Service:
     with metrics.counting_compiles() as compiles:
       for rows in self.decoder.row_counts:
         for width, out_len in self.decoder.shapes:
-          ids = [4] * (width - 1) + [EOS_ID] if self.task == "translation" else [4]
+          eos = self.decoder.tokenizer.eos_id
+          ids = [4] * (width - 1) + [eos] if self.task == "translation" else [4]
           for beam in self.beam_sizes:  # one token each: the program, not the output, matters
             self.decoder.decode_ids([ids] * rows, [1] * rows, beam_size=beam)
           self.compiled_shapes.append((rows, width, out_len))
@@ -243,7 +243,8 @@ class Service:
       return
     # Generated tokens only: an LM's output row starts with its prompt.
     skip = [len(r.ids) if self.task == "lm" else 0 for r in batch]
-    tokens = sum(int((row[n:] > 0).sum()) for row, n in zip(out, skip))
+    eos = self.decoder.tokenizer.eos_id
+    tokens = sum(len(until_end(row[n:], eos)) for row, n in zip(out, skip))
     self.metrics.batch_rows.observe(len(batch))
     self.metrics.tokens.inc(tokens)
     self.metrics.tokens_per_second.set(tokens / max(time.perf_counter() - start, 1e-9))
@@ -287,11 +288,12 @@ class Service:
       raise RequestError(f"{field} must be a string, not {type(text).__name__}", field)
     if not text.strip():
       raise RequestError(f"{field} is empty", field)
-    ids = self.decoder.tokenizer.encode(text)
+    translation = self.task == "translation"
+    ids = self.decoder.tokenizer.encode(text, "inputs" if translation else "targets")
     limit = self.max_input_tokens
     if len(ids) > limit:
       raise RequestError(f"{field} too long ({len(ids)} tokens, limit {limit})", field)
-    return ids + [EOS_ID] if self.task == "translation" else ids
+    return ids + [self.decoder.tokenizer.eos_id] if translation else ids
 
   async def translate(self, body: dict) -> dict:
     if self.task != "translation":
@@ -332,7 +334,7 @@ class Service:
     if not isinstance(stream, bool):
       raise RequestError("stream must be true or false", "stream")
     (row,) = await self.submit([ids], [cap], settings)
-    tokens = [int(t) for t in row[len(ids) :] if t > 0]
+    tokens = until_end(row[len(ids) :], self.decoder.tokenizer.eos_id)
     text = self.decoder.tokenizer.decode(tokens)
     return {"text": text, "tokens": tokens, "model_step": self.step}, stream
 

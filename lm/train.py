@@ -15,10 +15,9 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from lm import checkpoint, evaluate, inference, metrics, paths
+from lm import checkpoint, evaluate, inference, metrics
 from lm import config as lmc
 from lm.data import pipeline
-from lm.data import tokenizer as tok
 from lm.objective import Teacher
 from lm.parallel import report, sharding
 from lm.train_step import Trainer, TrainState
@@ -97,10 +96,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, overridden=()) -> dict:
         "float export or checkpoint"
       )
     cfg = lmc.adopt_model(cfg, source_cfg, overridden)
-    if jax.process_index() == 0 and not (paths.resolve(workdir) / tok.TOKENIZER_FILE).exists():
-      tok.save(checkpoint.meta_tokenizer(source), workdir)
+    tokenizer = checkpoint.meta_tokenizer(source)
+  else:
+    tokenizer = None  # data.tokenizer, or the workdir's (trained on the data if absent)
   log = metrics.Logger(workdir, cfg)
-  data = pipeline.load(cfg, workdir, log.info)
+  data = pipeline.load(cfg, workdir, log.info, tokenizer)
   trainer = Trainer.build(
     cfg, tokenizer_size=data.tokenizer.vocab_size, teacher=load_teacher(cfg, data, log)
   )
@@ -130,7 +130,7 @@ def load_teacher(cfg, data: pipeline.Data, log) -> Teacher | None:
   if not (cfg.train.teacher and cfg.train.distill_weight > 0):
     return None
   layout, params, tokenizer, step = inference.restore_model(cfg.train.teacher, cfg, "train.teacher")
-  if tokenizer.model_proto != data.tokenizer.model_proto:
+  if tokenizer.fingerprint() != data.tokenizer.fingerprint():
     raise lmc.ConfigError(
       f"config.train.teacher: its tokenizer ({tokenizer.vocab_size} pieces) is not this run's "
       f"({data.tokenizer.vocab_size}); a teacher must share the student's token ids"

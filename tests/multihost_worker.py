@@ -105,7 +105,9 @@ def run_and_decode(dcn_data: int = 1, stages=(0, 1, 2, 3), one_device: bool = Fa
 
 
 class _VocabOnly:
-  """The one thing Decoder.decode_ids asks of a tokenizer: its vocabulary size."""
+  """What Decoder.decode_ids asks of a tokenizer: its vocabulary size and special ids."""
+
+  pad_id, bos_id, eos_id = 0, 2, 3  # zerolm's own
 
   def __init__(self, vocab_size: int):
     self.vocab_size = vocab_size

@@ -36,6 +36,11 @@ def _tokens(seed, shape, low=4, high=60):
   return jnp.asarray(np.random.RandomState(seed).randint(low, high, size=shape), jnp.int32)
 
 
+def _full(inputs):
+  """Every row's length: the whole width (no padding)."""
+  return jnp.full((inputs.shape[0],), inputs.shape[1])
+
+
 @pytest.mark.parametrize(
   "task,positions", [("translation", "sinusoidal"), ("lm", "rotary"), ("lm", "learned")]
 )
@@ -44,8 +49,10 @@ def test_cached_decoding_matches_the_full_forward_pass(task, positions):
   targets = _tokens(1, (2, 9))
   if task == "translation":
     inputs = _tokens(2, (2, 7)).at[1, 5:].set(0)  # padded source
-    full = model({"inputs": inputs, "targets": targets})
-    cache = model.init_cache(inputs, 9)
+    lengths = jnp.asarray([7, 5])
+    segments = (jnp.arange(7)[None] < lengths[:, None]).astype(jnp.int32)
+    full = model({"inputs": inputs, "inputs_segment_ids": segments, "targets": targets})
+    cache = model.init_cache(inputs, lengths, 9)
   else:
     full = model({"targets": targets})
     cache = model.init_cache(2, 9)
@@ -62,7 +69,7 @@ def _sequence_log_probs(model, inputs, sequences, vocab_limit):
   targets = jnp.asarray([s + [0] * (length - len(s)) for s in sequences], jnp.int32)
   rows = jnp.repeat(inputs[None], len(sequences), axis=0)
   logp = jax.nn.log_softmax(
-    decode._forbid(model({"inputs": rows, "targets": targets}), vocab_limit)
+    decode._forbid(model({"inputs": rows, "targets": targets}), vocab_limit, decode.Specials())
   )
   picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   lengths = jnp.asarray([len(s) for s in sequences])
@@ -76,7 +83,7 @@ def test_beam_search_finds_the_exhaustive_best(alpha):
   words = [t for t in range(1, vocab_limit) if t not in (BOS_ID, EOS_ID)]
   inputs = _tokens(3, (2, 6))
   found, found_score = decode.beam_search(
-    model, model.init_cache(inputs, max_len), 2, 32, max_len, vocab_limit, alpha
+    model, model.init_cache(inputs, _full(inputs), max_len), 2, 32, max_len, vocab_limit, alpha
   )
   for row in range(2):
     candidates = [
@@ -86,7 +93,7 @@ def test_beam_search_finds_the_exhaustive_best(alpha):
     log_probs = _sequence_log_probs(model, inputs[row], candidates, vocab_limit)
     scores = [lp / decode.length_penalty(len(c), alpha) for lp, c in zip(log_probs, candidates)]
     best = int(np.argmax(scores))
-    expected = candidates[best] + [0] * (max_len - len(candidates[best]))
+    expected = candidates[best] + [EOS_ID] * (max_len - len(candidates[best]))  # EOS fills
     assert np.asarray(found[row]).tolist() == expected
     np.testing.assert_allclose(float(found_score[row]), scores[best], rtol=1e-5)
 
@@ -94,7 +101,7 @@ def test_beam_search_finds_the_exhaustive_best(alpha):
 def test_beam_search_takes_a_length_penalty_per_row():
   run, model = _model("translation")
   inputs = _tokens(3, (2, 6))
-  cache = model.init_cache(inputs, 3)
+  cache = model.init_cache(inputs, _full(inputs), 3)
   low, low_score = decode.beam_search(model, cache, 2, 32, 3, 8, 0.0)
   high, high_score = decode.beam_search(model, cache, 2, 32, 3, 8, 2.0)
   mixed, mixed_score = decode.beam_search(model, cache, 2, 32, 3, 8, jnp.asarray([0.0, 2.0]))
@@ -106,8 +113,8 @@ def test_beam_search_takes_a_length_penalty_per_row():
 def test_beam_one_and_top_k_one_equal_greedy():
   run, model = _model("translation")
   inputs = _tokens(4, (3, 6))
-  greedy = decode.greedy(model, model.init_cache(inputs, 8), 3, 8, 60)
-  beam1, _ = decode.beam_search(model, model.init_cache(inputs, 8), 3, 1, 8, 60, 0.0)
+  greedy = decode.greedy(model, model.init_cache(inputs, _full(inputs), 8), 3, 8, 60)
+  beam1, _ = decode.beam_search(model, model.init_cache(inputs, _full(inputs), 8), 3, 1, 8, 60, 0.0)
   np.testing.assert_array_equal(beam1, greedy)
   lm_run, lm = _model("lm")
   lm_greedy = decode.greedy(lm, lm.init_cache(3, 8), 3, 8, 60)
@@ -121,7 +128,9 @@ def test_sampled_frequencies_match_the_softmax():
   seeds = jnp.arange(draws)  # one draw from each row's own stream
   first = decode.sample(model, model.init_cache(draws, 1), draws, 1, vocab_limit, seeds)
   logits, _ = model.decode_step(jnp.full((1,), BOS_ID, jnp.int32), 0, model.init_cache(1, 1))
-  probs = np.asarray(jax.nn.softmax(decode._forbid(logits[0], vocab_limit)), np.float64)
+  probs = np.asarray(
+    jax.nn.softmax(decode._forbid(logits[0], vocab_limit, decode.Specials())), np.float64
+  )
   allowed = np.flatnonzero(probs > 1e-12)
   counts = np.bincount(np.asarray(first[:, 0]), minlength=len(probs))
   assert counts[probs <= 1e-12].sum() == 0  # PAD, BOS and padded ids never drawn
@@ -186,7 +195,9 @@ def test_rows_with_different_settings_share_a_program_and_decode_as_alone(task):
     assert (again != together).any()
     model = nnx.merge(run.graphdef, params)
     prompt = jnp.zeros((1, 12), jnp.int32).at[0, :2].set(jnp.asarray(rows[0]))
-    greedy = decode.greedy(model, model.init_cache(1, 12), 1, 12, 60, prompt=prompt)
+    greedy = decode.greedy(
+      model, model.init_cache(1, 12), 1, 12, 60, prompt=prompt, prompt_lengths=jnp.asarray([2])
+    )
     np.testing.assert_array_equal(together[0], greedy[0])
 
 
@@ -194,8 +205,9 @@ class _Numbers:
   """Token ids written as numbers: "5 9" <-> [5, 9]."""
 
   vocab_size = 60
+  pad_id, bos_id, eos_id = 0, BOS_ID, EOS_ID
 
-  def encode(self, text):
+  def encode(self, text, side="targets"):
     return [int(word) for word in text.split()]
 
   def decode(self, ids):
@@ -246,6 +258,7 @@ def test_sharded_zero3_decoding_equals_one_device(beam):
 
 class _Ids:  # token ids in, ids out: no tokenizer needed
   vocab_size = 60
+  pad_id, bos_id, eos_id = 0, BOS_ID, EOS_ID
 
 
 def test_a_sampled_row_depends_on_neither_its_neighbours_nor_its_place():
@@ -272,10 +285,11 @@ def test_each_translation_stops_at_its_own_length_limit(beam):
   # The batch is padded to its source bucket (16 = seq_len, for a longest source of 10 tokens)
   # and compiled for that bucket's limit, 1.0 * 16 + 1; each row stops at its own limit.
   assert decoder.buckets == (8, 16) and out.shape[1] == 17
-  lengths = (out > 0).sum(-1)
+  lengths = np.asarray([len(decode.until_end(row, EOS_ID)) for row in out])
   # An untrained model rarely says EOS: rows end at their limits (or earlier with EOS).
   assert all(n <= len(s) + 1 for n, s in zip(lengths, sources))
-  assert (out[0, len(sources[0]) + 1 :] == 0).all() and lengths.max() > len(sources[0]) + 1
+  assert (out[0, len(sources[0]) + 1 :] == EOS_ID).all()  # EOS fills a row after its end
+  assert lengths.max() > len(sources[0]) + 1
 
 
 def _run_cli(*args, stdin=None):

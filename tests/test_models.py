@@ -14,7 +14,7 @@ from lm.config import REMAT as REMAT_CHOICES
 from lm.data.synthetic import random_batch
 from lm.models.layers import Mlp, Norm, dropout, rotary
 from lm.models.loss import cross_entropy_sums
-from lm.models.transformer import ModelDims, build_model
+from lm.models.transformer import ModelDims, build_model, segment_ids
 from lm.train_step import Trainer
 from lm.trees import param_count
 from tests.helpers import tiny_config
@@ -76,17 +76,26 @@ def test_packed_segments_do_not_see_each_other(task):
   np.testing.assert_allclose(packed[:, 5:], alone2, atol=1e-5)
 
 
+@pytest.mark.parametrize("pad_id", [0, 5])
 @pytest.mark.parametrize("task", ["translation", "lm"])
-def test_padding_does_not_change_the_loss(task):
+def test_padding_does_not_change_the_loss(task, pad_id):
+  """Segment ids, not a token id, mark the padding: padding with a real token's id (5) is as
+  invisible as padding with 0."""
   model = _model(task)
   targets, inputs = _tokens(7, (2, 9)), _tokens(8, (2, 6))
+
+  def pad(x, n):
+    return jnp.pad(x, ((0, 0), (0, n)), constant_values=pad_id)
+
   padded = {
-    "targets": jnp.pad(targets, ((0, 0), (0, 5))),
-    "inputs": jnp.pad(inputs, ((0, 0), (0, 3))),
+    "targets": pad(targets, 5),
+    "targets_segment_ids": jnp.pad(jnp.ones_like(targets), ((0, 0), (0, 5))),
+    "inputs": pad(inputs, 3),
+    "inputs_segment_ids": jnp.pad(jnp.ones_like(inputs), ((0, 0), (0, 3))),
   }
 
   def loss(batch):
-    weights = (batch["targets"] > 0).astype(jnp.float32)
+    weights = (segment_ids(batch, "targets") > 0).astype(jnp.float32)
     total, count, _ = cross_entropy_sums(model(batch), batch["targets"], weights)
     return total / count
 
@@ -166,7 +175,7 @@ def _dims(**kw):
 def test_rmsnorm_matches_numpy():
   rng = np.random.RandomState(0)
   with nnx.use_eager_sharding(False):
-    norm = Norm(32, "rmsnorm", jnp.float32, nnx.Rngs(params=0))
+    norm = Norm(_dims(d_model=32, norm="rmsnorm", norm_eps=1e-6), nnx.Rngs(params=0))
   norm.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, 32), jnp.float32)
   x = rng.normal(size=(2, 5, 32)).astype(np.float32) * 3
   expected = x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6) * np.asarray(norm.scale[...])

@@ -100,9 +100,10 @@ def load(
   return Data(cfg, tokenizer, train, eval_records, eval_tokens, source.skipped, source)
 
 
-def encode(tokenizer: tok.Tokenizer, text: str, seq_len: int) -> np.ndarray:
-  """Token ids + EOS, truncated to seq_len."""
-  return np.asarray(tokenizer.encode(text) + [tok.EOS_ID], np.int32)[:seq_len]
+def encode(tokenizer: tok.Tokenizer, text: str, seq_len: int, side: str = "targets") -> np.ndarray:
+  """Token ids + the tokenizer's EOS, truncated to seq_len; `side` "inputs" for a source (a
+  tokenizer may have one per side, as Marian's)."""
+  return np.asarray(tokenizer.encode(text, side) + [tokenizer.eos_id], np.int32)[:seq_len]
 
 
 class _Tokenize(grain.transforms.Map):
@@ -122,7 +123,7 @@ class _Tokenize(grain.transforms.Map):
     if not record:
       return {}
     keep = self.keep
-    out = {k: encode(self.tokenizer, text, keep + 1) for k, text in record.items()}
+    out = {k: encode(self.tokenizer, text, keep + 1, k) for k, text in record.items()}
     if any(len(v) > keep for v in out.values()):
       if self.drop_long:
         return {}
@@ -173,8 +174,15 @@ class _SplitLong(grain.experimental.FlatMapTransform):
 
 
 def _pad_to(seq_len: int):
+  """An unpacked example -> seq_len columns, with segment ids marking its tokens."""
+
   def pad(example):
-    return {k: v if k == SKIPPED else np.pad(v, (0, seq_len - len(v))) for k, v in example.items()}
+    out = {SKIPPED: example[SKIPPED]}
+    for k, v in example.items():
+      if k != SKIPPED:
+        out[k] = np.pad(v, (0, seq_len - len(v)))
+        out[k + "_segment_ids"] = (np.arange(seq_len) < len(v)).astype(np.int32)
+    return out
 
   return pad
 
@@ -317,14 +325,17 @@ def _stack_rows(rows: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray
 
 
 def eval_arrays(tokenizer, records: list[dict], seq_len: int) -> dict[str, np.ndarray]:
-  """Records as padded [rows, seq_len] token arrays (long ones truncated, none dropped)."""
+  """Records as padded [rows, seq_len] token arrays with segment ids (long ones truncated,
+  none dropped)."""
   arrays = {}
   for key in records[0] if records else ("targets",):
     rows = np.zeros((len(records), seq_len), np.int32)
+    segments = np.zeros((len(records), seq_len), np.int32)
     for r, record in enumerate(records):
-      ids = encode(tokenizer, record[key], seq_len)
+      ids = encode(tokenizer, record[key], seq_len, key)
       rows[r, : len(ids)] = ids
-    arrays[key] = rows
+      segments[r, : len(ids)] = 1
+    arrays[key], arrays[key + "_segment_ids"] = rows, segments
   return arrays
 
 

@@ -137,8 +137,9 @@ class DemoSource:
 def random_batch(cfg, seed: int = 0, padding: int = 0, packed: bool = False) -> dict:
   """A global batch of random token rows (ids 4 .. vocab_size - 1) for the config's task, one
   example per row, for tests and benchmarks. `padding` > 0 pads the last `padding` columns and
-  row 0 from a third of its length, so that rows and microbatches differ in token count;
-  `packed` adds the segment ids and positions that a packed batch carries."""
+  row 0 from a third of its length, so that rows and microbatches differ in token count.
+  Segment ids mark the padding (id 0 here); `packed` adds the positions a packed batch
+  carries."""
   rng = np.random.RandomState(seed)
   shape = (cfg.train.global_batch_size, cfg.data.seq_len)
   tokens = rng.randint(4, cfg.model.vocab_size, size=shape).astype(np.int32)
@@ -151,7 +152,7 @@ def random_batch(cfg, seed: int = 0, padding: int = 0, packed: bool = False) -> 
   batch = {}
   for side, ids in sides.items():
     batch[side] = np.ascontiguousarray(ids)
+    batch[side + "_segment_ids"] = (ids > 0).astype(np.int32)
     if packed:
-      batch[side + "_segment_ids"] = (ids > 0).astype(np.int32)
       batch[side + "_positions"] = np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape)
   return batch

@@ -1,12 +1,19 @@
-"""SentencePiece tokenizer with the project's fixed special ids: pad=0, unk=1, bos=2, eos=3.
+"""zerolm's SentencePiece tokenizer, with fixed special ids: pad=0, unk=1, bos=2, eos=3.
 
 Trained on a random sample of the training data (both sides for translation: one shared
 vocabulary) and cached as WORKDIR/tokenizer.model; process 0 trains and writes it atomically,
 the other processes wait for the file.
+
+Every tokenizer (this one, and an imported model's, lm.hf.tokenizer) offers the same interface:
+`vocab_size`, the special ids `pad_id` / `bos_id` / `eos_id` / `unk_id` (None where it has
+none), `encode(text, side)` without special tokens, `decode(ids)` up to the first EOS, and
+`to_meta()` / `fingerprint()`. The code outside reads special ids from it, never constants.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import os
 import time
@@ -25,6 +32,8 @@ WAIT_SECONDS = 1800
 
 
 class Tokenizer:
+  pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+
   def __init__(self, model_proto: bytes):
     self.model_proto = model_proto
     self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
@@ -43,7 +52,9 @@ class Tokenizer:
   def vocab_size(self) -> int:
     return self.sp.vocab_size()
 
-  def encode(self, text: str) -> list[int]:
+  def encode(self, text: str, side: str = "targets") -> list[int]:
+    """One vocabulary for both sides (`side`, "inputs" or "targets", is for tokenizers with
+    one per side)."""
     return self.sp.encode(text)
 
   def decode(self, ids) -> str:
@@ -52,6 +63,23 @@ class Tokenizer:
     if EOS_ID in ids:
       ids = ids[: ids.index(EOS_ID)]
     return self.sp.decode([i for i in ids if i > EOS_ID])
+
+  def to_meta(self) -> str:
+    """What a checkpoint's meta holds: the model, base64."""
+    return base64.b64encode(self.model_proto).decode("ascii")
+
+  def fingerprint(self) -> str:
+    return hashlib.sha256(self.model_proto).hexdigest()
+
+
+def from_meta(value):
+  """The tokenizer a checkpoint's meta holds: zerolm's own (a base64 string) or an imported
+  model's (a dict, see lm.hf.tokenizer)."""
+  if isinstance(value, str):
+    return Tokenizer(base64.b64decode(value))
+  from lm.hf import tokenizer as hf_tokenizer  # only runs that imported a model need it
+
+  return hf_tokenizer.from_meta(value)
 
 
 def train(texts: Iterable[str], vocab_size: int, model_type: str) -> Tokenizer:

@@ -115,10 +115,11 @@ def _random_bytes(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 class Norm(nnx.Module):
-  """Pre-norm LayerNorm or RMSNorm over 'embed'; statistics in float32."""
+  """LayerNorm or RMSNorm over 'embed'; statistics in float32."""
 
-  def __init__(self, d_model: int, kind: str, param_dtype, rngs: nnx.Rngs):
-    self.kind = kind
+  def __init__(self, dims, rngs: nnx.Rngs):
+    d_model, kind, param_dtype = dims.d_model, dims.norm, dims.param_dtype
+    self.kind, self.eps = kind, dims.norm_eps
     self.scale = _param(rngs, jax.nn.initializers.ones, (d_model,), ("embed",), param_dtype)
     if kind == "layernorm":
       self.bias = _param(rngs, jax.nn.initializers.zeros, (d_model,), ("embed",), param_dtype)
@@ -127,17 +128,20 @@ class Norm(nnx.Module):
     x32 = x.astype(jnp.float32)
     if self.kind == "layernorm":
       x32 = x32 - x32.mean(-1, keepdims=True)
-    y = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + 1e-6)
+    y = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + self.eps)
     y = y * self.scale[...]
     if self.kind == "layernorm":
       y = y + self.bias[...]
     return y.astype(x.dtype)
 
 
-def sinusoidal(positions: jax.Array, d_model: int) -> jax.Array:
-  """[batch, length] integer positions -> [batch, length, d_model] (Vaswani et al.)."""
+def sinusoidal(positions: jax.Array, d_model: int, kind: str = "t2t") -> jax.Array:
+  """[batch, length] integer positions -> [batch, length, d_model]: sines, then cosines, of
+  positions times frequencies from 1 down to 1/10000 ("t2t", tensor2tensor's) or towards it
+  ("marian": 1 / 10000^(2i / d_model), Vaswani et al.'s)."""
   half = d_model // 2
-  freq = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+  steps = max(half - 1, 1) if kind == "t2t" else half
+  freq = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / steps)
   angle = positions[..., None].astype(jnp.float32) * freq
   return jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], axis=-1)
 
@@ -154,10 +158,12 @@ def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
-def rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
-  """Rotary embedding on [batch, length, heads, kv] by [batch, length] positions."""
+def rotary(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+  """Rotary embedding on [batch, length, heads, kv] by [batch, length] positions; dims i and
+  i + kv/2 form a pair (the "rotate half" layout of GPT-NeoX and Hugging Face's Llama, not the
+  interleaved pairs of Meta's original checkpoints)."""
   half = x.shape[-1] // 2
-  freq = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+  freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
   angle = positions[..., None, None].astype(jnp.float32) * freq  # [b, l, 1, half]
   sin, cos = jnp.sin(angle), jnp.cos(angle)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -165,7 +171,7 @@ def rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
 
 
 # Letters of the einsum subscripts below -> logical axis names.
-_AXIS_NAMES = {"e": "embed", "h": "heads", "k": "kv", "f": "mlp"}
+_AXIS_NAMES = {"e": "embed", "h": "heads", "g": "kv_heads", "k": "kv", "f": "mlp"}
 
 
 class LowRank(nnx.Module):
@@ -174,7 +180,13 @@ class LowRank(nnx.Module):
   shard them like any parameter; B starts at zero, so the model starts exactly as without."""
 
   def __init__(self, cfg, inputs: str, outputs: str, rngs: nnx.Rngs):
-    size = {"e": cfg.d_model, "h": cfg.num_heads, "k": cfg.head_dim, "f": cfg.mlp_dim}
+    size = {
+      "e": cfg.d_model,
+      "h": cfg.num_heads,
+      "g": cfg.num_kv_heads,
+      "k": cfg.head_dim,
+      "f": cfg.mlp_dim,
+    }
     r = cfg.lora_rank
     names = lambda dims: tuple(_AXIS_NAMES[c] for c in dims)
     fan_in = math.prod(size[c] for c in inputs)
@@ -245,47 +257,58 @@ def adapter(cfg, rngs: nnx.Rngs) -> Adapter | None:
 
 
 class Attention(nnx.Module):
-  """Multi-head attention; heads shard over 'tensor' (Megatron column/row split)."""
+  """Multi-head attention, grouped-query when num_kv_heads < num_heads; query heads shard over
+  'tensor' (Megatron column/row split), key/value heads too where the axis divides them."""
 
   def __init__(self, cfg, rngs: nnx.Rngs, block: str = "attn"):
-    d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
+    d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.use_rotary = cfg.positions == "rotary"
+    self.rope_theta = cfg.rope_theta
     init_in, init_out = _fan_in_init(d), _fan_in_init(h * k)
-    for name in ("query", "key", "value"):
-      kernel, scale = _kernel(cfg, rngs, init_in, (d, h, k), ("embed", "heads", "kv"), name)
+    for name, heads in (("query", "heads"), ("key", "kv_heads"), ("value", "kv_heads")):
+      shape = (d, h if heads == "heads" else g, k)
+      kernel, scale = _kernel(cfg, rngs, init_in, shape, ("embed", heads, "kv"), name)
       setattr(self, name, kernel)
       setattr(self, f"{name}_scale", scale)
     self.out, self.out_scale = _kernel(
       cfg, rngs, init_out, (h, k, d), ("heads", "kv", "embed"), "out"
     )
-    self.use_bias = cfg.use_bias
-    if cfg.use_bias:
-      zeros = jax.nn.initializers.zeros
+    self.in_bias = cfg.use_bias or cfg.qkv_bias
+    self.out_has_bias = cfg.use_bias
+    zeros = jax.nn.initializers.zeros
+    if self.in_bias:
       # No key bias: q.(k + b) shifts every score of a query equally, so softmax ignores it and
-      # its gradient is pure rounding noise (that Adam would amplify into drift).
-      for name in ("query_bias", "value_bias"):
-        setattr(self, name, _param(rngs, zeros, (h, k), ("heads", "kv"), cfg.param_dtype))
+      # its gradient is pure rounding noise (that Adam would amplify into drift). An imported
+      # key bias is dropped for the same reason: the attention is exactly the same without.
+      self.query_bias = _param(rngs, zeros, (h, k), ("heads", "kv"), cfg.param_dtype)
+      self.value_bias = _param(rngs, zeros, (g, k), ("kv_heads", "kv"), cfg.param_dtype)
+    if self.out_has_bias:
       self.out_bias = _param(rngs, zeros, (d,), ("embed",), cfg.param_dtype)
-    for name in ("query", "key", "value"):
-      setattr(self, f"{name}_lora", _lora(cfg, block, name, "e", "hk", rngs))
+    for name, outputs in (("query", "hk"), ("key", "gk"), ("value", "gk")):
+      setattr(self, f"{name}_lora", _lora(cfg, block, name, "e", outputs, rngs))
     self.out_lora = _lora(cfg, block, "out", "hk", "e", rngs)
 
   def project(self, x: jax.Array, name: str) -> jax.Array:
-    """[batch, length, embed] -> [batch, length, heads, kv]."""
+    """[batch, length, embed] -> [batch, length, heads (kv heads for key, value), kv]."""
     y = jnp.einsum("ble,ehk->blhk", x, weight(self, name, x.dtype))
     if (lora := getattr(self, f"{name}_lora")) is not None:
       y = y + lora(x)
-    if self.use_bias and name != "key":
+    if self.in_bias and name != "key":
       y = y + getattr(self, name + "_bias")[...].astype(x.dtype)
-    return constrain(y, ("batch", "length", "heads", "kv"))
+    heads = "heads" if name == "query" else "kv_heads"
+    return constrain(y, ("batch", "length", heads, "kv"))
+
+  def rotate(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    return rotary(x, positions, self.rope_theta)
 
   def attend(self, q, k, v, mask) -> jax.Array:
-    """q [b, t, h, kv], k/v [b, s, h, kv], mask [b, 1, t, s] -> [b, t, embed]."""
+    """q [b, t, h, kv], k/v [b, s, kv heads, kv], mask [b, 1, t, s] -> [b, t, embed]; each
+    key/value head serves h / kv heads consecutive query heads."""
     y = jax.nn.dot_product_attention(q, k, v, mask=mask)
     out = jnp.einsum("blhk,hke->ble", y, weight(self, "out", y.dtype))
     if self.out_lora is not None:
       out = out + self.out_lora(y)
-    if self.use_bias:
+    if self.out_has_bias:
       out = out + self.out_bias[...].astype(out.dtype)
     return constrain(out, ("batch", "length", "embed"))
 
@@ -296,7 +319,7 @@ class Attention(nnx.Module):
       self.project(kv_input, "value"),
     )
     if self.use_rotary:
-      q, k = rotary(q, q_positions), rotary(k, kv_positions)
+      q, k = self.rotate(q, q_positions), self.rotate(k, kv_positions)
     return self.attend(q, k, v, mask)
 
 
@@ -333,8 +356,12 @@ class Mlp(nnx.Module):
       if self.wi_gate_lora is not None:
         gate = gate + self.wi_gate_lora(x)
       h = jax.nn.silu(gate) * h
-    elif self.activation == "gelu":
-      h = jax.nn.gelu(h)
+    elif self.activation == "gelu":  # the tanh approximation (GPT-2's gelu_new)
+      h = jax.nn.gelu(h, approximate=True)
+    elif self.activation == "gelu_exact":
+      h = jax.nn.gelu(h, approximate=False)
+    elif self.activation == "silu":
+      h = jax.nn.silu(h)
     else:
       h = jax.nn.relu(h)
     h = constrain(h, ("batch", "length", "mlp"))

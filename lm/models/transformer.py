@@ -24,13 +24,10 @@ from lm.models.layers import (
   attention_mask,
   dropout,
   lookup,
-  rotary,
   sinusoidal,
   split_keys,
 )
 from lm.parallel.sharding import constrain, gather_layer
-
-BOS_ID = 2
 
 REMAT_POLICIES = {
   "full": jax.checkpoint_policies.nothing_saveable,
@@ -45,16 +42,25 @@ class ModelDims:
   vocab_size: int
   d_model: int
   num_heads: int
+  num_kv_heads: int  # resolved: num_heads without grouped-query attention
   head_dim: int
   mlp_dim: int
   enc_layers: int
   dec_layers: int
   activation: str
   positions: str
+  sinusoid: str
+  rope_theta: float
   max_len: int
   norm: str
+  norm_eps: float
+  post_norm: bool
+  embed_scale: float  # token embeddings are multiplied by this
   use_bias: bool
+  qkv_bias: bool
+  logits_bias: bool
   tie_embeddings: bool
+  start_id: int  # the decoder's input at position 0 of every segment
   dropout_rate: float
   dtype: jnp.dtype
   param_dtype: jnp.dtype
@@ -89,20 +95,30 @@ class ModelDims:
       # Sharded parameters: keep matmul outputs but not the gathered weights, so the backward
       # gathers each layer again instead of holding every gathered layer at once.
       remat = "save_dots" if params_sharded else "none"
+    scaled = m.embed_scale == "sqrt_d" or (m.embed_scale == "auto" and m.positions == "sinusoidal")
     return cls(
       vocab_size=vocab_size or m.vocab_size,
       d_model=m.d_model,
       num_heads=m.num_heads,
+      num_kv_heads=m.num_kv_heads or m.num_heads,
       head_dim=m.head_dim or m.d_model // m.num_heads,
       mlp_dim=m.mlp_dim,
       enc_layers=m.enc_layers,
       dec_layers=m.dec_layers,
       activation=m.activation,
       positions=m.positions,
+      sinusoid=m.sinusoid,
+      rope_theta=m.rope_theta,
       max_len=m.max_len,
       norm=m.norm,
+      norm_eps=m.norm_eps,
+      post_norm=m.norm_position == "post",
+      embed_scale=m.d_model**0.5 if scaled else 1.0,
       use_bias=m.use_bias,
+      qkv_bias=m.qkv_bias,
+      logits_bias=m.logits_bias,
       tie_embeddings=m.tie_embeddings,
+      start_id=m.start_id,
       dropout_rate=m.dropout_rate,
       dtype=jnp.dtype(dtype),
       param_dtype=jnp.dtype(m.param_dtype),
@@ -119,20 +135,26 @@ class ModelDims:
 
 class EncoderLayer(nnx.Module):
   def __init__(self, dims: ModelDims, rngs: nnx.Rngs):
-    self.attn_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
+    self.attn_norm = Norm(dims, rngs)
     self.attn = Attention(dims, rngs, "attn")
     self.attn_adapter = adapter(dims, rngs)
-    self.mlp_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
+    self.mlp_norm = Norm(dims, rngs)
     self.mlp = Mlp(dims, rngs)
     self.mlp_adapter = adapter(dims, rngs)
     self.rate = dims.dropout_rate
+    self.post_norm = dims.post_norm
 
   def __call__(self, x, key, *, mask, positions):
     k1, k2 = split_keys(key, 2)
-    h = self.attn_norm(x)
-    y = _adapted(self.attn_adapter, self.attn(h, h, mask, positions, positions))
-    x = x + dropout(y, self.rate, k1)
-    return x + dropout(_adapted(self.mlp_adapter, self.mlp(self.mlp_norm(x))), self.rate, k2)
+
+    def attention(h):
+      return dropout(
+        _adapted(self.attn_adapter, self.attn(h, h, mask, positions, positions)), self.rate, k1
+      )
+
+    x = _residual(x, self.attn_norm, attention, self.post_norm)
+    mlp = lambda h: dropout(_adapted(self.mlp_adapter, self.mlp(h)), self.rate, k2)
+    return _residual(x, self.mlp_norm, mlp, self.post_norm)
 
 
 def _adapted(adapter_module, y):
@@ -140,63 +162,84 @@ def _adapted(adapter_module, y):
   return y if adapter_module is None else adapter_module(y)
 
 
+def _residual(x, norm, block, post_norm: bool):
+  """One residual block: x + block(norm(x)) (pre-norm) or norm(x + block(x)) (post-norm)."""
+  if post_norm:
+    return norm(x + block(x))
+  return x + block(norm(x))
+
+
 class DecoderLayer(nnx.Module):
   """Causal self-attention, cross-attention (encoder-decoder only), MLP."""
 
   def __init__(self, dims: ModelDims, cross_attention: bool, rngs: nnx.Rngs):
-    self.self_attn_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
+    self.self_attn_norm = Norm(dims, rngs)
     self.self_attn = Attention(dims, rngs, "self_attn")
     self.self_attn_adapter = adapter(dims, rngs)
     if cross_attention:
-      self.cross_attn_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
+      self.cross_attn_norm = Norm(dims, rngs)
       self.cross_attn = Attention(dims, rngs, "cross_attn")
       self.cross_attn_adapter = adapter(dims, rngs)
     self.has_cross = cross_attention
-    self.mlp_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
+    self.mlp_norm = Norm(dims, rngs)
     self.mlp = Mlp(dims, rngs)
     self.mlp_adapter = adapter(dims, rngs)
     self.rate = dims.dropout_rate
+    self.post_norm = dims.post_norm
 
   def __call__(self, x, key, *, mask, positions, encoded=None, cross_mask=None):
     k1, k2, k3 = split_keys(key, 3)
-    h = self.self_attn_norm(x)
-    y = _adapted(self.self_attn_adapter, self.self_attn(h, h, mask, positions, positions))
-    x = x + dropout(y, self.rate, k1)
+
+    def attention(h):
+      y = self.self_attn(h, h, mask, positions, positions)
+      return dropout(_adapted(self.self_attn_adapter, y), self.rate, k1)
+
+    x = _residual(x, self.self_attn_norm, attention, self.post_norm)
     if self.has_cross:
-      h = self.cross_attn_norm(x)
-      # Rotary is for self-attention only: source and target positions are not comparable.
-      y = self.cross_attn.attend(
-        self.cross_attn.project(h, "query"),
-        self.cross_attn.project(encoded, "key"),
-        self.cross_attn.project(encoded, "value"),
-        cross_mask,
-      )
-      x = x + dropout(_adapted(self.cross_attn_adapter, y), self.rate, k2)
-    return x + dropout(_adapted(self.mlp_adapter, self.mlp(self.mlp_norm(x))), self.rate, k3)
+
+      def cross(h):
+        # Rotary is for self-attention only: source and target positions are not comparable.
+        y = self.cross_attn.attend(
+          self.cross_attn.project(h, "query"),
+          self.cross_attn.project(encoded, "key"),
+          self.cross_attn.project(encoded, "value"),
+          cross_mask,
+        )
+        return dropout(_adapted(self.cross_attn_adapter, y), self.rate, k2)
+
+      x = _residual(x, self.cross_attn_norm, cross, self.post_norm)
+    mlp = lambda h: dropout(_adapted(self.mlp_adapter, self.mlp(h)), self.rate, k3)
+    return _residual(x, self.mlp_norm, mlp, self.post_norm)
 
   def decode_step(self, x, cache, *, index, positions, cross_mask=None):
-    """One new position: x [b, 1, embed]; cache holds this layer's keys/values [b, T, h, kv]
-    (self-attention, written at `index`) and the source's (cross_k, cross_v), computed once."""
-    h = self.self_attn_norm(x)
+    """One new position: x [b, 1, embed]; cache holds this layer's keys/values
+    [b, T, kv heads, kv] (self-attention, written at `index`) and the source's (cross_k,
+    cross_v), computed once."""
     attn = self.self_attn
-    q, k, v = attn.project(h, "query"), attn.project(h, "key"), attn.project(h, "value")
-    if attn.use_rotary:
-      q, k = rotary(q, positions), rotary(k, positions)
     cache = dict(cache)
-    cache["k"] = jax.lax.dynamic_update_slice_in_dim(
-      cache["k"], k.astype(cache["k"].dtype), index, 1
-    )
-    cache["v"] = jax.lax.dynamic_update_slice_in_dim(
-      cache["v"], v.astype(cache["v"].dtype), index, 1
-    )
-    visible = (jnp.arange(cache["k"].shape[1]) <= index)[None, None, None, :]
-    x = x + _adapted(self.self_attn_adapter, attn.attend(q, cache["k"], cache["v"], visible))
+
+    def attention(h):
+      q, k, v = attn.project(h, "query"), attn.project(h, "key"), attn.project(h, "value")
+      if attn.use_rotary:
+        q, k = attn.rotate(q, positions), attn.rotate(k, positions)
+      for name, new in (("k", k), ("v", v)):
+        cache[name] = jax.lax.dynamic_update_slice_in_dim(
+          cache[name], new.astype(cache[name].dtype), index, 1
+        )
+      visible = (jnp.arange(cache["k"].shape[1]) <= index)[None, None, None, :]
+      return _adapted(self.self_attn_adapter, attn.attend(q, cache["k"], cache["v"], visible))
+
+    x = _residual(x, self.self_attn_norm, attention, self.post_norm)
     if self.has_cross:
-      h = self.cross_attn_norm(x)
-      q = self.cross_attn.project(h, "query")
-      y = self.cross_attn.attend(q, cache["cross_k"], cache["cross_v"], cross_mask)
-      x = x + _adapted(self.cross_attn_adapter, y)
-    return x + _adapted(self.mlp_adapter, self.mlp(self.mlp_norm(x))), cache
+
+      def cross(h):
+        q = self.cross_attn.project(h, "query")
+        y = self.cross_attn.attend(q, cache["cross_k"], cache["cross_v"], cross_mask)
+        return _adapted(self.cross_attn_adapter, y)
+
+      x = _residual(x, self.cross_attn_norm, cross, self.post_norm)
+    mlp = lambda h: _adapted(self.mlp_adapter, self.mlp(h))
+    return _residual(x, self.mlp_norm, mlp, self.post_norm), cache
 
   def cross_keys_values(self, encoded):
     return self.cross_attn.project(encoded, "key"), self.cross_attn.project(encoded, "value")
@@ -287,17 +330,22 @@ class LayerStack(nnx.Module):
     return k, v
 
 
-def shift_right(targets: jax.Array, positions: jax.Array) -> jax.Array:
-  """Decoder inputs: previous token, and BOS at the start of every (packed) segment."""
+def shift_right(targets: jax.Array, positions: jax.Array, start_id: int) -> jax.Array:
+  """Decoder inputs: previous token, and the start token at the start of every (packed)
+  segment."""
   previous = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
-  return jnp.where(positions == 0, BOS_ID, previous)
+  return jnp.where(positions == 0, start_id, previous)
 
 
-def default_segments_and_positions(tokens: jax.Array):
-  """Unpacked rows: one segment per row (0 on padding) and positions 0, 1, ..."""
-  segments = (tokens > 0).astype(jnp.int32)
-  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-  return segments, positions
+def default_positions(tokens: jax.Array) -> jax.Array:
+  """Unpacked rows: positions 0, 1, ..."""
+  return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+
+def length_segments(tokens: jax.Array, lengths: jax.Array) -> jax.Array:
+  """Unpacked rows of `lengths` [batch] tokens each: segment 1 on them, 0 on the padding
+  (whatever id pads: a real token's id may be 0)."""
+  return (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
 
 
 class _Model(nnx.Module):
@@ -306,6 +354,10 @@ class _Model(nnx.Module):
   def _init_io(self, dims: ModelDims, rngs: nnx.Rngs):
     self.dims = dims
     self.embed = Embedding(dims, rngs)
+    if dims.logits_bias:
+      self.logits_bias = nnx.Param(
+        jnp.zeros((dims.vocab_size,), dims.param_dtype), out_sharding=("vocab",)
+      )
     if dims.positions == "learned":
       init = jax.nn.initializers.normal(stddev=0.02)
       self.pos_table = nnx.Param(
@@ -322,10 +374,10 @@ class _Model(nnx.Module):
   def embed_tokens(self, tokens, positions) -> jax.Array:
     d = self.dims
     x = self.embed(tokens, d.dtype)
+    if d.embed_scale != 1.0:
+      x = x * jnp.asarray(d.embed_scale, d.dtype)
     if d.positions == "sinusoidal":
-      x = x * jnp.asarray(d.d_model**0.5, d.dtype) + sinusoidal(positions, d.d_model).astype(
-        d.dtype
-      )
+      x = x + sinusoidal(positions, d.d_model, d.sinusoid).astype(d.dtype)
     elif d.positions == "learned":
       table = self.pos_table[...]
       x = x + lookup(table, ("length", "embed"), positions, d.dtype, d.params_sharded)
@@ -336,23 +388,30 @@ class _Model(nnx.Module):
       out = self.embed.attend(x)
     else:
       out = x @ self.output[...].astype(x.dtype)
-    return constrain(out.astype(jnp.float32), ("batch", "length", "vocab"))
+    out = out.astype(jnp.float32)
+    if self.dims.logits_bias:
+      out = out + self.logits_bias[...].astype(jnp.float32)
+    return constrain(out, ("batch", "length", "vocab"))
+
+  def final_norm(self, x, norm) -> jax.Array:
+    """Pre-norm stacks end with a norm; post-norm ones have normed every block already."""
+    return x if norm is None else norm(x)
 
 
 class EncoderDecoder(_Model):
   def __init__(self, dims: ModelDims, rngs: nnx.Rngs):
     self._init_io(dims, rngs)
     self.encoder = LayerStack(lambda r: EncoderLayer(dims, r), dims.enc_layers, dims, rngs)
-    self.encoder_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
+    self.encoder_norm = None if dims.post_norm else Norm(dims, rngs)
     self.decoder = LayerStack(lambda r: DecoderLayer(dims, True, r), dims.dec_layers, dims, rngs)
-    self.decoder_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
+    self.decoder_norm = None if dims.post_norm else Norm(dims, rngs)
 
   def encode(self, inputs, segments, positions, key=None) -> jax.Array:
     k_embed, k_layers = split_keys(key, 2)
     x = dropout(self.embed_tokens(inputs, positions), self.dims.dropout_rate, k_embed)
     mask = attention_mask(segments, segments, causal=False)
     x = self.encoder(x, k_layers, mask=mask, positions=positions)
-    return self.encoder_norm(x)
+    return self.final_norm(x, self.encoder_norm)
 
   def decode(self, encoded, input_segments, decoder_inputs, segments, positions, key=None):
     k_embed, k_layers = split_keys(key, 2)
@@ -365,11 +424,12 @@ class EncoderDecoder(_Model):
       encoded=encoded,
       cross_mask=attention_mask(segments, input_segments, causal=False),
     )
-    return self.logits(self.decoder_norm(x))
+    return self.logits(self.final_norm(x, self.decoder_norm))
 
-  def init_cache(self, inputs, max_len: int) -> dict:
-    """Encodes the source once: cross-attention keys/values per layer and empty self caches."""
-    in_seg, in_pos = default_segments_and_positions(inputs)
+  def init_cache(self, inputs, lengths, max_len: int) -> dict:
+    """Encodes the source (`lengths` [batch] tokens of each row of `inputs`) once:
+    cross-attention keys/values per layer and empty self caches."""
+    in_seg, in_pos = length_segments(inputs, lengths), default_positions(inputs)
     encoded = self.encode(inputs, in_seg, in_pos)
     cross_k, cross_v = self.decoder.cross_keys_values(encoded)
     return {
@@ -388,7 +448,7 @@ class EncoderDecoder(_Model):
     in_seg, in_pos = _segments_and_positions(batch, "inputs")
     tgt_seg, tgt_pos = _segments_and_positions(batch, "targets")
     encoded = self.encode(batch["inputs"], in_seg, in_pos, k_enc)
-    decoder_inputs = shift_right(batch["targets"], tgt_pos)
+    decoder_inputs = shift_right(batch["targets"], tgt_pos, self.dims.start_id)
     return self.decode(encoded, in_seg, decoder_inputs, tgt_seg, tgt_pos, k_dec)
 
 
@@ -398,7 +458,7 @@ class Decoder(_Model):
   def __init__(self, dims: ModelDims, rngs: nnx.Rngs):
     self._init_io(dims, rngs)
     self.decoder = LayerStack(lambda r: DecoderLayer(dims, False, r), dims.dec_layers, dims, rngs)
-    self.decoder_norm = Norm(dims.d_model, dims.norm, dims.param_dtype, rngs)
+    self.decoder_norm = None if dims.post_norm else Norm(dims, rngs)
 
   def init_cache(self, batch_size: int, max_len: int) -> dict:
     return _empty_self_cache(self.dims, batch_size, max_len, self.dims.dtype)
@@ -410,15 +470,15 @@ class Decoder(_Model):
   def __call__(self, batch: dict, dropout_key=None) -> jax.Array:
     k_embed, k_layers = split_keys(dropout_key, 2)
     segments, positions = _segments_and_positions(batch, "targets")
-    tokens = shift_right(batch["targets"], positions)
+    tokens = shift_right(batch["targets"], positions, self.dims.start_id)
     x = dropout(self.embed_tokens(tokens, positions), self.dims.dropout_rate, k_embed)
     mask = attention_mask(segments, segments, causal=True)
     x = self.decoder(x, k_layers, mask=mask, positions=positions)
-    return self.logits(self.decoder_norm(x))
+    return self.logits(self.final_norm(x, self.decoder_norm))
 
 
 def _empty_self_cache(dims: ModelDims, batch: int, max_len: int, dtype) -> dict:
-  shape = (dims.dec_layers, batch, max_len, dims.num_heads, dims.head_dim)
+  shape = (dims.dec_layers, batch, max_len, dims.num_kv_heads, dims.head_dim)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
@@ -430,13 +490,21 @@ def _decode_step(model, tokens, index, cache, cross_mask=None):
   x, self_cache = model.decoder.decode_step(
     x, self_cache, index=index, positions=positions, cross_mask=cross_mask
   )
-  return model.logits(model.decoder_norm(x))[:, 0], {**cache, **self_cache}
+  return model.logits(model.final_norm(x, model.decoder_norm))[:, 0], {**cache, **self_cache}
+
+
+def segment_ids(batch: dict, name: str) -> jax.Array:
+  """A side's segment ids, 0 on padding; a batch without them has none. No token id marks
+  padding: in an imported vocabulary id 0 may be a real token (GPT-2's "!")."""
+  segments = batch.get(name + "_segment_ids")
+  return jnp.ones_like(batch[name]) if segments is None else segments
 
 
 def _segments_and_positions(batch: dict, name: str):
-  if name + "_segment_ids" in batch:
-    return batch[name + "_segment_ids"], batch[name + "_positions"]
-  return default_segments_and_positions(batch[name])
+  """A side's segment ids and its positions (0, 1, ... in an unpacked batch)."""
+  positions = batch.get(name + "_positions")
+  positions = default_positions(batch[name]) if positions is None else positions
+  return segment_ids(batch, name), positions
 
 
 def build_model(task: str, dims: ModelDims, seed: int) -> nnx.Module:

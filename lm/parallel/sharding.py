@@ -20,6 +20,7 @@ RULES = (
   ("batch", ("data", "fsdp")),
   ("vocab", "tensor"),
   ("heads", "tensor"),
+  ("kv_heads", "tensor"),  # grouped-query attention's key/value heads (replicated if indivisible)
   ("mlp", "tensor"),
   ("embed", None),
   ("kv", None),
