@@ -100,8 +100,12 @@ def restore_latest(
 
 
 def source_meta(path: str, field: str = "train.init_from") -> dict:
-  """The meta (config, tokenizer, step) of a trained model given as an export or a workdir (its
-  latest checkpoint)."""
+  """The meta (config, tokenizer, step) of a trained model given as an export, a workdir (its
+  latest checkpoint) or a Hugging Face model (hf:PATH or hf:ORG/NAME)."""
+  if _is_hf(path):
+    from lm.hf import models as hf_models  # only runs that import a model need it
+
+    return hf_models.meta(path, field if field.startswith("--") else f"config.{field}")
   if _is_export(path):
     return load_meta(path)
   checkpoints = Checkpointer(path) if (paths.resolve(path) / CHECKPOINT_DIR).is_dir() else None
@@ -136,7 +140,11 @@ def restore_model(
 
 
 def _is_export(path: str) -> bool:
-  return (paths.resolve(path) / "meta" / "metadata").is_file()
+  return _is_hf(path) or (paths.resolve(path) / "meta" / "metadata").is_file()
+
+
+def _is_hf(path: str) -> bool:
+  return path.startswith("hf:")
 
 
 def export(workdir: str, output: str, dtype: str = "float32", merge_lora: bool = False) -> int:
@@ -165,10 +173,17 @@ def export(workdir: str, output: str, dtype: str = "float32", merge_lora: bool =
 def restore_export(
   directory: str, devices=None, mesh_cfg=None, settings=None
 ) -> tuple[Layout, Any, tok.Tokenizer, int]:
-  """(layout, params, tokenizer, step) of an export, laid out as restore_latest does."""
+  """(layout, params, tokenizer, step) of an export or a Hugging Face model (hf:...), laid
+  out as restore_latest does."""
   if not _is_export(directory):
     raise lmc.ConfigError(f"--export: {directory!r} is not an export (no meta/metadata)")
-  meta = load_meta(directory)
+  meta = source_meta(directory, "--export") if _is_hf(directory) else load_meta(directory)
   cfg, tokenizer = _inference_config(meta, mesh_cfg, settings), meta_tokenizer(meta)
   built = Layout.build(cfg, devices, tokenizer_size=tokenizer.vocab_size)
-  return built, load_export(directory, built.placed_params()), tokenizer, meta.get("step", 0)
+  if _is_hf(directory):
+    from lm.hf import models as hf_models
+
+    params = hf_models.load_params(meta, built)
+  else:
+    params = load_export(directory, built.placed_params())
+  return built, params, tokenizer, meta.get("step", 0)

@@ -143,7 +143,7 @@ def test_every_experiment_lays_out_and_its_decoder_takes_every_input_it_accepts(
   cfg.mesh.update(data=1, fsdp=-1, tensor=1, dcn_data=1)  # its own mesh may be a pod's
   layout = Layout.build(cfg)
   options = decode.DecodeOptions.from_config(cfg.decode)
-  vocab = types.SimpleNamespace(vocab_size=layout.vocab_limit)
+  vocab = types.SimpleNamespace(vocab_size=layout.vocab_limit, pad_id=0, bos_id=2, eos_id=3)
   decoder = decode.Decoder(layout, None, vocab, options, cfg.decode.batch_size)
   m = cfg.model
   widths = [width for width, _ in decoder.shapes]

@@ -285,10 +285,11 @@ def test_packing_keeps_every_token_and_the_loss_of_the_unpacked_examples(tmp_pat
   loss_sums = jax.jit(lambda b: objective.training_loss_sums(run.layout, params, b, None))
   with jax.set_mesh(run.layout.mesh):
     packed_loss, (packed_tokens, _) = loss_sums(run.layout.shard_batch(batch))
-    rows = {
-      k: np.stack([np.pad(e[k], (0, cfg.data.seq_len - len(e[k]))) for e in examples])
-      for k in ("inputs", "targets")
-    }
+    rows = {}
+    for k in ("inputs", "targets"):
+      rows[k] = np.stack([np.pad(e[k], (0, cfg.data.seq_len - len(e[k]))) for e in examples])
+      lengths = np.asarray([len(e[k]) for e in examples])
+      rows[k + "_segment_ids"] = (np.arange(cfg.data.seq_len) < lengths[:, None]).astype(np.int32)
     total = loss_sums(rows)[0]
   np.testing.assert_allclose(float(packed_loss), total, rtol=2e-5)
   assert float(packed_tokens) == tokens

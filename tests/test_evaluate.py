@@ -16,7 +16,9 @@ from tests.helpers import tiny_config
 def _evaluator(cfg):
   layout = Layout.build(cfg, devices=jax.devices()[:1])
   rows = {k: np.asarray(v) for k, v in random_batch(cfg, seed=5, padding=3).items()}
-  data = types.SimpleNamespace(eval=rows, tokenizer=types.SimpleNamespace(vocab_size=64))
+  data = types.SimpleNamespace(
+    eval=rows, tokenizer=types.SimpleNamespace(vocab_size=64, pad_id=0, bos_id=2, eos_id=3)
+  )
   return layout, evaluate.Evaluator(layout, data), rows
 
 

@@ -276,12 +276,16 @@ class Attention(nnx.Module):
     self.in_bias = cfg.use_bias or cfg.qkv_bias
     self.out_has_bias = cfg.use_bias
     zeros = jax.nn.initializers.zeros
+    # No key bias without rotary: q.(k + b) shifts every score of a query equally, so softmax
+    # ignores it and its gradient is pure rounding noise (that Adam would amplify into drift);
+    # an imported one is dropped, the attention exactly the same without. Rotary turns b by
+    # the key's position, so there (Qwen2) it changes the scores and stays.
+    self.key_has_bias = self.in_bias and self.use_rotary
     if self.in_bias:
-      # No key bias: q.(k + b) shifts every score of a query equally, so softmax ignores it and
-      # its gradient is pure rounding noise (that Adam would amplify into drift). An imported
-      # key bias is dropped for the same reason: the attention is exactly the same without.
       self.query_bias = _param(rngs, zeros, (h, k), ("heads", "kv"), cfg.param_dtype)
       self.value_bias = _param(rngs, zeros, (g, k), ("kv_heads", "kv"), cfg.param_dtype)
+    if self.key_has_bias:
+      self.key_bias = _param(rngs, zeros, (g, k), ("kv_heads", "kv"), cfg.param_dtype)
     if self.out_has_bias:
       self.out_bias = _param(rngs, zeros, (d,), ("embed",), cfg.param_dtype)
     for name, outputs in (("query", "hk"), ("key", "gk"), ("value", "gk")):
@@ -293,7 +297,7 @@ class Attention(nnx.Module):
     y = jnp.einsum("ble,ehk->blhk", x, weight(self, name, x.dtype))
     if (lora := getattr(self, f"{name}_lora")) is not None:
       y = y + lora(x)
-    if self.in_bias and name != "key":
+    if self.in_bias and (name != "key" or self.key_has_bias):
       y = y + getattr(self, name + "_bias")[...].astype(x.dtype)
     heads = "heads" if name == "query" else "kv_heads"
     return constrain(y, ("batch", "length", heads, "kv"))

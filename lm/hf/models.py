@@ -1,0 +1,119 @@
+"""Hugging Face models as zerolm model sources (`hf:PATH`, `hf:ORG/NAME`) and export targets.
+
+`hf:PATH` is a local directory with config.json, safetensors weights and the tokenizer's
+files; `hf:ORG/NAME` is downloaded through huggingface_hub into its cache when a network
+exists. Wherever a trained model is accepted (train.init_from, train.teacher, --export), such a
+source gives the same (meta, parameters on a layout) as a zerolm export does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from lm import config as lmc
+from lm.hf import architectures, weights
+from lm.hf import tokenizer as hf_tokenizer
+
+PREFIX = "hf:"
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.spm", "*.txt"]
+
+
+def is_hf(path: str) -> bool:
+  return isinstance(path, str) and path.startswith(PREFIX)
+
+
+def local_directory(spec: str, field: str) -> str:
+  """The local directory an hf: source names, downloaded first for a hub id."""
+  name = spec[len(PREFIX) :]
+  if os.path.isdir(name):
+    directory = name
+  elif re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not os.path.exists(name):
+    directory = _download(name, field)
+  else:
+    raise lmc.ConfigError(f"{field}: {spec!r}: no such directory")
+  if not os.path.isfile(os.path.join(directory, "config.json")):
+    raise lmc.ConfigError(
+      f"{field}: {directory!r} has no config.json; an hf: model is a directory with "
+      "config.json, *.safetensors and the tokenizer's files"
+    )
+  return directory
+
+
+def _download(repo_id: str, field: str) -> str:
+  import huggingface_hub  # only hub ids need it
+
+  try:
+    return huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES)
+  except Exception as e:  # offline, unknown repo, no access: one line, with the local form
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise lmc.ConfigError(
+      f"{field}: cannot download {repo_id!r} from the Hugging Face hub ({reason}); on a "
+      f"machine without network download it elsewhere and pass hf:/path/to/its/directory"
+    ) from None
+
+
+def read_config_json(directory: str) -> dict:
+  with open(os.path.join(directory, "config.json")) as f:
+    return json.load(f)
+
+
+def meta(spec: str, field: str) -> dict:
+  """What a zerolm checkpoint's meta holds (config, tokenizer, step) for an hf: source."""
+  directory = local_directory(spec, field)
+  hf = read_config_json(directory)
+  cfg = architectures.model_config(hf, directory)
+  tokenizer = hf_tokenizer.load(directory, hf)
+  if tokenizer.vocab_size > cfg.model.vocab_size:
+    raise lmc.ConfigError(
+      f"{directory}: the tokenizer has {tokenizer.vocab_size} ids but the embedding only "
+      f"{cfg.model.vocab_size} rows (config.json vocab_size); they must match the checkpoint"
+    )
+  return {
+    "config": json.loads(cfg.to_json_best_effort()),
+    "tokenizer": tokenizer.to_meta(),
+    "step": 0,
+    "hf": {"directory": os.path.abspath(directory), "model_type": hf["model_type"]},
+  }
+
+
+def load_params(source_meta: dict, layout) -> dict:
+  """The checkpoint's parameters read into the layout's shardings (see lm.hf.weights)."""
+  info = source_meta["hf"]
+  tensors = architectures.tensors(
+    info["model_type"], layout.dims, source_meta["config"]["model"]["vocab_size"]
+  )
+  files = weights.CheckpointFiles(info["directory"])
+  try:
+    return weights.load(files, tensors, layout.abstract_params, layout.shardings.params)
+  finally:
+    files.close()
+
+
+def export(output: str, layout, params, tokenizer) -> list[str]:
+  """Writes `params` (a model without LoRA, in float) as a Hugging Face checkpoint: config.json,
+  safetensors and the tokenizer's files. The file names written."""
+  cfg = layout.cfg
+  hf = architectures.config_json(cfg, tokenizer)  # refuses options without an equivalent
+  save = getattr(tokenizer, "save", None)
+  if save is None:
+    raise lmc.ConfigError(
+      "--format=hf: this model's tokenizer is zerolm's own SentencePiece model, which "
+      "transformers cannot load as a tokenizer; export --format=zerolm, or start from an hf: model"
+    )
+  tensors = architectures.tensors(hf["model_type"], layout.dims, cfg.model.vocab_size)
+  bf16 = cfg.model.param_dtype == "bfloat16"
+  names = weights.write(
+    output, tensors, params, layout.mesh, ml_dtypes.bfloat16 if bf16 else np.float32
+  )
+  if jax.process_index() == 0:
+    hf["torch_dtype"] = "bfloat16" if bf16 else "float32"
+    with open(os.path.join(output, "config.json"), "w") as f:
+      json.dump(hf, f, indent=2)
+    save(output)
+  return names
