@@ -2,18 +2,16 @@
 tokenizer, from tiny models trained here (nothing is downloaded)."""
 
 import importlib
-import io
 import json
 import os
 import shutil
 
 import numpy as np
 import pytest
-import sentencepiece as spm
-import tokenizers
 
 from lm.config import ConfigError
 from lm.hf import tokenizer as hf_tokenizer
+from tests import hf_fixtures
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is first imported: no download
 transformers = importlib.import_module("transformers")
@@ -21,17 +19,6 @@ transformers = importlib.import_module("transformers")
 # MarianTokenizer warns that sacremoses (which it does not use to tokenize) is missing.
 pytestmark = pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses")
 
-ENGLISH = [
-  "The quick brown fox jumps over the lazy dog.",
-  "Hello world, hello there! It's a test, isn't it?",
-  "numbers 12345 and 67890 in a sentence",
-  "tabs\tand\nnewlines  and  double  spaces",
-]
-GERMAN = [
-  "Der schnelle braune Fuchs springt über den faulen Hund.",
-  "Hallo Welt, Grüße aus München!",
-  "Zahlen 12345 und 67890 in einem Satz",
-]
 TEXTS = [
   "The quick brown fox jumps over the lazy dog.",
   "Grüße, 東京 🙂",  # characters the training text lacks
@@ -55,68 +42,22 @@ KINDS = {
 }
 
 
-def _write_json(path, value):
-  path.write_text(json.dumps(value, indent=2))
-
-
-def _train_spm(texts, **options) -> bytes:
-  model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-    sentence_iterator=iter(texts * 20), model_writer=model, minloglevel=2, **options
-  )
-  return model.getvalue()
-
-
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory):
-  """GPT-2's layout: a byte-level BPE with <|endoftext|> last (GPT-2's 50256)."""
-  bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-  bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  bpe.decoder = tokenizers.decoders.ByteLevel()
-  alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
-  trainer = tokenizers.trainers.BpeTrainer(
-    vocab_size=320, initial_alphabet=alphabet, show_progress=False
-  )
-  bpe.train_from_iterator(ENGLISH * 20, trainer)
-  bpe.add_special_tokens(["<|endoftext|>"])
-  eot = bpe.token_to_id("<|endoftext|>")
-  directory = tmp_path_factory.mktemp("gpt2")
-  transformers.GPT2TokenizerFast(tokenizer_object=bpe).save_pretrained(directory)
-  config = dict(model_type="gpt2", bos_token_id=eot, eos_token_id=eot)
-  _write_json(directory / "config.json", config)
-  return directory
+  return hf_fixtures.gpt2_tokenizer(tmp_path_factory.mktemp("gpt2"))
 
 
 @pytest.fixture(scope="module")
 def llama_model():
-  """A Llama-like SentencePiece BPE (byte fallback, unk 0, bos 1, eos 2, a user-defined piece),
-  its normalization left at SentencePiece's default (NFKC, collapsing whitespace), which
-  transformers does not apply: the whitespace texts tell the two apart."""
-  return _train_spm(
-    ENGLISH + GERMAN,
-    vocab_size=400,
-    model_type="bpe",
-    byte_fallback=True,
-    unk_id=0,
-    bos_id=1,
-    eos_id=2,
-    pad_id=-1,
-    user_defined_symbols=["<sep>"],
-  )
+  return hf_fixtures.llama_spm_model()
 
 
 @pytest.fixture(scope="module")
 def llama_json_dir(tmp_path_factory, llama_model):
-  """Llama 2's hub layout: tokenizer.model, and the tokenizer.json and tokenizer_config.json
-  transformers writes. (In v5, LlamaTokenizer(vocab_file=...) does not read the file; its
-  from_pretrained converts it, and save_pretrained writes no tokenizer.model.)"""
-  source = tmp_path_factory.mktemp("llama_source")
-  (source / "tokenizer.model").write_bytes(llama_model)
-  directory = tmp_path_factory.mktemp("llama_json")
-  transformers.LlamaTokenizer.from_pretrained(source).save_pretrained(directory)
-  (directory / "tokenizer.model").write_bytes(llama_model)
-  _write_json(directory / "config.json", dict(model_type="llama", bos_token_id=1, eos_token_id=2))
-  return directory
+  return hf_fixtures.llama_tokenizer(tmp_path_factory.mktemp("llama_json"), llama_model)
+
+
+ENGLISH = hf_fixtures.ENGLISH
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +76,7 @@ def llama_hub_dir(tmp_path_factory, llama_json_dir):
     ],
   }
   spec["pre_tokenizer"] = None
-  _write_json(directory / "tokenizer.json", spec)
+  hf_fixtures.write_json(directory / "tokenizer.json", spec)
   return directory
 
 
@@ -154,34 +95,13 @@ def llama_legacy_dir(tmp_path_factory, llama_spm_dir):
   directory = tmp_path_factory.mktemp("llama_legacy")
   shutil.copytree(llama_spm_dir, directory, dirs_exist_ok=True)
   options = json.loads((directory / "tokenizer_config.json").read_text())
-  _write_json(directory / "tokenizer_config.json", dict(options, legacy=True))
+  hf_fixtures.write_json(directory / "tokenizer_config.json", dict(options, legacy=True))
   return directory
 
 
 @pytest.fixture(scope="module")
 def marian_dir(tmp_path_factory):
-  """opus-mt's layout: two unigram models, one vocab.json of both sides' pieces with </s>=0,
-  <unk>=1 and <pad> last."""
-  work = tmp_path_factory.mktemp("marian_source")
-  vocab = {"</s>": 0, "<unk>": 1}
-  for name, texts in (("source.spm", ENGLISH), ("target.spm", GERMAN)):
-    (work / name).write_bytes(_train_spm(texts, vocab_size=70, hard_vocab_limit=False))
-    model = spm.SentencePieceProcessor(model_file=str(work / name))
-    for i in range(model.get_piece_size()):
-      if not (model.is_control(i) or model.is_unknown(i)):
-        vocab.setdefault(model.id_to_piece(i), len(vocab))
-  vocab["<pad>"] = len(vocab)
-  _write_json(work / "vocab.json", vocab)
-  directory = tmp_path_factory.mktemp("marian")
-  transformers.MarianTokenizer(
-    source_spm=str(work / "source.spm"),
-    target_spm=str(work / "target.spm"),
-    vocab=str(work / "vocab.json"),
-  ).save_pretrained(directory)
-  pad = vocab["<pad>"]
-  config = dict(model_type="marian", pad_token_id=pad, eos_token_id=0, decoder_start_token_id=pad)
-  _write_json(directory / "config.json", config)
-  return directory
+  return hf_fixtures.marian_tokenizer(tmp_path_factory.mktemp("marian"))
 
 
 @pytest.fixture(scope="module")
@@ -190,9 +110,11 @@ def marian_hub_dir(tmp_path_factory, marian_dir):
   without added_tokens_decoder or tokenizer_class (config.json's model_type names the class)."""
   directory = tmp_path_factory.mktemp("marian_hub")
   shutil.copytree(marian_dir, directory, dirs_exist_ok=True)
-  _write_json(directory / "tokenizer_config.json", dict(source_lang="en", target_lang="de"))
+  hf_fixtures.write_json(
+    directory / "tokenizer_config.json", dict(source_lang="en", target_lang="de")
+  )
   specials = dict(eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
-  _write_json(directory / "special_tokens_map.json", specials)
+  hf_fixtures.write_json(directory / "special_tokens_map.json", specials)
   return directory
 
 
@@ -337,7 +259,7 @@ def _one_line_error(directory, match):
 
 
 def test_directory_without_tokenizer_files(tmp_path):
-  _write_json(tmp_path / "config.json", dict(model_type="llama"))
+  hf_fixtures.write_json(tmp_path / "config.json", dict(model_type="llama"))
   (tmp_path / "source.spm").write_bytes(b"")  # half of Marian's files is none
   message = _one_line_error(tmp_path, "tokenizer.json")
   assert str(tmp_path) in message and "vocab.json" in message

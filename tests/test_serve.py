@@ -348,6 +348,7 @@ def test_streaming_decodes_each_token_once_not_the_whole_prefix(lm_service, monk
 
   class Counting:
     vocab_size, encode = real.vocab_size, real.encode
+    pad_id, bos_id, eos_id = real.pad_id, real.bos_id, real.eos_id
 
     def decode(self, ids):
       decoded.append(len(ids))
