@@ -32,7 +32,10 @@ _MODE = flags.DEFINE_enum(
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "serve: the address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "serve: the port to listen on.")
 _EXPORT = flags.DEFINE_string(
-  "export", None, "eval, decode, serve: an export directory instead of WORKDIR's checkpoint."
+  "export",
+  None,
+  "eval, decode, serve: an export directory instead of WORKDIR's checkpoint, or a Hugging Face "
+  "model (hf:DIR, or hf:ORG/NAME downloaded when a network exists).",
 )
 _INPUT = flags.DEFINE_string("input", "-", "decode: one source (or prompt) per line; - = stdin.")
 _OUTPUT = flags.DEFINE_string(
@@ -48,6 +51,13 @@ _EXPORT_DTYPE = flags.DEFINE_enum(
   "float32",
   ["float32", "bfloat16", "int8"],
   "export: parameter dtype; int8 = matmul kernels as int8 with per-channel float scales.",
+)
+_FORMAT = flags.DEFINE_enum(
+  "format",
+  "zerolm",
+  ["zerolm", "hf"],
+  "export: zerolm (what --export reads) or hf (config.json, safetensors and the tokenizer's "
+  "files, for transformers' from_pretrained; LoRA merged first).",
 )
 _DISTRIBUTED = flags.DEFINE_bool(
   "distributed",
@@ -103,7 +113,11 @@ def main(argv):
       if not _OUTPUT.value:
         raise ConfigError("--output: required with --mode=export; name a new directory")
       step = inference.export(
-        _WORKDIR.value, _OUTPUT.value, _EXPORT_DTYPE.value, merge_lora=_MERGE_LORA.value
+        _WORKDIR.value,
+        _OUTPUT.value,
+        _EXPORT_DTYPE.value,
+        merge_lora=_MERGE_LORA.value,
+        format=_FORMAT.value,
       )
       if jax.process_index() == 0:
         print(f"exported step {step} of {_WORKDIR.value} to {_OUTPUT.value}")

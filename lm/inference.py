@@ -147,12 +147,30 @@ def _is_hf(path: str) -> bool:
   return path.startswith("hf:")
 
 
-def export(workdir: str, output: str, dtype: str = "float32", merge_lora: bool = False) -> int:
+def export(
+  workdir: str,
+  output: str,
+  dtype: str = "float32",
+  merge_lora: bool = False,
+  format: str = "zerolm",
+) -> int:
   """Writes the latest checkpoint's parameters (+ config, tokenizer) to `output`; its step.
   `merge_lora`: LoRA's updates folded into the kernels, the export a model without LoRA.
-  dtype "int8": matmul kernels as int8 with per-channel scales (model.quantize)."""
+  dtype "int8": matmul kernels as int8 with per-channel scales (model.quantize).
+  format "hf": a Hugging Face checkpoint (config.json, safetensors, the tokenizer's files) that
+  transformers' from_pretrained loads; LoRA is merged first."""
+  if format == "hf" and dtype == "int8":
+    raise lmc.ConfigError(
+      "--export_dtype=int8: transformers has no equivalent of zerolm's int8 kernels; export "
+      "--format=hf in float32 or bfloat16"
+    )
   built, params, tokenizer, step = restore_latest(workdir)
   cfg = built.cfg
+  if format == "hf":
+    from lm.hf import architectures
+
+    architectures.architecture_of(cfg)  # refuses options without an equivalent, before work
+    merge_lora = bool(cfg.model.lora_rank)
   if merge_lora:
     m = cfg.model
     if not m.lora_rank:
@@ -166,7 +184,15 @@ def export(workdir: str, output: str, dtype: str = "float32", merge_lora: bool =
       params = jax.jit(layers.quantize_int8)(params)
     cfg = cfg.copy_and_resolve_references()
     cfg.model.quantize, dtype = "int8", "float32"  # scales and unquantized tensors stay float
-  write_export(output, params, cfg, tokenizer, dtype, step)
+  if format == "hf":
+    from lm.hf import models as hf_models
+
+    cfg = cfg.copy_and_resolve_references()
+    cfg.model.param_dtype = dtype
+    layout = Layout.build(cfg, devices=list(built.mesh.devices.flat))
+    hf_models.export(output, layout, params, tokenizer)
+  else:
+    write_export(output, params, cfg, tokenizer, dtype, step)
   return step
 
 
