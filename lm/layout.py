@@ -63,6 +63,16 @@ class Layout:
     shardings = sharding.stage_shardings(logical, abstract_params, mesh, cfg.zero_stage)
     return cls(cfg, mesh, dims, graphdef, logical, abstract_params, shardings, vocab_limit)
 
+  def notes(self) -> list[str]:
+    """Start-up lines on where the layout departs from the sharding rules' aim."""
+    tensor, kv = self.mesh.shape["tensor"], self.dims.num_kv_heads
+    if tensor > 1 and kv % tensor:
+      return [
+        f"model.num_kv_heads={kv} is not divisible by mesh.tensor={tensor}: the key/value "
+        "projections and the KV cache are replicated over tensor (query heads stay split)"
+      ]
+    return []
+
   def placed_params(self) -> dict:
     """The parameters as abstract arrays in their shardings: a restore's target."""
     return trees.placed(self.abstract_params, self.shardings.params)

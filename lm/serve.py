@@ -521,6 +521,8 @@ def serve(decoder: Decoder, step: int, serve_cfg, host: str, port: int, log=prin
   import uvicorn
 
   service = Service(decoder, step, serve_cfg, log)
+  for line in decoder.layout.notes():
+    log(f"serve: {line}")
   count, seconds = service.warm_up()
   log(
     f"serve: compiled {count} decode programs for {len(service.compiled_shapes)} shapes "

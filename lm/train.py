@@ -156,6 +156,8 @@ def describe(trainer: Trainer, log) -> None:
     f"for {layout.vocab_limit} token ids (the rest: padding for the mesh, never predicted), "
     f"dtype {dims.dtype.name}, remat {dims.remat}"
   )
+  for line in layout.notes():
+    log.info(line)
   smoothing = cfg.model.label_smoothing
   log.info(
     "loss: the training cross-entropy"

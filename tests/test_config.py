@@ -74,3 +74,26 @@ def test_vocab_is_padded_the_same_on_every_mesh(vocab, tensor):
   padded = 128 if vocab <= 128 else 256  # a multiple of 128: restorable on any tensor size
   assert run.layout.dims.vocab_size == padded
   assert run.layout.abstract_params["embed"]["table"].shape == (padded, cfg.model.d_model)
+
+
+def test_grouped_query_heads_must_divide_the_query_heads():
+  cfg = tiny_config("lm", num_heads=4, num_kv_heads=3)
+  with pytest.raises(ConfigError, match="config.model.num_kv_heads: 3 does not divide"):
+    lmc.validate(cfg)
+
+
+def test_kv_heads_the_tensor_axis_does_not_divide_are_replicated_and_said_so():
+  from lm.layout import Layout
+
+  cfg = tiny_config("lm", num_heads=4, num_kv_heads=2)
+  cfg.mesh.update(data=1, fsdp=1, tensor=4)
+  layout = Layout.build(cfg, devices=jax.devices()[:4])
+  key = layout.shardings.params["decoder"]["layers"]["self_attn"]["key"]
+  query = layout.shardings.params["decoder"]["layers"]["self_attn"]["query"]
+  assert "tensor" not in jax.tree.leaves(tuple(key.spec)) and "tensor" in tuple(query.spec)
+  (note,) = layout.notes()
+  assert "num_kv_heads=2 is not divisible by mesh.tensor=4" in note
+  cfg.mesh.tensor = 2
+  layout = Layout.build(cfg, devices=jax.devices()[:2])
+  assert "tensor" in tuple(layout.shardings.params["decoder"]["layers"]["self_attn"]["key"].spec)
+  assert layout.notes() == []

@@ -14,8 +14,45 @@ MESHES = [(1, 8, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4), (8, 1, 1)]
 STEPS = 5
 
 
+# The options imported architectures need, trained from scratch: a Llama-style LM (grouped-query
+# attention whose 2 KV heads the tensor axis of 4 does not divide, so they stay replicated there,
+# rotary with another theta, RMSNorm, SwiGLU, Qwen2's query/key/value biases, an untied head)
+# and a Marian-style translation model (post-norm, SiLU, Marian's sinusoids, sqrt(d) embedding
+# scale, a logits bias).
+VARIANTS = {
+  "llama": (
+    "lm",
+    dict(
+      num_kv_heads=2,
+      positions="rotary",
+      rope_theta=500.0,
+      norm="rmsnorm",
+      norm_eps=1e-5,
+      activation="swiglu",
+      use_bias=False,
+      qkv_bias=True,
+      tie_embeddings=False,
+      start_id=1,
+    ),
+  ),
+  "marian": (
+    "translation",
+    dict(
+      norm_position="post",
+      activation="silu",
+      sinusoid="marian",
+      embed_scale="sqrt_d",
+      logits_bias=True,
+      norm_eps=1e-5,
+      start_id=63,
+    ),
+  ),
+}
+
+
 def _config(task, mesh=(1, 1, 1), stage=0, microbatches=1):
-  cfg = tiny_config(task)
+  task, model = VARIANTS.get(task, (task, {}))
+  cfg = tiny_config(task, **model)
   cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
   cfg.zero_stage = stage
   cfg.train.update(global_batch_size=32, microbatches=microbatches)
@@ -80,9 +117,16 @@ LM_CASES = [c for c in CASES if c[0] == (2, 2, 2) and c[1] in (0, 3)] + [
 ]
 
 
+# The imported architectures' options: stages 0 and 3 on (2, 2, 2), ZeRO-3 on the widest fsdp,
+# and tensor=4 (the Llama-style model's KV heads replicated) at stage 3.
+VARIANT_CASES = LM_CASES + [((1, 2, 4), 3, MICROBATCHES[(1, 2, 4)])]
+
+
 @pytest.mark.parametrize(
   "task,mesh,stage,microbatches",
-  [("translation", *c) for c in CASES] + [("lm", *c) for c in LM_CASES],
+  [("translation", *c) for c in CASES]
+  + [("lm", *c) for c in LM_CASES]
+  + [(variant, *c) for variant in VARIANTS for c in VARIANT_CASES],
   ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else str(c),
 )
 def test_zero_stage_matches_single_device(task, stage, mesh, microbatches):
