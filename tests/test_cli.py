@@ -157,11 +157,17 @@ def test_every_experiment_lays_out_and_its_decoder_takes_every_input_it_accepts(
   rows = decoder.row_counts[0]
   per_row = {
     name: jax.ShapeDtypeStruct((rows,), np.float32 if name in FLOAT_SETTINGS else np.int32)
-    for name in ("cap", "seed", "temperature", "top_k", "top_p", "alpha")
+    for name in ("length", "cap", "seed", "temperature", "top_k", "top_p", "alpha")
   }
   for width, out in decoder.shapes[-1:]:  # the largest program: traced, not compiled
     program = functools.partial(
-      decode._decode_batch, layout, options, out, options.beam_size, layout.vocab_limit
+      decode._decode_batch,
+      layout,
+      options,
+      decoder.specials,
+      out,
+      options.beam_size,
+      layout.vocab_limit,
     )
     tokens = jax.ShapeDtypeStruct((rows, width), np.int32)
     result = jax.eval_shape(program, layout.abstract_params, tokens, per_row)
