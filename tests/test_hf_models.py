@@ -3,6 +3,7 @@ random-weight models built from a config and saved with save_pretrained, nothing
 
 import json
 import os
+import types
 
 import jax
 import numpy as np
@@ -219,6 +220,36 @@ def test_lora_fine_tuning_an_import_is_sharded_like_one_device(saved):
   assert reference[-1] < reference[0]  # it trains
   for mesh, stage in (((2, 2, 2), 3), ((1, 8, 1), 3)):
     np.testing.assert_allclose(_lora_losses(directory, cfg, mesh, stage), reference, rtol=1e-5)
+
+
+def test_a_student_distils_from_an_imported_teacher(saved):
+  """An imported model as train.teacher, and as the LoRA student's base (LoRA starts at zero,
+  so the student is the teacher): the first step's KL is 0, its loss half the plain one."""
+  from lm.train import load_teacher
+
+  directory, cfg = _llama_cfg(saved)
+  spec = f"hf:{directory}"
+  cfg = _mesh(cfg, (1, 8, 1), 3)
+  cfg.model.update(lora_rank=4, lora_targets=".")
+  cfg.train.update(global_batch_size=8, teacher=spec, distill_weight=0.5, distill_temperature=2.0)
+  cfg.data.update(seq_len=16, pack=False)
+  _, base, tokenizer, _ = inference.restore_model(spec, cfg, "train.init_from")
+  first_loss = {}
+  for weight in (0.5, 0.0):
+    cfg.train.distill_weight = weight
+    data = types.SimpleNamespace(tokenizer=tokenizer)
+    teacher = load_teacher(cfg, data, types.SimpleNamespace(info=lambda line: None))
+    assert (teacher is None) == (weight == 0)
+    run = Trainer.build(cfg, teacher=teacher)
+    _, m = run.compile_train_step()(run.init_state(base), run.layout.shard_batch(random_batch(cfg)))
+    first_loss[weight] = float(m["loss"])
+  np.testing.assert_allclose(first_loss[0.5], 0.5 * first_loss[0.0], rtol=1e-5)
+  other = types.SimpleNamespace(
+    tokenizer=types.SimpleNamespace(fingerprint=lambda: "x", vocab_size=9)
+  )
+  cfg.train.distill_weight = 0.5
+  with pytest.raises(lmc.ConfigError, match="config.train.teacher: its tokenizer"):
+    load_teacher(cfg, other, None)
 
 
 def _tensors(directory):
