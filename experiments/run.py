@@ -212,6 +212,7 @@ NOT_EXPERIMENTS = (
   "__init__.py",
   "run.py",
   "bench.py",
+  "bench_hf_load.py",
   "bench_line_source.py",
   "compare_flax_wmt.py",
   "loadtest.py",

@@ -28,7 +28,9 @@ Path = tuple[str, ...]
 class Tensor:
   """One tensor of the checkpoint (`name`; "{i}" is the layer of a stacked one) and the
   parameters it holds: `split` turns it (one layer's) into {path: array}, `join` turns those
-  back into it. A path's array is one layer's when `layers` > 0 (ours stack them)."""
+  back into it. A path's array is one layer's when `layers` > 0 (ours stack them). Split
+  arrays may be views (the loader copies only its shards) and may stop short of the parameter
+  at the end of a dimension, the rest being zeros (vocab rows padded for the mesh)."""
 
   name: str
   shape: tuple[int, ...]
@@ -60,7 +62,7 @@ def _transposed(name, out_dims, in_dims, path, layers=0) -> Tensor:
     name,
     shape,
     (path,),
-    lambda x: {path: np.ascontiguousarray(x.T).reshape(*in_dims, *out_dims)},
+    lambda x: {path: x.T.reshape(*in_dims, *out_dims)},  # a view: dims split, never merged
     lambda p: np.ascontiguousarray(p[path].reshape(shape[1], shape[0]).T),
     layers,
   )
@@ -74,11 +76,11 @@ def _dropped(name, shape, layers=0) -> Tensor:
 
 def _vocab_rows(name, vocab, rows, width, path, transpose=False) -> Tensor:
   """An embedding-like tensor [vocab, width]: ours has `rows` >= vocab rows (padded for the
-  mesh with zeros) and is [width, rows] when `transpose` (an untied output head)."""
+  mesh with zeros, which split leaves to the loader) and is [width, rows] when `transpose`
+  (an untied output head)."""
 
   def split(x):
-    x = np.pad(x, ((0, rows - vocab), (0, 0)))
-    return {path: np.ascontiguousarray(x.T) if transpose else x}
+    return {path: x.T if transpose else x}
 
   def join(p):
     x = p[path]
@@ -93,7 +95,7 @@ def _vocab_bias(name, vocab, rows, path) -> Tensor:
     name,
     (1, vocab),
     (path,),
-    lambda x: {path: np.pad(x.reshape(vocab), (0, rows - vocab))},
+    lambda x: {path: x.reshape(vocab)},  # padded to rows by the loader
     lambda p: p[path][:vocab].reshape(1, vocab),
   )
 

@@ -1,12 +1,14 @@
 """Safetensors checkpoints read into, and written from, sharded parameters one tensor at a time.
 
-Reading: every parameter is built with `jax.make_array_from_callback`, which asks this process
-only for the shards its own devices hold; a shard reads the checkpoint tensors it needs (one
-layer at a time for a stacked parameter) through `safe_open`, converts them and keeps its
-slice. So a host holds its own shards plus one checkpoint tensor being converted, never the
-model. Writing: each checkpoint tensor is assembled from one layer of our parameters (gathered
-for that tensor alone), and files are flushed at `max_shard_bytes`, as transformers'
-`save_pretrained` shards them.
+Reading: every parameter is assembled from the shards this process's own devices hold, each
+built on the host, copied to its devices and dropped before the next. A shard reads the
+checkpoint tensors it needs (one layer at a time for a stacked parameter; an unstacked one is
+read once for all its shards) with plain reads, not safetensors' mmap, whose pages would count
+in RSS until the file is closed; conversions are views where they can be. So beyond its own
+shards a host holds one checkpoint tensor and one shard, never the model (measured by
+experiments/bench_hf_load.py). Writing: each checkpoint tensor is assembled from one layer of
+our parameters (gathered for that tensor alone), and files are flushed at `max_shard_bytes`,
+as transformers' `save_pretrained` shards them.
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for bfloat16 checkpoints)
+import ml_dtypes
 import numpy as np
 import safetensors.numpy
 from flax import traverse_util
-from safetensors import safe_open
 
 from lm import config as lmc
 from lm.hf.architectures import Tensor
@@ -29,6 +30,20 @@ from lm.hf.architectures import Tensor
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MAX_SHARD_BYTES = 2 << 30
+# safetensors' dtype names. The format: an 8-byte little-endian header size, a JSON header
+# {name: {dtype, shape, data_offsets}} (offsets from the end of the header), then the data.
+DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": ml_dtypes.bfloat16}
+DTYPES.update(I64="<i8", I32="<i4", I16="<i2", I8="i1", U8="u1", BOOL="?")
+DTYPES.update(F8_E4M3=ml_dtypes.float8_e4m3fn, F8_E5M2=ml_dtypes.float8_e5m2)
+
+
+def _read_header(path: str) -> tuple[dict, int]:
+  """A safetensors file's {name: entry} and where its data starts."""
+  with open(path, "rb") as f:
+    size = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(size))
+  header.pop("__metadata__", None)
+  return header, 8 + size
 
 
 class CheckpointFiles:
@@ -36,33 +51,46 @@ class CheckpointFiles:
 
   def __init__(self, directory: str):
     self.directory = directory
+    self._headers = {}
     index = os.path.join(directory, INDEX_FILE)
     if os.path.exists(index):
       with open(index) as f:
         self.file_of = dict(json.load(f)["weight_map"])
     elif os.path.exists(os.path.join(directory, SINGLE_FILE)):
-      with safe_open(os.path.join(directory, SINGLE_FILE), "np") as f:
-        self.file_of = dict.fromkeys(f.keys(), SINGLE_FILE)
+      self.file_of = dict.fromkeys(self._header(SINGLE_FILE)[0], SINGLE_FILE)
     else:
       raise lmc.ConfigError(
         f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}; an hf: model needs its safetensors "
         "weights (convert a pytorch_model.bin with transformers' save_pretrained)"
       )
-    self._open = {}
 
-  def _file(self, name: str):
-    if name not in self.file_of:
+  def _header(self, file: str) -> tuple[dict, int]:
+    if file not in self._headers:
+      self._headers[file] = _read_header(os.path.join(self.directory, file))
+    return self._headers[file]
+
+  def _entry(self, name: str) -> tuple[str, dict, int]:
+    file = self.file_of.get(name)
+    header, start = self._header(file) if file else ({}, 0)
+    if name not in header:
       raise lmc.ConfigError(f"{self.directory}: the checkpoint has no tensor {name!r}")
-    file = self.file_of[name]
-    if file not in self._open:
-      self._open[file] = safe_open(os.path.join(self.directory, file), "np")
-    return self._open[file]
+    return os.path.join(self.directory, file), header[name], start
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._file(name).get_slice(name).get_shape())
+    return tuple(self._entry(name)[1]["shape"])
 
   def read(self, name: str) -> np.ndarray:
-    return self._file(name).get_tensor(name)
+    """One tensor, read into memory of its own: safetensors' safe_open maps the file, and
+    every page it touched would stay in this process's RSS while the file is open."""
+    path, entry, start = self._entry(name)
+    if entry["dtype"] not in DTYPES:
+      raise lmc.ConfigError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, unsupported")
+    dtype = np.dtype(DTYPES[entry["dtype"]])
+    begin, end = entry["data_offsets"]
+    x = np.fromfile(path, dtype, (end - begin) // dtype.itemsize, offset=start + begin)
+    if x.nbytes != end - begin:
+      raise lmc.ConfigError(f"{path}: truncated (tensor {name!r} ends past the file)")
+    return x.reshape(entry["shape"])
 
   def check(self, tensors: list[Tensor]) -> None:
     """Every tensor the model needs is there with its shape: a one-line error otherwise,
@@ -76,7 +104,7 @@ class CheckpointFiles:
           )
 
   def close(self) -> None:
-    self._open.clear()
+    self._headers.clear()
 
 
 def load(files: CheckpointFiles, tensors: list[Tensor], abstract_params, shardings) -> dict:
@@ -96,25 +124,58 @@ def load(files: CheckpointFiles, tensors: list[Tensor], abstract_params, shardin
 
 
 def _place(files, tensor: Tensor, path, spec, sharding) -> jax.Array:
-  done = {}  # index -> shard: devices holding the same slice (replicas) read it once
-
-  def shard(index):
+  """One parameter from the shards of this process's devices. Each distinct shard (replicas
+  share one) is built on the host, copied to its devices and dropped before the next:
+  `make_array_from_callback` would hold every host shard until it has copied them all."""
+  indices = sharding.addressable_devices_indices_map(spec.shape)
+  replicas = {}  # shard -> (index, devices)
+  for device, index in indices.items():
     key = tuple((s.start, s.stop, s.step) for s in index)
-    if key not in done:
-      if tensor.layers:
-        layers = range(tensor.layers)[index[0]]
-        parts = [_part(files, tensor, path, i)[index[1:]] for i in layers]
-        done[key] = np.stack(parts).astype(spec.dtype)
-      else:
-        done[key] = _part(files, tensor, path, None)[index].astype(spec.dtype)
-    return done[key]
+    replicas.setdefault(key, (index, []))[1].append(device)
+  # An unstacked tensor is read once for all its shards; a stacked one a layer at a time.
+  whole = _part(files, tensor, path, None, spec.shape) if indices and not tensor.layers else None
+  arrays = {}
+  for index, devices in replicas.values():
+    host = _shard(files, tensor, path, spec, index, whole)
+    for device in devices:
+      arrays[device] = jax.device_put(host, device)
+    # The copy runs in the background, holding `host`: wait, or several shards pile up.
+    jax.block_until_ready([arrays[device] for device in devices])
+    del host
+  del whole
+  return jax.make_array_from_single_device_arrays(
+    spec.shape, sharding, [arrays[device] for device in indices]
+  )
 
-  return jax.make_array_from_callback(spec.shape, sharding, shard)
+
+def _shard(files, tensor: Tensor, path, spec, index, whole) -> np.ndarray:
+  shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, spec.shape))
+  if not tensor.layers and whole[index].shape == shape:
+    # A view, strided or not: device_put copies it into the device buffer, no host copy.
+    return whole[index].astype(spec.dtype, copy=False)
+  out = np.zeros(shape, spec.dtype)  # what a split leaves out at the end stays zeros
+  if tensor.layers:
+    for j, layer in enumerate(range(tensor.layers)[index[0]]):
+      _fill(out[j], _part(files, tensor, path, layer, spec.shape[1:]), index[1:])
+  else:
+    _fill(out, whole, index)
+  return out
 
 
-def _part(files, tensor: Tensor, path, layer) -> np.ndarray:
+def _fill(out: np.ndarray, part: np.ndarray, index) -> None:
+  """out = part[index] (converted to out's dtype), where `part` may stop short of the
+  parameter at the end of a dimension (vocab rows padded for the mesh): out keeps its zeros."""
+  chunk = part[index]
+  out[tuple(slice(0, n) for n in chunk.shape)] = chunk
+
+
+def _part(files, tensor: Tensor, path, layer, shape) -> np.ndarray:
+  """The parameter's array (one layer's) that the checkpoint tensor holds, often a view."""
   name = tensor.name.format(i=layer) if tensor.layers else tensor.name
-  return tensor.split(files.read(name))[path]
+  part = tensor.split(files.read(name))[path]
+  if part.ndim != len(shape) or any(p > n for p, n in zip(part.shape, shape)):
+    raise ValueError(f"{name} splits into {part.shape} for {'/'.join(path)} of {shape}")
+  return part
 
 
 def write(
