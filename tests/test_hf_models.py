@@ -6,7 +6,6 @@ import os
 import types
 
 import jax
-import ml_dtypes
 import numpy as np
 import pytest
 from safetensors import safe_open
@@ -15,7 +14,7 @@ from lm import config as lmc
 from lm import decode, inference
 from lm.checkpoint import meta_config
 from lm.data.synthetic import random_batch
-from lm.hf import architectures, weights
+from lm.hf import architectures
 from lm.hf import models as hf_models
 from lm.train_step import Trainer
 from tests import hf_fixtures
@@ -356,28 +355,6 @@ def test_a_tensor_of_the_wrong_shape(saved, tmp_path):
   name = "transformer.h.0.mlp.c_fc.weight"
   _rewrite_tensors(copy, lambda t: {**t, name: t[name][:, :-1]})
   _error(f"hf:{copy}", f"tensor '{name}' has shape \\[32, 127\\].*needs \\[32, 128\\]")
-
-
-def test_tensors_read_as_safetensors_reads_them(tmp_path):
-  """The loader's own reader (plain reads, no mmap) against safe_open, over checkpoint dtypes."""
-  from safetensors.numpy import save_file
-
-  rng = np.random.default_rng(0)
-  arrays = {
-    "bf16": rng.standard_normal((3, 5)).astype(ml_dtypes.bfloat16),
-    "f16": rng.standard_normal(7).astype(np.float16),
-    "f32": rng.standard_normal((2, 1, 4)).astype(np.float32),
-    "i64": rng.integers(0, 9, (2, 2)),
-    "scalar": np.array(1.5),
-    "bool": np.array([True, False]),
-  }
-  save_file(arrays, str(tmp_path / "model.safetensors"), {"format": "pt"})
-  files = weights.CheckpointFiles(str(tmp_path))
-  with safe_open(str(tmp_path / "model.safetensors"), "np") as f:
-    for name in arrays:
-      ours, theirs = files.read(name), f.get_tensor(name)
-      assert (ours.dtype, ours.shape) == (theirs.dtype, theirs.shape), name
-      assert ours.tobytes() == theirs.tobytes(), name
 
 
 def test_a_tokenizer_larger_than_the_embedding(saved, tmp_path):

@@ -3,8 +3,9 @@
 Reading: every parameter is assembled from the shards this process's own devices hold, each
 built on the host, copied to its devices and dropped before the next. A shard reads the
 checkpoint tensors it needs (one layer at a time for a stacked parameter; an unstacked one is
-read once for all its shards) with plain reads, not safetensors' mmap, whose pages would count
-in RSS until the file is closed; conversions are views where they can be. So beyond its own
+read once for all its shards) in chunks, each from a file opened for that chunk alone
+(safetensors maps files, and a mapping's pages count in RSS until it is closed); conversions
+are views where they can be. So beyond its own
 shards a host holds one checkpoint tensor and one shard, never the model (measured by
 experiments/bench_hf_load.py). Writing: each checkpoint tensor is assembled from one layer of
 our parameters (gathered for that tensor alone), and files are flushed at `max_shard_bytes`,
@@ -19,10 +20,11 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for bfloat16 checkpoints)
 import numpy as np
 import safetensors.numpy
 from flax import traverse_util
+from safetensors import safe_open
 
 from lm import config as lmc
 from lm.hf.architectures import Tensor
@@ -30,20 +32,7 @@ from lm.hf.architectures import Tensor
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MAX_SHARD_BYTES = 2 << 30
-# safetensors' dtype names. The format: an 8-byte little-endian header size, a JSON header
-# {name: {dtype, shape, data_offsets}} (offsets from the end of the header), then the data.
-DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": ml_dtypes.bfloat16}
-DTYPES.update(I64="<i8", I32="<i4", I16="<i2", I8="i1", U8="u1", BOOL="?")
-DTYPES.update(F8_E4M3=ml_dtypes.float8_e4m3fn, F8_E5M2=ml_dtypes.float8_e5m2)
-
-
-def _read_header(path: str) -> tuple[dict, int]:
-  """A safetensors file's {name: entry} and where its data starts."""
-  with open(path, "rb") as f:
-    size = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(size))
-  header.pop("__metadata__", None)
-  return header, 8 + size
+READ_CHUNK_BYTES = 4 << 20
 
 
 class CheckpointFiles:
@@ -51,46 +40,53 @@ class CheckpointFiles:
 
   def __init__(self, directory: str):
     self.directory = directory
-    self._headers = {}
+    self._shapes = {}
     index = os.path.join(directory, INDEX_FILE)
     if os.path.exists(index):
       with open(index) as f:
         self.file_of = dict(json.load(f)["weight_map"])
     elif os.path.exists(os.path.join(directory, SINGLE_FILE)):
-      self.file_of = dict.fromkeys(self._header(SINGLE_FILE)[0], SINGLE_FILE)
+      self.file_of = dict.fromkeys(self._read_shapes(SINGLE_FILE), SINGLE_FILE)
     else:
       raise lmc.ConfigError(
         f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}; an hf: model needs its safetensors "
         "weights (convert a pytorch_model.bin with transformers' save_pretrained)"
       )
 
-  def _header(self, file: str) -> tuple[dict, int]:
-    if file not in self._headers:
-      self._headers[file] = _read_header(os.path.join(self.directory, file))
-    return self._headers[file]
+  def _read_shapes(self, file: str) -> dict[str, tuple[int, ...]]:
+    if file not in self._shapes:
+      with safe_open(os.path.join(self.directory, file), "np") as f:
+        self._shapes[file] = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return self._shapes[file]
 
-  def _entry(self, name: str) -> tuple[str, dict, int]:
+  def _file(self, name: str) -> str:
     file = self.file_of.get(name)
-    header, start = self._header(file) if file else ({}, 0)
-    if name not in header:
+    if file is None or name not in self._read_shapes(file):
       raise lmc.ConfigError(f"{self.directory}: the checkpoint has no tensor {name!r}")
-    return os.path.join(self.directory, file), header[name], start
+    return file
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._entry(name)[1]["shape"])
+    return self._shapes[self._file(name)][name]
 
   def read(self, name: str) -> np.ndarray:
-    """One tensor, read into memory of its own: safetensors' safe_open maps the file, and
-    every page it touched would stay in this process's RSS while the file is open."""
-    path, entry, start = self._entry(name)
-    if entry["dtype"] not in DTYPES:
-      raise lmc.ConfigError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, unsupported")
-    dtype = np.dtype(DTYPES[entry["dtype"]])
-    begin, end = entry["data_offsets"]
-    x = np.fromfile(path, dtype, (end - begin) // dtype.itemsize, offset=start + begin)
-    if x.nbytes != end - begin:
-      raise lmc.ConfigError(f"{path}: truncated (tensor {name!r} ends past the file)")
-    return x.reshape(entry["shape"])
+    """One tensor, copied out READ_CHUNK_BYTES of rows at a time, each from the file opened for
+    that chunk alone: safe_open maps the file, and the pages a read touches stay in this
+    process's RSS until the file is closed (a whole-tensor read would hold it twice)."""
+    path, shape = os.path.join(self.directory, self._file(name)), self.shape(name)
+    if not shape or shape[0] == 0:
+      with safe_open(path, "np") as f:
+        return f.get_tensor(name)
+    out = None
+    row_bytes = max(math.prod(shape[1:]), 1) * 4
+    rows = max(1, READ_CHUNK_BYTES // row_bytes)
+    for start in range(0, shape[0], rows):
+      stop = min(start + rows, shape[0])  # get_slice does not clip
+      with safe_open(path, "np") as f:
+        chunk = f.get_slice(name)[start:stop]
+      if out is None:
+        out = np.empty(shape, chunk.dtype)
+      out[start:stop] = chunk
+    return out
 
   def check(self, tensors: list[Tensor]) -> None:
     """Every tensor the model needs is there with its shape: a one-line error otherwise,
@@ -104,7 +100,7 @@ class CheckpointFiles:
           )
 
   def close(self) -> None:
-    self._headers.clear()
+    self._shapes.clear()
 
 
 def load(files: CheckpointFiles, tensors: list[Tensor], abstract_params, shardings) -> dict:
