@@ -120,7 +120,7 @@ def _attention(prefix, path, dims, layers, names, bias, out_bias) -> list[Tensor
   if bias:
     key_bias = (
       _reshaped(f"{prefix}.{kk}.bias", (g * k,), (*path, "key_bias"), (g, k), layers)
-      if dims.positions == "rotary"  # see Attention: rotary keeps a key bias
+      if dims.positions == "rotary" and dims.qkv_bias  # see Attention: rotary keeps Qwen2's
       else _dropped(f"{prefix}.{kk}.bias", (g * k,), layers)
     )
     out += [
@@ -177,10 +177,87 @@ def _fail(source: str, field: str, message: str):
 
 
 def _activation(hf: dict, field: str, source: str) -> str:
-  name = hf.get(field, "gelu_new")
+  name = hf[field]
   if name not in ACTIVATIONS:
     _fail(source, field, f"{name!r} is not implemented; zerolm has {', '.join(ACTIVATIONS)}")
   return ACTIVATIONS[name]
+
+
+# transformers' config classes' defaults for the fields read here: a config.json without one
+# means that default (checked against transformers in tests/test_hf_models.py).
+_LLAMA = dict(
+  vocab_size=32000,
+  hidden_size=4096,
+  intermediate_size=11008,
+  num_hidden_layers=32,
+  num_attention_heads=32,
+  num_key_value_heads=None,
+  head_dim=None,
+  hidden_act="silu",
+  max_position_embeddings=2048,
+  rms_norm_eps=1e-6,
+  tie_word_embeddings=False,
+  attention_bias=False,
+  mlp_bias=False,
+  bos_token_id=1,
+  eos_token_id=2,
+)
+DEFAULTS = {
+  "gpt2": dict(
+    vocab_size=50257,
+    n_positions=1024,
+    n_embd=768,
+    n_layer=12,
+    n_head=12,
+    n_inner=None,
+    activation_function="gelu_new",
+    layer_norm_epsilon=1e-5,
+    scale_attn_weights=True,
+    scale_attn_by_inverse_layer_idx=False,
+    reorder_and_upcast_attn=False,
+    tie_word_embeddings=True,
+    bos_token_id=50256,
+    eos_token_id=50256,
+  ),
+  "llama": _LLAMA,
+  "mistral": dict(
+    _LLAMA,
+    intermediate_size=14336,
+    num_key_value_heads=8,
+    max_position_embeddings=4096 * 32,
+    sliding_window=4096,
+  ),
+  "qwen2": dict(
+    _LLAMA,
+    vocab_size=151936,
+    intermediate_size=22016,
+    num_key_value_heads=32,
+    max_position_embeddings=32768,
+    use_sliding_window=False,
+    sliding_window=4096,
+    max_window_layers=28,
+    bos_token_id=None,
+    eos_token_id=None,
+  ),
+  "marian": dict(
+    vocab_size=58101,
+    max_position_embeddings=1024,
+    encoder_layers=12,
+    encoder_ffn_dim=4096,
+    encoder_attention_heads=16,
+    decoder_layers=12,
+    decoder_ffn_dim=4096,
+    decoder_attention_heads=16,
+    activation_function="gelu",
+    d_model=1024,
+    scale_embedding=False,
+    pad_token_id=58100,
+    eos_token_id=0,
+    decoder_start_token_id=58100,
+    share_encoder_decoder_embeddings=True,
+    tie_word_embeddings=True,
+  ),
+}
 
 
 def model_config(hf: dict, source: str) -> ml_collections.ConfigDict:
@@ -191,6 +268,10 @@ def model_config(hf: dict, source: str) -> ml_collections.ConfigDict:
   builders.update(mistral=_llama_config, qwen2=_llama_config)
   if kind not in builders:
     _fail(source, "model_type", f"{kind!r} is not supported; zerolm imports {', '.join(builders)}")
+  hf = {
+    **DEFAULTS[kind],
+    **{k: v for k, v in hf.items() if v is not None or k not in DEFAULTS[kind]},
+  }
   cfg = lmc.translation_defaults() if kind == "marian" else lmc.lm_defaults()
   cfg.model.update(dropout_rate=0.0, label_smoothing=0.0, lora_rank=0, adapter_dim=0)
   cfg.model.update(builders[kind](hf, source))
@@ -225,7 +306,7 @@ def _gpt2_config(hf, source) -> dict:
     qkv_bias=False,
     logits_bias=False,
     tie_embeddings=hf.get("tie_word_embeddings", True),
-    start_id=_start_id(hf),
+    start_id=_start_id(hf, source),
   )
 
 
@@ -244,9 +325,8 @@ def _llama_config(hf, source) -> dict:
   if hf.get("hidden_act", "silu") != "silu":
     _fail(source, "hidden_act", f"{hf['hidden_act']!r} is not implemented (only 'silu')")
   window = hf.get("sliding_window")
-  if window and (kind == "mistral" or hf.get("use_sliding_window")):
-    if window < hf.get("max_position_embeddings", window):
-      _fail(source, "sliding_window", f"{window} is not implemented (full attention only)")
+  if window and window < hf["max_position_embeddings"] and _slides(hf):
+    _fail(source, "sliding_window", f"{window} is not implemented (full attention only)")
   for field in ("attention_bias", "mlp_bias"):
     if hf.get(field, False):
       _fail(source, field, "true is not implemented (Qwen2's query/key/value biases are)")
@@ -272,18 +352,32 @@ def _llama_config(hf, source) -> dict:
     qkv_bias=kind == "qwen2",
     logits_bias=False,
     tie_embeddings=hf.get("tie_word_embeddings", False),
-    start_id=_start_id(hf),
+    start_id=_start_id(hf, source),
   )
 
 
+def _slides(hf) -> bool:
+  """Whether some layer attends within a sliding window, as transformers decides it: Mistral's
+  every layer when sliding_window is set; Qwen2's layers from max_window_layers on when
+  use_sliding_window is (or an explicit layer_types)."""
+  if hf.get("layer_types"):
+    return "sliding_attention" in hf["layer_types"]
+  if hf["model_type"] == "qwen2":
+    return bool(hf["use_sliding_window"]) and hf["max_window_layers"] < hf["num_hidden_layers"]
+  return hf["model_type"] == "mistral"
+
+
 def _marian_config(hf, source) -> dict:
+  # MarianModel reads neither normalize_before, normalize_embedding, add_bias_logits nor
+  # static_position_embeddings (BART's options in its config): they change nothing here either.
   for field in ("attention_heads", "ffn_dim"):
     if hf[f"encoder_{field}"] != hf[f"decoder_{field}"]:
       _fail(source, f"decoder_{field}", f"differs from encoder_{field}; zerolm needs them equal")
-  if not hf.get("share_encoder_decoder_embeddings", True):
-    _fail(source, "share_encoder_decoder_embeddings", "false is not implemented (one vocabulary)")
-  if hf.get("normalize_before", False):
-    _fail(source, "normalize_before", "true is not implemented (Marian is post-norm)")
+  for field in ("share_encoder_decoder_embeddings", "tie_word_embeddings"):
+    if not hf[field]:
+      _fail(source, field, "false is not implemented (one embedding for encoder, decoder, output)")
+  if hf.get("decoder_vocab_size") not in (None, hf["vocab_size"]):
+    _fail(source, "decoder_vocab_size", "differs from vocab_size; zerolm needs one vocabulary")
   return dict(
     vocab_size=hf["vocab_size"],
     d_model=hf["d_model"],
@@ -296,16 +390,16 @@ def _marian_config(hf, source) -> dict:
     activation=_activation(hf, "activation_function", source),
     positions="sinusoidal",
     sinusoid="marian",
-    max_len=hf.get("max_position_embeddings", 512),
+    max_len=hf["max_position_embeddings"],
     norm="layernorm",
     norm_eps=1e-5,  # torch's LayerNorm default, which Marian uses
     norm_position="post",
-    embed_scale="sqrt_d" if hf.get("scale_embedding", False) else "none",
+    embed_scale="sqrt_d" if hf["scale_embedding"] else "none",
     use_bias=True,
     qkv_bias=False,
     logits_bias=True,
-    tie_embeddings=hf.get("tie_word_embeddings", True),
-    start_id=hf.get("decoder_start_token_id", hf.get("pad_token_id")),
+    tie_embeddings=True,
+    start_id=hf["decoder_start_token_id"],
   )
 
 
@@ -313,13 +407,13 @@ def _first(ids):
   return ids[0] if isinstance(ids, list) else ids
 
 
-def _start_id(hf) -> int:
+def _start_id(hf, source) -> int:
   """What a decoder-only model reads before the first token: its BOS, or without one (Qwen2)
   its end-of-text token, which separates documents as GPT-2's 50256 does."""
   for field in ("bos_token_id", "eos_token_id"):
     if hf.get(field) is not None:
       return _first(hf[field])
-  raise ConfigJsonError("config.json: bos_token_id and eos_token_id are both unset")
+  _fail(source, "bos_token_id", "and eos_token_id are both unset; set the model's start token")
 
 
 # -- the model section -> config.json (export) --------------------------------------------------
@@ -329,6 +423,12 @@ def architecture_of(cfg) -> str:
   """The Hugging Face architecture a zerolm model is, or a one-line error listing the options
   that have none."""
   m = cfg.model
+  for field, value in (("adapter_dim", m.adapter_dim), ("quantize", m.quantize)):
+    if value:
+      raise lmc.ConfigError(
+        f"--format=hf: model.{field}={value!r} has no Hugging Face equivalent (adapters and "
+        "int8 kernels are zerolm's); export --format=zerolm"
+      )
   if cfg.task == "translation":
     wanted = dict(
       positions="sinusoidal",

@@ -15,13 +15,15 @@ import re
 import jax
 import ml_dtypes
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lm import config as lmc
 from lm.hf import architectures, weights
 from lm.hf import tokenizer as hf_tokenizer
 
 PREFIX = "hf:"
-HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.spm", "*.txt"]
+# transformers' own files: not consolidated*.safetensors, Mistral's second copy of the weights.
+HUB_FILES = ["*.json", "model*.safetensors", "*.model", "*.spm", "*.txt"]
 
 
 def is_hf(path: str) -> bool:
@@ -69,6 +71,11 @@ def meta(spec: str, field: str) -> dict:
   hf = read_config_json(directory)
   cfg = architectures.model_config(hf, directory)
   tokenizer = hf_tokenizer.load(directory, hf)
+  if tokenizer.eos_id is None:
+    raise lmc.ConfigError(
+      f"{directory}/config.json: eos_token_id is unset and the tokenizer names no eos_token; "
+      "set the id that ends a sequence"
+    )
   if tokenizer.vocab_size > cfg.model.vocab_size:
     raise lmc.ConfigError(
       f"{directory}: the tokenizer has {tokenizer.vocab_size} ids but the embedding only "
@@ -99,6 +106,11 @@ def export(output: str, layout, params, tokenizer) -> list[str]:
   """Writes `params` (a model without LoRA, in float) as a Hugging Face checkpoint: config.json,
   safetensors and the tokenizer's files. The file names written."""
   cfg = layout.cfg
+  if "://" in output:
+    raise lmc.ConfigError(
+      f"--output: {output!r}: --format=hf writes to a local directory; copy it to the bucket "
+      "afterwards (gsutil cp -r)"
+    )
   hf = architectures.config_json(cfg, tokenizer)  # refuses options without an equivalent
   save = getattr(tokenizer, "save", None)
   if save is None:
@@ -116,4 +128,6 @@ def export(output: str, layout, params, tokenizer) -> list[str]:
     with open(os.path.join(output, "config.json"), "w") as f:
       json.dump(hf, f, indent=2)
     save(output)
+  # No process reports the export done before process 0 has written it.
+  multihost_utils.sync_global_devices("hf export written")
   return names

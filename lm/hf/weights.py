@@ -59,6 +59,16 @@ class CheckpointFiles:
         self._shapes[file] = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     return self._shapes[file]
 
+  def _stored(self, name: str) -> str:
+    """The name a tensor has in the files: as transformers' *For* model names it, or without
+    the base model's prefix (the original GPT-2 checkpoints store wte.weight, h.0...., not
+    transformer.wte.weight; transformers adds it on load)."""
+    if name not in self.file_of:
+      base, _, rest = name.partition(".")
+      if base in ("transformer", "model") and rest in self.file_of:
+        return rest
+    return name
+
   def _file(self, name: str) -> str:
     file = self.file_of.get(name)
     if file is None or name not in self._read_shapes(file):
@@ -66,12 +76,14 @@ class CheckpointFiles:
     return file
 
   def shape(self, name: str) -> tuple[int, ...]:
+    name = self._stored(name)
     return self._shapes[self._file(name)][name]
 
   def read(self, name: str) -> np.ndarray:
     """One tensor, copied out READ_CHUNK_BYTES of rows at a time, each from the file opened for
     that chunk alone: safe_open maps the file, and the pages a read touches stay in this
     process's RSS until the file is closed (a whole-tensor read would hold it twice)."""
+    name = self._stored(name)
     path, shape = os.path.join(self.directory, self._file(name)), self.shape(name)
     if not shape or shape[0] == 0:
       with safe_open(path, "np") as f:
@@ -210,8 +222,10 @@ def write(
     arrays = {}
     for tensor, name in shard:
       layer = int(name.split(".")[_layer_field(tensor.name)]) if tensor.layers else None
+      # Every process takes part in the same gathers, in the same order; process 0 writes.
       ours = {path: layer_of(flat[path], layer) for path in tensor.paths}
-      arrays[name] = np.ascontiguousarray(tensor.join(ours)).astype(dtype)
+      if writer:
+        arrays[name] = np.ascontiguousarray(tensor.join(ours)).astype(dtype)
       weight_map[name] = file
     if writer:
       safetensors.numpy.save_file(arrays, os.path.join(directory, file), {"format": "pt"})

@@ -279,8 +279,9 @@ class Attention(nnx.Module):
     # No key bias without rotary: q.(k + b) shifts every score of a query equally, so softmax
     # ignores it and its gradient is pure rounding noise (that Adam would amplify into drift);
     # an imported one is dropped, the attention exactly the same without. Rotary turns b by
-    # the key's position, so there (Qwen2) it changes the scores and stays.
-    self.key_has_bias = self.in_bias and self.use_rotary
+    # the key's position, so there it changes the scores: Qwen2's (qkv_bias) stays. use_bias
+    # with rotary keeps none, as zerolm's models always had (their checkpoints restore).
+    self.key_has_bias = cfg.qkv_bias and self.use_rotary
     if self.in_bias:
       self.query_bias = _param(rngs, zeros, (h, k), ("heads", "kv"), cfg.param_dtype)
       self.value_bias = _param(rngs, zeros, (g, k), ("kv_heads", "kv"), cfg.param_dtype)
