@@ -100,5 +100,7 @@ def evaluate_workdir(workdir: str, log=None, export=None, settings: dict | None 
   data.close()  # the held-out rows are in memory; no training example is read
   results = {"step": step, **Evaluator(layout, data, log)(params)}
   if jax.process_index() == 0:  # every process holds the same results
-    (paths.resolve(workdir) / "eval.json").write_text(json.dumps(results, indent=2))
+    root = paths.resolve(workdir)
+    root.mkdir(parents=True, exist_ok=True)  # a new workdir, for an --export evaluated
+    (root / "eval.json").write_text(json.dumps(results, indent=2))
   return results
