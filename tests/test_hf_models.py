@@ -18,7 +18,7 @@ from lm.hf import architectures
 from lm.hf import models as hf_models
 from lm.train_step import Trainer
 from tests import hf_fixtures
-from tests.hf_fixtures import torch
+from tests.hf_fixtures import torch, transformers
 
 pytestmark = pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses")
 
@@ -134,7 +134,8 @@ def test_greedy_continuations_equal_generate(saved, name):
   options = decode.DecodeOptions(temperature=0.0, max_len=24)
   decoder = decode.Decoder(layout, params, tokenizer, options, batch_size=8)
   rng = np.random.RandomState(1)
-  prompts = [list(rng.randint(3, tokenizer.vocab_size, size=n)) for n in (1, 2, 3, 4, 5, 6, 7, 8)]
+  prompts = [list(rng.randint(0, tokenizer.vocab_size, size=n)) for n in (1, 2, 3, 4, 5, 6, 7, 8)]
+  prompts[2][0] = 0  # id 0 is a real token (GPT-2's "!"), not padding
   new = 10
   rows = decoder.decode_ids(prompts, caps=[new] * len(prompts))
   start, banned = layout.cfg.model.start_id, decoder.specials.banned
@@ -368,3 +369,85 @@ def test_a_hub_id_offline(monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   message = _error("hf:Helsinki-NLP/opus-mt-en-de", "cannot download 'Helsinki-NLP/opus-mt-en-de'")
   assert "hf:/path/to/its/directory" in message
+
+
+def test_gpt2s_original_tensor_names_without_the_prefix(saved, tmp_path):
+  """openai-community/gpt2 stores wte.weight, h.0...., not transformer.wte.weight."""
+  directory, theirs = saved("gpt2-tied")
+  copy = _copy(saved, tmp_path)
+  _rewrite_tensors(copy, lambda t: {k.removeprefix("transformer."): v for k, v in t.items()})
+  layout, params, tokenizer = _import(copy)
+  batch = _padded_batch(layout, tokenizer)
+  real = batch["targets_segment_ids"].astype(bool)
+  expected = hf_fixtures.logits(theirs, batch, layout.cfg.model.start_id)
+  ours = _logits(layout, params, batch)[..., : tokenizer.vocab_size]
+  np.testing.assert_allclose(ours[real], expected[real], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", sorted(architectures.DEFAULTS))
+def test_missing_config_json_fields_mean_transformers_defaults(kind):
+  config_cls = getattr(transformers, hf_fixtures.MODELS[kind][0])
+  theirs = config_cls().to_dict()
+  checked = 0
+  for field, ours in architectures.DEFAULTS[kind].items():
+    if ours is None and field in ("num_key_value_heads", "head_dim"):
+      continue  # derived (num_heads, hidden / heads), as transformers derives them
+    if kind == "qwen2" and field == "sliding_window":
+      continue  # Qwen2Config() shows None without use_sliding_window; 4096 is its argument's
+    if field in theirs:
+      assert theirs[field] == ours, (field, theirs[field], ours)
+      checked += 1
+  assert checked >= 10
+
+
+REFUSED = [
+  ("gpt2", dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
+  ("gpt2", dict(reorder_and_upcast_attn=True), "reorder_and_upcast_attn"),
+  ("gpt2", dict(activation_function="quick_gelu"), "activation_function 'quick_gelu'"),
+  ("llama", dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+  ("llama", dict(attention_bias=True), "attention_bias true"),
+  ("llama", dict(mlp_bias=True), "mlp_bias true"),
+  ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_scaling 'linear'"),
+  ("mistral", dict(sliding_window=16, max_position_embeddings=64), "sliding_window 16"),
+  (
+    "qwen2",
+    dict(use_sliding_window=True, sliding_window=16, max_window_layers=1),
+    "sliding_window",
+  ),
+  ("marian", dict(decoder_ffn_dim=32), "decoder_ffn_dim differs"),
+  ("marian", dict(share_encoder_decoder_embeddings=False), "share_encoder_decoder_embeddings"),
+  ("marian", dict(tie_word_embeddings=False), "tie_word_embeddings false"),
+  ("bert", {}, "model_type 'bert' is not supported"),
+]
+
+
+@pytest.mark.parametrize("kind,fields,match", REFUSED, ids=[m for _, _, m in REFUSED])
+def test_config_json_fields_not_implemented_are_one_line_errors(kind, fields, match):
+  hf = dict(model_type=kind, **hf_fixtures.BASE.get(kind, {}), bos_token_id=1, eos_token_id=2)
+  hf.update(fields)
+  with pytest.raises(lmc.ConfigError, match=match) as error:
+    architectures.model_config(hf, "/ckpt")
+  assert str(error.value).startswith("/ckpt/config.json: ") and "\n" not in str(error.value)
+
+
+def test_what_transformers_ignores_or_allows_is_accepted():
+  """Qwen2 with use_sliding_window but no layer past max_window_layers slides nothing."""
+  hf = dict(model_type="qwen2", **hf_fixtures.BASE["qwen2"], eos_token_id=2)
+  hf.update(use_sliding_window=True, sliding_window=16, max_window_layers=2)
+  assert architectures.model_config(hf, "/ckpt").model.qkv_bias
+  marian = dict(model_type="marian", **hf_fixtures.BASE["marian"], normalize_before=True)
+  assert architectures.model_config(marian, "/ckpt").model.norm_position == "post"
+
+
+def test_decodings_special_ids_come_from_the_tokenizer():
+  def ids(pad, eos):
+    return types.SimpleNamespace(pad_id=pad, eos_id=eos)
+
+  gpt2 = decode.Specials.of(ids(None, 50256), start_id=50256)  # BOS = EOS, no pad
+  assert (gpt2.start, gpt2.eos, gpt2.banned) == (50256, 50256, ())
+  marian = decode.Specials.of(ids(58100, 0), start_id=58100)  # pad = decoder start
+  assert (marian.start, marian.eos, marian.banned) == (58100, 0, (58100,))
+  llama = decode.Specials.of(ids(None, 2), start_id=1)
+  assert llama.banned == (1,)
+  qwen = decode.Specials.of(ids(2, 2), start_id=2)  # pad = EOS = start: never banned
+  assert qwen.banned == ()

@@ -225,3 +225,20 @@ def test_dropout_drops_its_rate_and_a_row_depends_on_its_key_alone(width):
   alone = np.asarray(dropout(x[5:7], 0.1, keys[5:7]))
   np.testing.assert_array_equal(alone, y[5:7])
   assert not (y[0] == y[1]).all()  # rows draw apart
+
+
+def test_zerolm_models_parameters_are_what_they_were():
+  """A bias-carrying rotary model has no key bias (only Qwen2-style qkv_bias adds one), so
+  checkpoints written before the imported architectures' options restore."""
+  for options, has_key_bias in ((dict(positions="rotary"), False), (dict(qkv_bias=True), False)):
+    layout_params = _params_of(tiny_config("lm", **options))
+    assert ("key_bias" in layout_params["decoder"]["layers"]["self_attn"]) == has_key_bias
+  rotary_qkv = _params_of(tiny_config("lm", positions="rotary", use_bias=False, qkv_bias=True))
+  assert "key_bias" in rotary_qkv["decoder"]["layers"]["self_attn"]
+  assert "out_bias" not in rotary_qkv["decoder"]["layers"]["self_attn"]
+
+
+def _params_of(cfg):
+  from lm.layout import Layout
+
+  return Layout.build(cfg, devices=jax.devices()[:1]).abstract_params

@@ -441,9 +441,8 @@ def architecture_of(cfg) -> str:
       tie_embeddings=True,
       num_kv_heads=(0, m.num_heads),
       activation=tuple(set(ACTIVATIONS.values()) - {"swiglu"}),
-      embed_scale=("sqrt_d", "none"),
+      embed_scale=("sqrt_d", "none", "auto"),  # auto: sqrt_d with sinusoids
       norm_eps=1e-5,
-      adapter_dim=0,  # transformers has no Houlsby adapters: the export would drop them
     )
     return _matching("marian", cfg, wanted)
   gpt2 = dict(
@@ -457,7 +456,6 @@ def architecture_of(cfg) -> str:
     activation=tuple(set(ACTIVATIONS.values()) - {"swiglu"}),
     embed_scale=("none", "auto"),
     head_dim=(0, m.d_model // m.num_heads),
-    adapter_dim=0,
   )
   llama = dict(
     positions="rotary",
@@ -467,7 +465,6 @@ def architecture_of(cfg) -> str:
     use_bias=False,
     logits_bias=False,
     embed_scale=("none", "auto"),
-    adapter_dim=0,
   )
   if m.positions == "learned":
     return _matching("gpt2", cfg, gpt2)
