@@ -143,7 +143,9 @@ def pipeline_throughput(cfg, batches: int) -> dict:
     tokens, start = 0, time.perf_counter()
     for _ in range(batches):
       batch = next(iterator)
-      tokens += sum(int((batch[k] > 0).sum()) for k in ("inputs", "targets") if k in batch)
+      tokens += sum(
+        int((batch[k + "_segment_ids"] > 0).sum()) for k in ("inputs", "targets") if k in batch
+      )
     seconds = time.perf_counter() - start
   return {
     "load_seconds": load_s,
@@ -173,7 +175,7 @@ def decode_throughput(workdir: str, count: int) -> dict:
     " ".join(pairs[rng.randrange(10_000)][0] for _ in range(rng.randint(1, 6)))
     for _ in range(count)
   ]
-  lengths = [len(decoder.tokenizer.encode(line)) for line in lines]
+  lengths = [len(decoder.tokenizer.encode(line, "inputs")) for line in lines]
   result = {"sentences": count, "tokens_min": min(lengths), "tokens_max": max(lengths)}
   result["beam_size"] = decoder.options.beam_size
   for name in ("first", "second"):

@@ -117,7 +117,7 @@ def main(argv):
         _OUTPUT.value,
         _EXPORT_DTYPE.value,
         merge_lora=_MERGE_LORA.value,
-        format=_FORMAT.value,
+        to=_FORMAT.value,
       )
       if jax.process_index() == 0:
         print(f"exported step {step} of {_WORKDIR.value} to {_OUTPUT.value}")

@@ -72,7 +72,7 @@ def _base() -> ml_collections.ConfigDict:
       # Token embeddings times sqrt(d_model): "auto" with sinusoidal positions, or "sqrt_d" /
       # "none" always.
       embed_scale="auto",
-      use_bias=True,  # biases on every projection (attention and MLP)
+      use_bias=True,  # biases on every projection (attention and MLP) but the key (see layers)
       qkv_bias=False,  # biases on the query, key and value projections only (Qwen2's)
       logits_bias=False,  # a learned bias on the output logits (Marian's final_logits_bias)
       tie_embeddings=True,  # one table for encoder input, decoder input and output logits
@@ -272,8 +272,8 @@ def adopt_model(cfg, source, overridden=()) -> ml_collections.ConfigDict:
     if f"model.{field}" in overridden and cfg.model[field] != source.model[field]:
       _fail(
         f"model.{field}",
-        f"{cfg.model[field]!r} changes a parameter's shape from train.init_from's "
-        f"{source.model[field]!r}; drop the override",
+        f"{cfg.model[field]!r} changes the model train.init_from holds "
+        f"({source.model[field]!r}); drop the override",
       )
     cfg.model[field] = source.model[field]
   return cfg

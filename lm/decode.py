@@ -1,6 +1,6 @@
 """Incremental decoding with a KV cache: greedy, beam search, sampling; batched text in/out.
 
-The model keeps per-layer self-attention keys/values ([layers, batch, max_len, heads, kv]),
+The model keeps per-layer self-attention keys/values ([layers, batch, max_len, kv heads, kv]),
 written one position per step; an encoder-decoder computes the source's cross-attention keys
 and values once. Everything runs under the training mesh's shardings (batch over data/fsdp,
 heads over tensor, parameters gathered per layer under ZeRO-3) with the same jitted code.

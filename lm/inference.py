@@ -102,10 +102,11 @@ def restore_latest(
 def source_meta(path: str, field: str = "train.init_from") -> dict:
   """The meta (config, tokenizer, step) of a trained model given as an export, a workdir (its
   latest checkpoint) or a Hugging Face model (hf:PATH or hf:ORG/NAME)."""
+  label = field if field.startswith("--") else f"config.{field}"
   if _is_hf(path):
     from lm.hf import models as hf_models  # only runs that import a model need it
 
-    return hf_models.meta(path, field if field.startswith("--") else f"config.{field}")
+    return hf_models.meta(path, label)
   if _is_export(path):
     return load_meta(path)
   checkpoints = Checkpointer(path) if (paths.resolve(path) / CHECKPOINT_DIR).is_dir() else None
@@ -113,7 +114,7 @@ def source_meta(path: str, field: str = "train.init_from") -> dict:
     step = checkpoints.latest_step() if checkpoints else None
     if step is None:
       raise lmc.ConfigError(
-        f"config.{field}: {path!r} is neither an export nor a workdir with a checkpoint"
+        f"{label}: {path!r} is neither an export nor a workdir with a checkpoint"
       )
     return {**checkpoints.meta(step), "step": step}
   finally:
@@ -152,24 +153,18 @@ def export(
   output: str,
   dtype: str = "float32",
   merge_lora: bool = False,
-  format: str = "zerolm",
+  to: str = "zerolm",
 ) -> int:
   """Writes the latest checkpoint's parameters (+ config, tokenizer) to `output`; its step.
   `merge_lora`: LoRA's updates folded into the kernels, the export a model without LoRA.
   dtype "int8": matmul kernels as int8 with per-channel scales (model.quantize).
-  format "hf": a Hugging Face checkpoint (config.json, safetensors, the tokenizer's files) that
+  to "hf": a Hugging Face checkpoint (config.json, safetensors, the tokenizer's files) that
   transformers' from_pretrained loads; LoRA is merged first."""
-  if format == "hf" and dtype == "int8":
-    raise lmc.ConfigError(
-      "--export_dtype=int8: transformers has no equivalent of zerolm's int8 kernels; export "
-      "--format=hf in float32 or bfloat16"
-    )
+  if to == "hf":
+    _check_hf_export(workdir, dtype)
   built, params, tokenizer, step = restore_latest(workdir)
   cfg = built.cfg
-  if format == "hf":
-    from lm.hf import architectures
-
-    architectures.architecture_of(cfg)  # refuses options without an equivalent, before work
+  if to == "hf":
     merge_lora = bool(cfg.model.lora_rank)
   if merge_lora:
     m = cfg.model
@@ -184,7 +179,7 @@ def export(
       params = jax.jit(layers.quantize_int8)(params)
     cfg = cfg.copy_and_resolve_references()
     cfg.model.quantize, dtype = "int8", "float32"  # scales and unquantized tensors stay float
-  if format == "hf":
+  if to == "hf":
     from lm.hf import models as hf_models
 
     cfg = cfg.copy_and_resolve_references()
@@ -194,6 +189,24 @@ def export(
   else:
     write_export(output, params, cfg, tokenizer, dtype, step)
   return step
+
+
+def _check_hf_export(workdir: str, dtype: str) -> None:
+  """--format=hf's refusals, from the checkpoint's meta alone: before anything is restored."""
+  from lm.hf import architectures
+  from lm.hf import models as hf_models
+
+  if dtype == "int8":
+    raise lmc.ConfigError(
+      "--export_dtype=int8: transformers has no equivalent of zerolm's int8 kernels; export "
+      "--format=hf in float32 or bfloat16"
+    )
+  meta = source_meta(workdir, "--workdir")
+  cfg = meta_config(meta).copy_and_resolve_references()
+  cfg.model.update(lora_rank=0)  # merged first
+  architectures.architecture_of(cfg)
+  if isinstance(meta["tokenizer"], str):  # zerolm's own, base64 (see lm.data.tokenizer)
+    raise lmc.ConfigError(hf_models.OWN_TOKENIZER)
 
 
 def restore_export(

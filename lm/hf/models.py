@@ -26,8 +26,10 @@ PREFIX = "hf:"
 HUB_FILES = ["*.json", "model*.safetensors", "*.model", "*.spm", "*.txt"]
 
 
-def is_hf(path: str) -> bool:
-  return isinstance(path, str) and path.startswith(PREFIX)
+OWN_TOKENIZER = (
+  "--format=hf: this model's tokenizer is zerolm's own SentencePiece model, which transformers "
+  "cannot load as a tokenizer; export --format=zerolm, or start from an hf: model"
+)
 
 
 def local_directory(spec: str, field: str) -> str:
@@ -112,12 +114,9 @@ def export(output: str, layout, params, tokenizer) -> list[str]:
       "afterwards (gsutil cp -r)"
     )
   hf = architectures.config_json(cfg, tokenizer)  # refuses options without an equivalent
-  save = getattr(tokenizer, "save", None)
+  save = getattr(tokenizer, "save", None)  # the checkpoints' tokenizers have it, zerolm's not
   if save is None:
-    raise lmc.ConfigError(
-      "--format=hf: this model's tokenizer is zerolm's own SentencePiece model, which "
-      "transformers cannot load as a tokenizer; export --format=zerolm, or start from an hf: model"
-    )
+    raise lmc.ConfigError(OWN_TOKENIZER)
   tensors = architectures.tensors(hf["model_type"], layout.dims, cfg.model.vocab_size)
   bf16 = cfg.model.param_dtype == "bfloat16"
   names = weights.write(

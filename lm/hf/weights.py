@@ -8,8 +8,8 @@ read once for all its shards) in chunks, each from a file opened for that chunk 
 are views where they can be. So beyond its own
 shards a host holds one checkpoint tensor and one shard, never the model (measured by
 experiments/bench_hf_load.py). Writing: each checkpoint tensor is assembled from one layer of
-our parameters (gathered for that tensor alone), and files are flushed at `max_shard_bytes`,
-as transformers' `save_pretrained` shards them.
+our parameters (gathered for that tensor alone), and files are cut at `max_shard_bytes`
+(2 GiB) with an index, a layout transformers' `from_pretrained` reads.
 """
 
 from __future__ import annotations
