@@ -27,7 +27,7 @@ _MODE = flags.DEFINE_enum(
   "WORKDIR/eval.json) | decode (--input lines to --output lines) | export (its parameters to "
   "--output) | serve (an HTTP API and web page on --host:--port). With --config, eval, "
   "decode and serve take its mesh, zero_stage, decode, eval and serve settings (and the "
-  "eval source and batch sizes it overrides); the model comes from the checkpoint.",
+  "eval source, data.seq_len and batch sizes it overrides); the model comes from the checkpoint.",
 )
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "serve: the address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "serve: the port to listen on.")

@@ -283,6 +283,7 @@ def adopt_model(cfg, source, overridden=()) -> ml_collections.ConfigDict:
 # checkpoint; these sections whole, and these fields where the command line sets them.
 INFERENCE_SECTIONS = ("mesh", "zero_stage", "decode", "eval", "serve")
 INFERENCE_FIELDS = (
+  "data.seq_len",  # the longest input: an hf: model has no training length of its own
   "data.eval_source",
   "data.eval_examples",
   "train.global_batch_size",
