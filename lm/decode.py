@@ -29,19 +29,26 @@ NEG_INF = -1e30  # finite, so that sums and differences of masked scores stay we
 @dataclasses.dataclass(frozen=True)
 class Specials:
   """The ids decoding treats specially: the decoder's first input, the end token (which also
-  fills every position after a row's end) and the ids never generated."""
+  fills every position after a row's end), every id that ends a row (`stops`: the end token
+  and any others the model lists) and the ids never generated."""
 
   start: int = tok.BOS_ID
   eos: int = tok.EOS_ID
   banned: tuple[int, ...] = (tok.PAD_ID, tok.BOS_ID)
+  stops: tuple[int, ...] = (tok.EOS_ID,)
 
   @classmethod
   def of(cls, tokenizer, start_id: int) -> Specials:
-    """The tokenizer's end, the model's start (model.start_id); pad and start are never
-    generated, unless one of them is also the end (GPT-2's 50256 is BOS and EOS)."""
+    """The tokenizer's ends, the model's start (model.start_id); pad and start are never
+    generated, unless one of them also ends a row (GPT-2's 50256 is BOS and EOS)."""
     eos = tokenizer.eos_id
-    banned = {tokenizer.pad_id, start_id} - {None, eos}
-    return cls(start_id, eos, tuple(sorted(banned)))
+    stops = tuple(getattr(tokenizer, "eos_ids", None) or (eos,))
+    banned = {tokenizer.pad_id, start_id} - {None, *stops}
+    return cls(start_id, eos, tuple(sorted(banned)), stops)
+
+  def ends(self, token: jax.Array) -> jax.Array:
+    """Whether each token ends its row."""
+    return jnp.isin(token, jnp.asarray(self.stops, token.dtype))
 
 
 def _forbid(logits: jax.Array, vocab_limit: int, specials: Specials) -> jax.Array:
@@ -127,7 +134,7 @@ def _generate(
       forcing = t < prompt_lengths
       token = jnp.where(forcing, prompt[:, t], token)
     token = jnp.where(done, specials.eos, token)
-    done = done | ((token == specials.eos) & ~forcing) | (t + 1 >= limits)
+    done = done | (specials.ends(token) & ~forcing) | (t + 1 >= limits)
     return t + 1, out.at[:, t].set(token), token, done, cache
 
   first = jnp.full((batch,), specials.start, jnp.int32)
@@ -251,7 +258,7 @@ def beam_search(
     top_lp, top_index = jax.lax.top_k(scores, 2 * beam)
     origin, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
     grown = jnp.take_along_axis(s["live"], origin[..., None], axis=1).at[:, :, t].set(token)
-    ends = (token == specials.eos) | (t + 1 >= limits)[:, None]
+    ends = specials.ends(token) | (t + 1 >= limits)[:, None]
     # Finished: the old finished hypotheses and the candidates that end here among the top
     # `beam` (as in fairseq: so beam 1 is greedy); keep the best `beam`.
     in_beam = jnp.arange(2 * beam) < beam
@@ -502,10 +509,12 @@ class Decoder:
     return outputs
 
 
-def until_end(row, eos: int) -> list[int]:
-  """An output row's tokens before its first EOS (all of them if it has none)."""
+def until_end(row, stops) -> list[int]:
+  """An output row's tokens before the first that ends it (`stops`: an id or several; all of
+  them if none is there)."""
+  stops = {stops} if isinstance(stops, int) else set(stops)
   row = [int(t) for t in np.asarray(row).reshape(-1)]
-  return row[: row.index(eos)] if eos in row else row
+  return row[: next((n for n, t in enumerate(row) if t in stops), len(row))]
 
 
 def _column(given: list | None, default, pad, rows: int, padded: int) -> np.ndarray:

@@ -243,8 +243,8 @@ class Service:
       return
     # Generated tokens only: an LM's output row starts with its prompt.
     skip = [len(r.ids) if self.task == "lm" else 0 for r in batch]
-    eos = self.decoder.tokenizer.eos_id
-    tokens = sum(len(until_end(row[n:], eos)) for row, n in zip(out, skip))
+    stops = self.decoder.specials.stops
+    tokens = sum(len(until_end(row[n:], stops)) for row, n in zip(out, skip))
     self.metrics.batch_rows.observe(len(batch))
     self.metrics.tokens.inc(tokens)
     self.metrics.tokens_per_second.set(tokens / max(time.perf_counter() - start, 1e-9))
@@ -334,7 +334,7 @@ class Service:
     if not isinstance(stream, bool):
       raise RequestError("stream must be true or false", "stream")
     (row,) = await self.submit([ids], [cap], settings)
-    tokens = until_end(row[len(ids) :], self.decoder.tokenizer.eos_id)
+    tokens = until_end(row[len(ids) :], self.decoder.specials.stops)
     text = self.decoder.tokenizer.decode(tokens)
     return {"text": text, "tokens": tokens, "model_step": self.step}, stream
 

@@ -1,6 +1,7 @@
 """Decoding: KV cache against the full forward pass, beam search against exhaustive search,
 sampling, BLEU, sharded decoding, and the eval / decode modes of the runner."""
 
+import dataclasses
 import itertools
 import json
 import os
@@ -108,6 +109,35 @@ def test_beam_search_takes_a_length_penalty_per_row():
   np.testing.assert_array_equal(mixed, jnp.stack([low[0], high[1]]))
   np.testing.assert_allclose(mixed_score, jnp.stack([low_score[0], high_score[1]]), rtol=1e-6)
   assert not np.allclose(low_score, high_score)  # each row's own penalty reached its scores
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_any_of_several_end_ids_ends_a_row(beam):
+  """A model may list several end ids (Llama 3's instruct models): each ends a row, and EOS
+  fills the rest."""
+  run, model = _model("translation")
+  inputs = _tokens(4, (3, 6))
+  cache = lambda: model.init_cache(inputs, _full(inputs), 8)
+  plain = decode.Specials()
+  if beam == 1:
+    free = decode.greedy(model, cache(), 3, 8, 60, specials=plain)
+  else:
+    free = decode.beam_search(model, cache(), 3, beam, 8, 60, 0.0, specials=plain)[0]
+  # A row's token at position p >= 1 before any EOS, now an end too.
+  r, p = next(
+    (r, p) for p in (2, 1) for r in range(3) if EOS_ID not in np.asarray(free[r, : p + 1]).tolist()
+  )
+  extra = int(free[r, p])
+  ends = dataclasses.replace(plain, stops=(EOS_ID, extra))
+  if beam == 1:
+    out = decode.greedy(model, cache(), 3, 8, 60, specials=ends)
+  else:
+    out = decode.beam_search(model, cache(), 3, beam, 8, 60, 0.0, specials=ends)[0]
+  row = np.asarray(out[r]).tolist()
+  stop = row.index(extra)
+  assert stop <= p and all(t == EOS_ID for t in row[stop + 1 :])
+  assert decode.until_end(row, ends.stops) == row[:stop]
+  assert len(decode.until_end(free[r], EOS_ID)) > stop  # without the second end it went on
 
 
 def test_beam_one_and_top_k_one_equal_greedy():

@@ -451,3 +451,6 @@ def test_decodings_special_ids_come_from_the_tokenizer():
   assert llama.banned == (1,)
   qwen = decode.Specials.of(ids(2, 2), start_id=2)  # pad = EOS = start: never banned
   assert qwen.banned == ()
+  several = types.SimpleNamespace(pad_id=None, eos_id=7, eos_ids=(7, 8, 1))
+  llama3 = decode.Specials.of(several, start_id=1)
+  assert (llama3.eos, llama3.stops, llama3.banned) == (7, (7, 8, 1), ())

@@ -195,6 +195,10 @@ def test_special_ids_prefer_config_json(gpt2_dir):
   config = dict(pad_token_id=3, bos_token_id=4, eos_token_id=[5, 6], decoder_start_token_id=7)
   ours = hf_tokenizer.load(str(gpt2_dir), config)
   assert (ours.pad_id, ours.bos_id, ours.eos_id, ours.decoder_start_id) == (3, 4, 5, 7)
+  assert ours.eos_ids == (5, 6)  # every listed end stops a sequence (Llama 3's instruct models)
+  ids = ours.encode("The quick brown fox")
+  assert ours.decode(ids + [6] + ours.encode("lazy dog")) == ours.decode(ids)
+  assert hf_tokenizer.from_meta(ours.to_meta()).eos_ids == (5, 6)
   assert hf_tokenizer.load(str(gpt2_dir), dict(pad_token_id=3)).decoder_start_id == ours.unk_id
   assert hf_tokenizer.load(str(gpt2_dir), {}).eos_id == ours.unk_id  # <|endoftext|>
 

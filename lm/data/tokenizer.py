@@ -6,7 +6,8 @@ the other processes wait for the file.
 
 Every tokenizer (this one, and an imported model's, lm.hf.tokenizer) offers the same interface:
 `vocab_size`, the special ids `pad_id` / `bos_id` / `eos_id` / `unk_id` (None where it has
-none), `encode(text, side)` without special tokens, `decode(ids)` up to the first EOS, and
+none) and `eos_ids` (every id that ends a sequence, `eos_id` first), `encode(text, side)`
+without special tokens, `decode(ids)` up to the first end, and
 `to_meta()` / `fingerprint()`. The code outside reads special ids from it, never constants.
 """
 
@@ -33,6 +34,7 @@ WAIT_SECONDS = 1800
 
 class Tokenizer:
   pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+  eos_ids = (EOS_ID,)
 
   def __init__(self, model_proto: bytes):
     self.model_proto = model_proto

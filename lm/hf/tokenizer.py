@@ -76,6 +76,10 @@ class _HFTokenizer:
       from_config = _config_id(config, f"{name}_token_id")
       token = _content(named.get(name))
       specials[name] = from_config if from_config is not None else token_id(token)
+    # Every id config.json lists as an end (Llama 3's instruct models list three); the first
+    # is the one appended to sequences.
+    ends = config.get("eos_token_id")
+    specials["stops"] = [int(i) for i in ends] if isinstance(ends, list) and ends else None
     start = _config_id(config, "decoder_start_token_id")
     specials["decoder_start"] = next(
       (i for i in (start, specials["bos"], specials["pad"]) if i is not None), None
@@ -95,6 +99,12 @@ class _HFTokenizer:
     return self.specials["eos"]
 
   @property
+  def eos_ids(self) -> tuple[int, ...]:
+    """Every id that ends a sequence: config.json's list, else the EOS."""
+    stops = self.specials.get("stops") or [self.eos_id]
+    return tuple(i for i in stops if i is not None)
+
+  @property
   def unk_id(self) -> int | None:
     return self.specials["unk"]
 
@@ -103,7 +113,8 @@ class _HFTokenizer:
     return self.specials["decoder_start"]
 
   def _skipped_ids(self) -> set[int]:
-    return {i for i in (self.pad_id, self.bos_id, self.eos_id, self.unk_id) if i is not None}
+    ids = {i for i in (self.pad_id, self.bos_id, self.eos_id, self.unk_id) if i is not None}
+    return ids | set(self.eos_ids)
 
   def to_meta(self) -> dict:
     files = {name: base64.b64encode(data).decode("ascii") for name, data in self.files.items()}
@@ -174,7 +185,7 @@ class _TokenizersBackend(_HFTokenizer):
   def decode(self, ids) -> str:
     """Stops at EOS; skips the special tokens."""
     skipped = self._skipped_ids()
-    ids = [i for i in _before_eos(ids, self.eos_id) if i not in skipped]
+    ids = [i for i in _before_eos(ids, self.eos_ids) if i not in skipped]
     text = self.tokenizer.decode(ids, skip_special_tokens=True)
     return _clean_up(text) if self.clean_up else text
 
@@ -332,7 +343,7 @@ class MarianTokenizer(_HFTokenizer):
     model = self.spm["inputs"]
     skipped = self._skipped_ids() | self.special_ids
     pieces = []
-    for i in _before_eos(ids, self.eos_id):
+    for i in _before_eos(ids, self.eos_ids):
       if i in skipped:
         continue
       piece = self.added_pieces.get(i, self.pieces.get(i))
@@ -497,9 +508,11 @@ def _check_side(side: str) -> str:
   return side
 
 
-def _before_eos(ids, eos_id: int | None) -> list[int]:
+def _before_eos(ids, eos_ids: tuple[int, ...]) -> list[int]:
+  """The ids before the first that ends a sequence."""
   ids = [int(i) for i in np.asarray(ids).reshape(-1)]
-  return ids[: ids.index(eos_id)] if eos_id in ids else ids
+  end = next((n for n, i in enumerate(ids) if i in eos_ids), len(ids))
+  return ids[:end]
 
 
 def _clean_up(text: str) -> str:
