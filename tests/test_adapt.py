@@ -203,7 +203,9 @@ def test_init_from_restores_onto_another_mesh_and_lora_merges_into_the_export(so
   cfg = _demo((2, 2, 2), 1, total_steps=3, init_from=source)
   cfg.model.update(lora_rank=4, d_model=64)  # d_model: not an override, taken from the source
   cfg.optim.update(schedule="constant", learning_rate=1e-2)
-  with pytest.raises(lmc.ConfigError, match=r"config\.model\.d_model: 64 changes .* 128"):
+  with pytest.raises(
+    lmc.ConfigError, match=r"config\.model\.d_model: 64 changes the model .* \(128\)"
+  ):
     lmc.adopt_model(cfg, checkpoint.meta_config(inference.source_meta(source)), {"model.d_model"})
   adopted = lmc.adopt_model(cfg, checkpoint.meta_config(inference.source_meta(source)))
   assert adopted.model.d_model == 128

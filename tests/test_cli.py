@@ -58,8 +58,8 @@ BAD_COMMAND_LINES = [
   ),
   (
     "decode override it cannot honour",
-    [DEMO, "--mode=decode", "--input=-", "--config.data.seq_len=8"],
-    "--config.data.seq_len: --mode=decode",
+    [DEMO, "--mode=decode", "--input=-", "--config.data.pack=false"],
+    "--config.data.pack: --mode=decode",
   ),
   (
     "decode with no rows per batch",
