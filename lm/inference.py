@@ -161,7 +161,7 @@ def export(
   to "hf": a Hugging Face checkpoint (config.json, safetensors, the tokenizer's files) that
   transformers' from_pretrained loads; LoRA is merged first."""
   if to == "hf":
-    _check_hf_export(workdir, dtype)
+    _check_hf_export(workdir, output, dtype)
   built, params, tokenizer, step = restore_latest(workdir)
   cfg = built.cfg
   if to == "hf":
@@ -191,11 +191,12 @@ def export(
   return step
 
 
-def _check_hf_export(workdir: str, dtype: str) -> None:
+def _check_hf_export(workdir: str, output: str, dtype: str) -> None:
   """--format=hf's refusals, from the checkpoint's meta alone: before anything is restored."""
   from lm.hf import architectures
   from lm.hf import models as hf_models
 
+  hf_models.check_output(output)
   if dtype == "int8":
     raise lmc.ConfigError(
       "--export_dtype=int8: transformers has no equivalent of zerolm's int8 kernels; export "

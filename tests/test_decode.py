@@ -125,7 +125,10 @@ def test_any_of_several_end_ids_ends_a_row(beam):
     free = decode.beam_search(model, cache(), 3, beam, 8, 60, 0.0, specials=plain)[0]
   # A row's token at position p >= 1 before any EOS, now an end too.
   r, p = next(
-    (r, p) for p in (2, 1) for r in range(3) if EOS_ID not in np.asarray(free[r, : p + 1]).tolist()
+    (r, p)
+    for p in (2, 1)
+    for r in range(3)
+    if EOS_ID not in np.asarray(free[r, : p + 2]).tolist()  # the free row goes on past p
   )
   extra = int(free[r, p])
   ends = dataclasses.replace(plain, stops=(EOS_ID, extra))
@@ -137,7 +140,8 @@ def test_any_of_several_end_ids_ends_a_row(beam):
   stop = row.index(extra)
   assert stop <= p and all(t == EOS_ID for t in row[stop + 1 :])
   assert decode.until_end(row, ends.stops) == row[:stop]
-  assert len(decode.until_end(free[r], EOS_ID)) > stop  # without the second end it went on
+  assert len(decode.until_end(free[r], EOS_ID)) > stop + 1  # without the second end it went on
+  assert (np.asarray(out[r]) != np.asarray(free[r])).any()
 
 
 def test_beam_one_and_top_k_one_equal_greedy():

@@ -12,10 +12,11 @@ from safetensors import safe_open
 
 from lm import config as lmc
 from lm import decode, inference
-from lm.checkpoint import meta_config
+from lm.checkpoint import meta_config, meta_tokenizer
 from lm.data.synthetic import random_batch
-from lm.hf import architectures
+from lm.hf import architectures, weights
 from lm.hf import models as hf_models
+from lm.hf import tokenizer as hf_tokenizer
 from lm.train_step import Trainer
 from tests import hf_fixtures
 from tests.hf_fixtures import torch, transformers
@@ -454,3 +455,77 @@ def test_decodings_special_ids_come_from_the_tokenizer():
   several = types.SimpleNamespace(pad_id=None, eos_id=7, eos_ids=(7, 8, 1))
   llama3 = decode.Specials.of(several, start_id=1)
   assert (llama3.eos, llama3.stops, llama3.banned) == (7, (7, 8, 1), ())
+
+
+def test_explicit_nulls_are_transformers_none_not_the_default():
+  """Mistral v0.2's "sliding_window": null is full attention (accepted on any context), and a
+  null bos_token_id falls back to the EOS as the start token."""
+  hf = dict(model_type="mistral", **hf_fixtures.BASE["mistral"], eos_token_id=2)
+  hf.update(sliding_window=None, max_position_embeddings=32768, bos_token_id=None)
+  m = architectures.model_config(hf, "/ckpt").model
+  assert (m.max_len, m.start_id) == (32768, 2)
+  del hf["sliding_window"]  # absent: MistralConfig's 4096, shorter than the context
+  with pytest.raises(lmc.ConfigError, match="sliding_window 4096"):
+    architectures.model_config(hf, "/ckpt")
+
+
+def test_a_zerolm_marian_style_model_exports_its_embedding_scale():
+  """embed_scale "auto" scales with sinusoids: the export must say scale_embedding."""
+  cfg = lmc.translation_defaults()
+  cfg.model.update(
+    norm_position="post", sinusoid="marian", logits_bias=True, norm_eps=1e-5, activation="silu"
+  )
+  tokenizer = types.SimpleNamespace(bos_id=None, eos_id=0, eos_ids=(0,), pad_id=7)
+  assert cfg.model.embed_scale == "auto"
+  assert architectures.config_json(cfg, tokenizer)["scale_embedding"] is True
+  cfg.model.embed_scale = "none"
+  assert architectures.config_json(cfg, tokenizer)["scale_embedding"] is False
+
+
+def test_generation_configs_end_ids_stop_too(saved, tmp_path):
+  copy = _copy(saved, tmp_path, "llama-gqa")
+  hf_fixtures.write_json(copy / "generation_config.json", {"eos_token_id": [2, 7]})
+  tokenizer = meta_tokenizer(inference.source_meta(f"hf:{copy}"))
+  assert (tokenizer.eos_id, tokenizer.eos_ids) == (2, (2, 7))
+  layout, params, _ = _import(copy)
+  out = tmp_path / "export"
+  hf_models.export(str(out), layout, params, tokenizer)
+  assert json.loads((out / "config.json").read_text())["eos_token_id"] == [2, 7]
+
+
+def test_a_tokenizer_meta_from_before_several_ends_keeps_its_fingerprint(saved):
+  directory, _ = saved("gpt2-tied")
+  meta = inference.source_meta(f"hf:{directory}")["tokenizer"]
+  old = json.loads(json.dumps(meta))
+  assert old["specials"].pop("stops") is None
+  assert hf_tokenizer.from_meta(old).fingerprint() == hf_tokenizer.from_meta(meta).fingerprint()
+
+
+def test_tensors_are_read_in_chunks_of_rows_and_cast(tmp_path, monkeypatch):
+  """Several openings per tensor (a small chunk) give the tensor safe_open reads, bfloat16
+  included."""
+  import ml_dtypes
+  from safetensors.numpy import save_file
+
+  rng = np.random.default_rng(0)
+  arrays = {
+    "bf16": rng.standard_normal((37, 5)).astype(ml_dtypes.bfloat16),
+    "f32": rng.standard_normal((9, 2, 3)).astype(np.float32),
+    "vector": rng.standard_normal(11).astype(np.float32),
+    "empty": np.zeros((0, 4), np.float32),
+  }
+  save_file(arrays, str(tmp_path / "model.safetensors"), {"format": "pt"})
+  monkeypatch.setattr(weights, "READ_CHUNK_BYTES", 40)  # 2 rows of bf16[5] per opening
+  files = weights.CheckpointFiles(str(tmp_path))
+  for name, expected in arrays.items():
+    got = files.read(name)
+    assert (got.dtype, got.shape) == (expected.dtype, expected.shape), name
+    assert got.tobytes() == expected.tobytes(), name
+
+
+def test_hf_export_refusals_come_before_any_restore(tmp_path):
+  """No checkpoint in the workdir: a refusal that comes first is the refusal, not that."""
+  with pytest.raises(lmc.ConfigError, match="--export_dtype=int8: transformers has no"):
+    inference.export(str(tmp_path), str(tmp_path / "out"), "int8", to="hf")
+  with pytest.raises(lmc.ConfigError, match="--output: 'gs://bucket/x': --format=hf writes"):
+    inference.export(str(tmp_path), "gs://bucket/x", to="hf")

@@ -268,10 +268,9 @@ def model_config(hf: dict, source: str) -> ml_collections.ConfigDict:
   builders.update(mistral=_llama_config, qwen2=_llama_config)
   if kind not in builders:
     _fail(source, "model_type", f"{kind!r} is not supported; zerolm imports {', '.join(builders)}")
-  hf = {
-    **DEFAULTS[kind],
-    **{k: v for k, v in hf.items() if v is not None or k not in DEFAULTS[kind]},
-  }
+  # Only absent fields take the default: an explicit null is transformers' None too (Mistral
+  # v0.2's "sliding_window": null is full attention).
+  hf = {**DEFAULTS[kind], **hf}
   cfg = lmc.translation_defaults() if kind == "marian" else lmc.lm_defaults()
   cfg.model.update(dropout_rate=0.0, label_smoothing=0.0, lora_rank=0, adapter_dim=0)
   cfg.model.update(builders[kind](hf, source))
@@ -360,11 +359,11 @@ def _slides(hf) -> bool:
   """Whether some layer attends within a sliding window, as transformers decides it: Mistral's
   every layer when sliding_window is set; Qwen2's layers from max_window_layers on when
   use_sliding_window is (or an explicit layer_types)."""
+  if hf["model_type"] != "qwen2":
+    return hf["model_type"] == "mistral"  # Mistral ignores layer_types
   if hf.get("layer_types"):
     return "sliding_attention" in hf["layer_types"]
-  if hf["model_type"] == "qwen2":
-    return bool(hf["use_sliding_window"]) and hf["max_window_layers"] < hf["num_hidden_layers"]
-  return hf["model_type"] == "mistral"
+  return bool(hf["use_sliding_window"]) and hf["max_window_layers"] < hf["num_hidden_layers"]
 
 
 def _marian_config(hf, source) -> dict:
@@ -399,8 +398,15 @@ def _marian_config(hf, source) -> dict:
     qkv_bias=False,
     logits_bias=True,
     tie_embeddings=True,
-    start_id=hf["decoder_start_token_id"],
+    start_id=_marian_start(hf, source),
   )
+
+
+def _marian_start(hf, source) -> int:
+  for field in ("decoder_start_token_id", "pad_token_id"):
+    if hf.get(field) is not None:
+      return hf[field]
+  _fail(source, "decoder_start_token_id", "and pad_token_id are both null; set the start token")
 
 
 def _first(ids):
@@ -442,6 +448,7 @@ def architecture_of(cfg) -> str:
       num_kv_heads=(0, m.num_heads),
       activation=tuple(set(ACTIVATIONS.values()) - {"swiglu"}),
       embed_scale=("sqrt_d", "none", "auto"),  # auto: sqrt_d with sinusoids
+      head_dim=(0, m.d_model // m.num_heads),
       norm_eps=1e-5,
     )
     return _matching("marian", cfg, wanted)
@@ -487,7 +494,10 @@ def config_json(cfg, tokenizer) -> dict:
   """config.json for a zerolm model (architecture_of decides which)."""
   m, name = cfg.model, architecture_of(cfg)
   specials = dict(
-    bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id
+    bos_token_id=tokenizer.bos_id,
+    # Several ends (a list) as the model had them, so that a re-import stops at each.
+    eos_token_id=list(tokenizer.eos_ids) if len(tokenizer.eos_ids) > 1 else tokenizer.eos_id,
+    pad_token_id=tokenizer.pad_id,
   )
   inverse = {"gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu", "silu": "silu"}
   if name == "gpt2":
@@ -540,7 +550,8 @@ def config_json(cfg, tokenizer) -> dict:
     decoder_ffn_dim=m.mlp_dim,
     activation_function=inverse[m.activation],
     max_position_embeddings=m.max_len,
-    scale_embedding=m.embed_scale == "sqrt_d",
+    # "auto" scales with sinusoids, which a Marian model has.
+    scale_embedding=m.embed_scale in ("sqrt_d", "auto"),
     share_encoder_decoder_embeddings=True,
     tie_word_embeddings=True,
     decoder_start_token_id=m.start_id,

@@ -67,12 +67,29 @@ def read_config_json(directory: str) -> dict:
     return json.load(f)
 
 
+def _with_generation_ends(directory: str, hf: dict) -> dict:
+  """config.json with generation_config.json's end ids after its own: instruct models list
+  their turn-end token there (Qwen2.5-Instruct's 151645), and transformers' generate stops at
+  each."""
+  path = os.path.join(directory, "generation_config.json")
+  if not os.path.isfile(path):
+    return hf
+  with open(path) as f:
+    extra = json.load(f).get("eos_token_id")
+  ends = []
+  for ids in (hf.get("eos_token_id"), extra):
+    for i in ids if isinstance(ids, list) else [ids]:
+      if i is not None and i not in ends:
+        ends.append(i)
+  return {**hf, "eos_token_id": ends or None}
+
+
 def meta(spec: str, field: str) -> dict:
   """What a zerolm checkpoint's meta holds (config, tokenizer, step) for an hf: source."""
   directory = local_directory(spec, field)
   hf = read_config_json(directory)
   cfg = architectures.model_config(hf, directory)
-  tokenizer = hf_tokenizer.load(directory, hf)
+  tokenizer = hf_tokenizer.load(directory, _with_generation_ends(directory, hf))
   if tokenizer.eos_id is None:
     raise lmc.ConfigError(
       f"{directory}/config.json: eos_token_id is unset and the tokenizer names no eos_token; "
@@ -104,15 +121,19 @@ def load_params(source_meta: dict, layout) -> dict:
     files.close()
 
 
-def export(output: str, layout, params, tokenizer) -> list[str]:
-  """Writes `params` (a model without LoRA, in float) as a Hugging Face checkpoint: config.json,
-  safetensors and the tokenizer's files. The file names written."""
-  cfg = layout.cfg
+def check_output(output: str) -> None:
   if "://" in output:
     raise lmc.ConfigError(
       f"--output: {output!r}: --format=hf writes to a local directory; copy it to the bucket "
       "afterwards (gsutil cp -r)"
     )
+
+
+def export(output: str, layout, params, tokenizer) -> list[str]:
+  """Writes `params` (a model without LoRA, in float) as a Hugging Face checkpoint: config.json,
+  safetensors and the tokenizer's files. The file names written."""
+  cfg = layout.cfg
+  check_output(output)
   hf = architectures.config_json(cfg, tokenizer)  # refuses options without an equivalent
   save = getattr(tokenizer, "save", None)  # the checkpoints' tokenizers have it, zerolm's not
   if save is None:

@@ -79,7 +79,8 @@ class _HFTokenizer:
     # Every id config.json lists as an end (Llama 3's instruct models list three); the first
     # is the one appended to sequences.
     ends = config.get("eos_token_id")
-    specials["stops"] = [int(i) for i in ends] if isinstance(ends, list) and ends else None
+    ends = [int(i) for i in ends] if isinstance(ends, list) else []
+    specials["stops"] = ends if len(set(ends)) > 1 else None  # one end: eos says it
     start = _config_id(config, "decoder_start_token_id")
     specials["decoder_start"] = next(
       (i for i in (start, specials["bos"], specials["pad"]) if i is not None), None
@@ -130,7 +131,9 @@ class _HFTokenizer:
 
   def fingerprint(self) -> str:
     files = {name: hashlib.sha256(data).hexdigest() for name, data in self.files.items()}
-    described = {"kind": self.kind, "files": files, "specials": self.specials}
+    # A meta written before "stops" existed has none: the same tokenizer, the same print.
+    specials = {k: v for k, v in self.specials.items() if not (k == "stops" and v is None)}
+    described = {"kind": self.kind, "files": files, "specials": specials}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
