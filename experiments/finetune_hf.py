@@ -23,8 +23,8 @@ eval_loss, and sacreBLEU of beam-4 translations (marian) or perplexity (lm).
 The export (LoRA merged into the kernels) loads with transformers' MarianMTModel /
 GPT2LMHeadModel.from_pretrained and its tokenizer with AutoTokenizer.from_pretrained; hf:DIR is
 also accepted by --export for eval, decode and serve (with the defaults' data.seq_len, 64, as
-the longest input unless --config.data.seq_len says otherwise). On a machine without network, download
-the model elsewhere (`huggingface-cli download Helsinki-NLP/opus-mt-en-de`) and pass
+the longest input unless --config.data.seq_len says otherwise). On a machine without network,
+download the model elsewhere (`huggingface-cli download Helsinki-NLP/opus-mt-en-de`) and pass
 hf:/path/to/its/directory. See docs/pretrained.md.
 
 Hardware: one GPU or TPU chip for either: opus-mt-en-de has 73.9M parameters and 1.08M LoRA
