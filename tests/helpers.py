@@ -1,6 +1,17 @@
 """Tiny configs shared by the tests."""
 
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
 from lm import config as lmc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(task: str = "translation", **model):
@@ -69,3 +80,33 @@ def damage_largest_array_file(step_dir) -> None:
   for i in range(512, len(data), 1024):
     data[i] ^= 0xFF
   largest.write_bytes(bytes(data))
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_process(*args, env=None):
+  """`--mode=serve` in a subprocess and (the process, its base URL), once /healthz answers."""
+  port = free_port()
+  command = [sys.executable, "-m", "experiments.run", "--mode=serve", f"--port={port}", *args]
+  proc = subprocess.Popen(
+    command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
+  url, deadline = f"http://127.0.0.1:{port}", time.time() + 180
+  try:
+    while True:
+      assert proc.poll() is None, proc.stdout.read()[-3000:]
+      assert time.time() < deadline, "the server did not start within 180 s"
+      with contextlib.suppress(httpx.TransportError):
+        if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+          break
+      time.sleep(0.3)
+    yield proc, url
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    proc.wait(timeout=30)

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from lm import inference
 from lm.hf import architectures
 from lm.trees import param_paths
 from tests import hf_fixtures
+from tests.helpers import serve_process
 from tests.hf_fixtures import transformers
 
 pytestmark = pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses")
@@ -95,35 +95,12 @@ def _cli(*args, timeout=300) -> subprocess.CompletedProcess:
   return result
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _server(*args):
-  """--mode=serve in a subprocess and its base URL, once /healthz answers."""
-  port = _free_port()
+  """--mode=serve on DEVICES devices in a subprocess and its base URL."""
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}")
-  command = [sys.executable, "-m", "experiments.run", "--mode=serve", f"--port={port}", *args]
-  proc = subprocess.Popen(
-    command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-  )
-  url, deadline = f"http://127.0.0.1:{port}", time.time() + 180
-  try:
-    while True:
-      assert proc.poll() is None, proc.stdout.read()[-3000:]
-      assert time.time() < deadline, "the server did not start within 180 s"
-      with contextlib.suppress(httpx.TransportError):
-        if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-          break
-      time.sleep(0.3)
+  with serve_process(*args, env=env) as (_, url):
     yield url
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-    proc.wait(timeout=30)
 
 
 def _leaves(tree) -> dict:

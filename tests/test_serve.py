@@ -11,9 +11,7 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -27,40 +25,12 @@ from lm import decode, inference, serve
 from lm.data import synthetic
 from lm.data import tokenizer as tok
 from lm.layout import Layout
-from tests.helpers import tiny_config
+from tests.helpers import free_port, serve_process, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _server(*args):
-  """A server process (8 CPU devices) and its base URL, once /healthz answers."""
-  port = _free_port()
-  command = [sys.executable, "-m", "experiments.run", "--mode=serve", f"--port={port}", *args]
-  proc = subprocess.Popen(
-    command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-  )
-  url = f"http://127.0.0.1:{port}"
-  deadline = time.time() + 180
-  while True:
-    assert proc.poll() is None, proc.stdout.read()[-3000:]
-    assert time.time() < deadline, "the server did not start within 180 s"
-    with contextlib.suppress(httpx.TransportError):
-      if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-        break
-    time.sleep(0.3)
-  try:
-    yield proc, url
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-    proc.wait(timeout=30)
+_server = serve_process  # 8 CPU devices, as conftest sets them
 
 
 @pytest.fixture(scope="module")
@@ -443,7 +413,7 @@ class _Page:
   """One headless Chromium tab driven over the DevTools protocol."""
 
   def __init__(self, browser: str, profile):
-    port = _free_port()
+    port = free_port()
     self.proc = subprocess.Popen(
       [
         browser,
