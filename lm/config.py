@@ -99,14 +99,30 @@ def _base() -> ml_collections.ConfigDict:
       # "int8": matmul kernels stored as int8 with per-output-channel float scales, dequantized
       # per layer as it runs. Set by --mode=export --export_dtype=int8; inference only.
       quantize="",
+      # Circular pipeline (mesh.stage > 1): each stage holds this many non-adjacent groups of
+      # dec_layers / (stage * repeats) layers, and microbatches loop over the stages this many
+      # times: a smaller bubble for more stage-to-stage traffic. Checkpoints keep layer order.
+      pipeline_repeats=1,
     )
   )
-  cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1))
+  # stage: pipeline stages (consecutive groups of layers) within a slice; dcn_stage: across
+  # slices (or processes). The job has stage * dcn_stage stages, data * dcn_data replicas.
+  cfg.mesh = ml_collections.ConfigDict(
+    dict(stage=1, data=1, fsdp=-1, tensor=1, dcn_stage=1, dcn_data=1)
+  )
   cfg.train = ml_collections.ConfigDict(
     dict(
       total_steps=1000,
       global_batch_size=64,  # rows per step over all devices and microbatches
       microbatches=1,
+      # Pipeline parallelism (mesh.stage > 1): each microbatch's rows of a (data, fsdp) group
+      # split into this many pipeline microbatches M, a multiple of the stage count (0 = one
+      # per stage). The bubble is (stages - 1) / (M * model.pipeline_repeats + stages - 1).
+      pipeline_microbatches=0,
+      # ZeRO-3 with pipelining: gather a stage's layers over fsdp once per pass ("step": more
+      # memory, the gathered layers live through the pass) or in every pipeline iteration
+      # ("iteration": one layer at a time, M*R + stages - 1 times over).
+      pipeline_gather="step",
       # Gradient sums over the batch axes travel in this dtype (accumulated in float32 after
       # each reduction); bfloat16 halves gradient traffic.
       grad_reduce_dtype="float32",
@@ -396,6 +412,12 @@ def validate(cfg: ml_collections.ConfigDict, training: bool = True) -> None:
     value = m[field]
     if not 0.0 <= value < 1.0:
       _fail("model." + field, f"{value!r} must lie in [0, 1)")
+  for field in ("stage", "dcn_stage"):
+    if not isinstance(cfg.mesh[field], int) or cfg.mesh[field] < 1:
+      _fail("mesh." + field, f"{cfg.mesh[field]!r} must be a positive integer")
+  _check_positive(cfg, "model.pipeline_repeats")
+  _check_positive(cfg, "train.pipeline_microbatches", allow_zero=True)
+  _check_choice(cfg, "train.pipeline_gather", ("step", "iteration"))
   for axis in ("data", "fsdp", "tensor"):
     value = cfg.mesh[axis]
     if not isinstance(value, int) or (value < 1 and value != -1):
@@ -452,6 +474,10 @@ def _validate_training(cfg: ml_collections.ConfigDict) -> None:
   if not 0.0 <= cfg.train.distill_weight <= 1.0:
     _fail("train.distill_weight", f"{cfg.train.distill_weight!r} must lie in [0, 1]")
   _check_positive(cfg, "train.distill_temperature")
+  if cfg.mesh.stage * cfg.mesh.dcn_stage > 1:
+    for field, value in (("train.sync_every", cfg.train.sync_every), ("train.teacher", cfg.train.teacher)):
+      if value:
+        _fail(field, f"{value!r} is not supported with pipeline stages; set mesh.stage=1")
   if cfg.train.teacher and cfg.train.sync_every:
     _fail("train.sync_every", "local SGD does not run a teacher; set it to 0 to distill")
   adapting = cfg.train.trainable or m.lora_rank or m.adapter_dim

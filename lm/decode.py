@@ -340,9 +340,11 @@ class Decoder:
     batch_size: int,
     row_buckets: bool = False,
   ):
+    # A pipelined layout's parameters are gathered into one without stages (see `params`).
+    self.source_layout, layout = layout, layout.unpipelined()
     self.layout, self.params, self.tokenizer, self.options = layout, params, tokenizer, options
     self.specials = Specials.of(tokenizer, layout.dims.start_id)
-    rows_multiple = layout.mesh.shape["data"] * layout.mesh.shape["fsdp"]
+    rows_multiple = layout.batch_multiple
     self.batch_size = -(-batch_size // rows_multiple) * rows_multiple
     # Row counts a batch is padded to: a few rows need not pay for a full batch (a server's
     # batches are as large as the traffic); powers of two times the mesh's batch divisor.
@@ -353,6 +355,19 @@ class Decoder:
     self.src_len = layout.cfg.data.seq_len
     self.buckets = source_buckets(self.src_len, options.length_buckets)
     self._jitted = {}
+
+  @property
+  def params(self):
+    return self._params
+
+  @params.setter
+  def params(self, params) -> None:
+    """Parameters on the layout the decoder was given; moved to its own if that differs."""
+    source, own = self.source_layout, self.layout
+    if params is not None and own is not source:
+      with jax.set_mesh(source.mesh):
+        params = jax.jit(source.to_layer_order, out_shardings=own.shardings.params)(params)
+    self._params = params
 
   @classmethod
   def from_workdir(

@@ -43,7 +43,7 @@ class Evaluator:
     self.decoder = Decoder(layout, None, data.tokenizer, options, layout.cfg.decode.batch_size)
     # Rows per evaluation batch: training's microbatch, so that evaluation's peak memory is
     # never above training's; rounded up to fill every batch shard (padding rows count nothing).
-    train, shards = layout.cfg.train, layout.mesh.shape["data"] * layout.mesh.shape["fsdp"]
+    train, shards = layout.cfg.train, layout.batch_multiple
     self.rows = -(-train.global_batch_size // train.microbatches // shards) * shards
 
   def teacher_forced(self, params: Any) -> dict:

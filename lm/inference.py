@@ -63,7 +63,7 @@ def _inference_config(meta: dict, mesh_cfg, settings: dict | None) -> ml_collect
   then `settings` ({field: value}, from lmc.inference_settings) over it."""
   cfg = meta_config(meta)
   if mesh_cfg is None:
-    cfg.mesh.update(data=1, fsdp=-1, tensor=1, dcn_data=1)
+    cfg.mesh.update(stage=1, data=1, fsdp=-1, tensor=1, dcn_stage=1, dcn_data=1)
   else:
     cfg.mesh.update(mesh_cfg.mesh.to_dict())
     cfg.zero_stage = mesh_cfg.zero_stage
@@ -87,7 +87,7 @@ def restore_latest(
     meta = checkpoints.meta(step)
     cfg, tokenizer = _inference_config(meta, mesh_cfg, settings), meta_tokenizer(meta)
     built = Layout.build(cfg, devices, tokenizer_size=tokenizer.vocab_size)
-    return built, checkpoints.restore_params(step, built), tokenizer
+    return built, built.in_memory_order(checkpoints.restore_params(step, built)), tokenizer
 
   try:
     step, restored = checkpoints.restore_newest(read, log=lambda line: print(line, file=sys.stderr))
@@ -226,4 +226,4 @@ def restore_export(
     params = hf_models.load_params(meta, built)
   else:
     params = load_export(directory, built.placed_params())
-  return built, params, tokenizer, meta.get("step", 0)
+  return built, built.in_memory_order(params), tokenizer, meta.get("step", 0)

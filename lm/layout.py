@@ -20,6 +20,7 @@ from lm import config as lmc
 from lm import trees
 from lm.models.transformer import ModelDims, build_model, logical_names
 from lm.parallel import mesh as lm_mesh
+from lm.parallel import pipeline as pp
 from lm.parallel import sharding
 
 
@@ -48,12 +49,21 @@ class Layout:
     lm_mesh.check_divisibility(cfg, mesh)
     vocab_limit = tokenizer_size or cfg.model.vocab_size
     rows = lm_mesh.padded_vocab_size(max(cfg.model.vocab_size, vocab_limit), mesh)
+    schedule = None
+    if mesh.shape["stage"] > 1:
+      schedule = pp.Schedule(
+        mesh.shape["stage"],
+        cfg.model.pipeline_repeats,
+        lm_mesh.pipeline_microbatches(cfg, mesh),
+        cfg.train.pipeline_gather,
+      )
     dims = ModelDims.from_config(
       cfg.model,
       vocab_size=rows,
       platform=mesh.devices.flat[0].platform,
       params_sharded=cfg.zero_stage == 3 and mesh.shape["fsdp"] > 1,
       grad_reduce_dtype=cfg.train.grad_reduce_dtype,
+      pipeline=schedule,
     )
     with nnx.use_eager_sharding(False):
       abstract_model = nnx.eval_shape(lambda: build_model(cfg.task, dims, cfg.seed))
@@ -78,10 +88,70 @@ class Layout:
     return trees.placed(self.abstract_params, self.shardings.params)
 
   def fresh_params(self) -> dict:
-    """A new model's parameters (inside a jit whose out_shardings place them)."""
+    """A new model's parameters (inside a jit whose out_shardings place them), the stacks in
+    stage order."""
     with nnx.use_eager_sharding(False):
       model = build_model(self.cfg.task, self.dims, self.cfg.seed)
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return self.to_stage_order(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+  @property
+  def reorders_layers(self) -> bool:
+    """A circular pipeline keeps each stage's layer groups together in memory (stage order);
+    checkpoints and exports hold layer order."""
+    return self.dims.pipeline is not None and self.dims.pipeline.repeats > 1
+
+  def to_stage_order(self, params: dict) -> dict:
+    """Parameters in layer order (a checkpoint's) -> this layout's memory order."""
+    return self._reorder(params, pp.to_stage_order)
+
+  def to_layer_order(self, params: dict) -> dict:
+    """This layout's memory order -> layer order, what checkpoints and exports hold."""
+    return self._reorder(params, pp.to_layer_order)
+
+  def _reorder(self, params: dict, reorder) -> dict:
+    """`reorder(leaf, schedule)` on every stacked parameter."""
+    if not self.reorders_layers:
+      return params
+    stacks = _stacks(self.logical)
+    leaf = lambda x: reorder(x, self.dims.pipeline)
+    return {k: jax.tree.map(leaf, v) if k in stacks else v for k, v in params.items()}
+
+  @property
+  def batch_multiple(self) -> int:
+    """Rows of any batch this layout runs are a multiple of this: one per (stage, data, fsdp)
+    device, or with pipelining M pipeline microbatches per (data, fsdp) group."""
+    shape = self.mesh.shape
+    per_group = self.dims.pipeline.microbatches if self.dims.pipeline else shape["stage"]
+    return per_group * shape["data"] * shape["fsdp"]
+
+  def unpipelined(self) -> Layout:
+    """This layout on the same devices with its pipeline stages as data replicas: what decoding
+    runs on (one token at a time through every layer leaves nothing to pipeline)."""
+    if self.dims.pipeline is None:
+      return self
+    cfg = self.cfg.copy_and_resolve_references()
+    mesh = cfg.mesh
+    if mesh.data != -1:
+      mesh.data *= mesh.stage
+    mesh.dcn_data *= mesh.dcn_stage
+    mesh.stage, mesh.dcn_stage = 1, 1
+    return Layout.build(cfg, list(self.mesh.devices.flat), tokenizer_size=self.vocab_limit)
+
+  def stacked(self) -> dict:
+    """Per parameter: is it a stacked layer (leading 'layers' axis)?"""
+    stacks = _stacks(self.logical)
+    return {
+      k: jax.tree.map(lambda _: k in stacks, v, is_leaf=_is_names) for k, v in self.logical.items()
+    }
+
+  def in_memory_order(self, params: dict) -> dict:
+    """Restored parameters (layer order) in this layout's memory order, jitted in place."""
+    if not self.reorders_layers:
+      return params
+    with jax.set_mesh(self.mesh):
+      return jax.jit(
+        self.to_stage_order, out_shardings=self.shardings.params, donate_argnums=0
+      )(params)
 
   def init_params(self) -> dict:
     """A new model's parameters, initialized directly into their shards."""

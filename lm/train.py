@@ -207,7 +207,7 @@ def restore_or_init(
   if step is None:
     return trainer.init_state()
   log.info(f"resumed from step {step} ({checkpoints.path(step)})")
-  return state
+  return trainer.in_memory_order(state)
 
 
 def _loop(trainer, state, step_fn, sync_fn, data, batches, checkpoints, log) -> dict:
@@ -261,7 +261,7 @@ def _loop(trainer, state, step_fn, sync_fn, data, batches, checkpoints, log) -> 
       due = final or stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
       saved = due and not with_metrics
       if saved:
-        checkpoints.save(step, state, batches, data.tokenizer)
+        checkpoints.save(step, trainer.in_layer_order(state), batches, data.tokenizer)
         last_good = step
       if evaluating and not stopping:
         try:
@@ -271,7 +271,7 @@ def _loop(trainer, state, step_fn, sync_fn, data, batches, checkpoints, log) -> 
         if evaluated:
           log.scalars(step, evaluated)
         if (with_metrics or stopping) and not saved:
-          checkpoints.save(step, state, batches, data.tokenizer, evaluated)
+          checkpoints.save(step, trainer.in_layer_order(state), batches, data.tokenizer, evaluated)
           last_good = step
       if stopping:
         checkpoints.wait()

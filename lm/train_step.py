@@ -23,6 +23,7 @@ from lm.layout import Layout
 from lm.local_sgd import LocalSGD, per_replica
 from lm.objective import Teacher
 from lm.parallel import mesh as lm_mesh
+from lm.parallel import pipeline as pp
 
 
 @struct.dataclass
@@ -186,6 +187,49 @@ class Trainer:
       }
       return TrainState(state.step + 1, state.params, state.opt_state, skipped, replicas), metrics
     return TrainState(state.step + 1, new_params, new_opt_state, skipped), metrics
+
+  def in_layer_order(self, state: TrainState) -> TrainState:
+    """The state as checkpoints hold it: stacked layers in layer order (a circular pipeline
+    keeps them in stage order in memory; see Layout.to_stage_order). A copy when they differ."""
+    return self._reordered(state, "layer")
+
+  def in_memory_order(self, state: TrainState) -> TrainState:
+    """A state read from a checkpoint (layer order) in this run's memory order; donated."""
+    return self._reordered(state, "stage", donate=True)
+
+  def _reordered(self, state: TrainState, to: str, donate: bool = False) -> TrainState:
+    layout = self.layout
+    if not layout.reorders_layers:
+      return state
+    reorder = pp.to_stage_order if to == "stage" else pp.to_layer_order
+    schedule = layout.dims.pipeline
+    stacked = trees.select(layout.stacked(), self.trainable)
+
+    def per_param(leaf, is_stacked, param):
+      # Adam's moments, and factored statistics that keep the layers axis first.
+      if is_stacked and leaf.ndim and leaf.shape[0] == param.shape[0]:
+        return reorder(leaf, schedule)
+      return leaf
+
+    def fn(state):
+      opt_state = optax.tree_map_params(
+        self.tx,
+        per_param,
+        state.opt_state,
+        stacked,
+        trees.select(state.params, self.trainable),
+        transform_non_params=lambda x: x,
+      )
+      params = (layout.to_stage_order if to == "stage" else layout.to_layer_order)(state.params)
+      return state.replace(params=params, opt_state=opt_state)
+
+    with jax.set_mesh(layout.mesh):
+      return jax.jit(
+        fn,
+        in_shardings=(self.state_shardings,),
+        out_shardings=self.state_shardings,
+        donate_argnums=(0,) if donate else (),
+      )(state)
 
   def jit_train_step(self):
     """step(state, batch) -> (state, metrics); with a teacher, step(state, batch, its params)."""

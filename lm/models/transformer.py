@@ -27,7 +27,8 @@ from lm.models.layers import (
   sinusoidal,
   split_keys,
 )
-from lm.parallel.sharding import constrain, gather_layer
+from lm.parallel import pipeline as pp
+from lm.parallel.sharding import BATCH_AXES, constrain, gather_layer, keep_axes, manual_axes, spec_for
 
 REMAT_POLICIES = {
   "full": jax.checkpoint_policies.nothing_saveable,
@@ -75,6 +76,7 @@ class ModelDims:
   lora_targets: str = ""
   adapter_dim: int = 0
   quantized: bool = False  # int8 matmul kernels with float scales (an int8 export)
+  pipeline: pp.Schedule | None = None  # the decoder stack split over mesh.stage > 1
 
   @classmethod
   def from_config(
@@ -84,6 +86,7 @@ class ModelDims:
     platform: str | None = None,
     params_sharded: bool = False,
     grad_reduce_dtype: str = "float32",
+    pipeline: pp.Schedule | None = None,
   ) -> ModelDims:
     m = model_cfg
     dtype = m.dtype
@@ -95,6 +98,8 @@ class ModelDims:
       # Sharded parameters: keep matmul outputs but not the gathered weights, so the backward
       # gathers each layer again instead of holding every gathered layer at once.
       remat = "save_dots" if params_sharded else "none"
+      if pipeline:  # each pipeline iteration is rematerialized whole: its layers keep nothing
+        remat = "none"
     scaled = m.embed_scale == "sqrt_d" or (m.embed_scale == "auto" and m.positions == "sinusoidal")
     return cls(
       vocab_size=vocab_size or m.vocab_size,
@@ -130,6 +135,7 @@ class ModelDims:
       lora_targets=m.lora_targets,
       adapter_dim=m.adapter_dim,
       quantized=m.quantize == "int8",
+      pipeline=pipeline,
     )
 
 
@@ -265,6 +271,7 @@ class LayerStack(nnx.Module):
     self.remat = dims.remat
     self.params_sharded = dims.params_sharded
     self.grad_reduce_dtype = dims.grad_reduce_dtype
+    self.pipeline = dims.pipeline
     # One layer's global shapes, as hashable (path, shape) pairs: a manual region sees only its
     # shards and needs them to find the sharded dimension.
     self.layer_shapes = tuple(
@@ -304,6 +311,97 @@ class LayerStack(nnx.Module):
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
     x, _ = jax.lax.scan(body, x, (params, keys))
     return x
+
+  def pipelined(self, x, key, rows: dict, layer_kwargs) -> jax.Array:
+    """The stack over pipeline stages (`lm.parallel.pipeline`): x [rows, length, embed], key a
+    key per row (or None), `rows` per-row arrays the layers need ([rows, ...]) and
+    layer_kwargs(rows of one microbatch) -> the layers' keyword arguments. Inside the training
+    step's region (manual over the batch axes) directly; elsewhere (evaluation) in a region of
+    its own, so that both run the same program."""
+    graphdef, state = nnx.split(self.layers)
+    params = nnx.to_pure_dict(state)
+    names = logical_names(state)
+    key_data = None if key is None else jax.random.key_data(key)
+
+    def local(params, x, key_data, rows):
+      keys = None if key_data is None else jax.random.wrap_key_data(key_data)
+      return self._pipeline_local(graphdef, names, params, x, keys, rows, layer_kwargs)
+
+    if pp.AXIS in manual_axes():
+      return local(params, x, key_data, rows)
+    mesh = jax.sharding.get_abstract_mesh()
+    param_specs = jax.tree.map(
+      lambda n, p: keep_axes(spec_for(n, p.shape, mesh, self.params_sharded), BATCH_AXES),
+      names,
+      params,
+      is_leaf=lambda n: isinstance(n, tuple),
+    )
+    rows_spec = jax.sharding.PartitionSpec(BATCH_AXES)
+    region = jax.shard_map(
+      local,
+      in_specs=(param_specs, rows_spec, None if key is None else rows_spec, rows_spec),
+      out_specs=rows_spec,
+      axis_names=set(BATCH_AXES),
+    )
+    return region(params, x, key_data, rows)
+
+  def _pipeline_local(self, graphdef, names, params, x, keys, rows, layer_kwargs):
+    """One (stage, data, fsdp) device's part: its rows in, its rows out. The rows of the
+    stages of one (data, fsdp) group are gathered and split into M microbatches; after the
+    schedule each stage takes its own rows' outputs back from stage 0."""
+    sched = self.pipeline
+    s, m = sched.stages, sched.microbatches
+    k = sched.layers_per_group(self.num_layers)
+    stage = jax.lax.axis_index(pp.AXIS)
+    own_rows = x.shape[0]
+
+    def microbatches(a, axis=0):
+      a = jax.lax.all_gather(a, pp.AXIS, axis=axis, tiled=True)
+      return a.reshape(*a.shape[:axis], m, a.shape[axis] // m, *a.shape[axis + 1 :])
+
+    inputs = microbatches(x)
+    rows = jax.tree.map(microbatches, rows)
+    # [L, rows] keys -> [L, M, mb]: layer l of each row draws what it draws without stages.
+    key_data = None
+    if keys is not None:
+      key_data = microbatches(jax.random.key_data(split_keys(keys, self.num_layers)), axis=1)
+    per_layer_names = jax.tree.map(lambda n: n[1:], names, is_leaf=lambda n: isinstance(n, tuple))
+    if self.params_sharded and sched.gather == "step" and "fsdp" in manual_axes():
+      # Gathered once for the whole pass: the stage's layers stay whole until its backward.
+      shapes = {path: (self.num_layers, *shape) for path, shape in self.layer_shapes}
+      params = gather_layer(
+        params,
+        names,
+        traverse_util.unflatten_dict({p: shapes[p] for p in traverse_util.flatten_dict(params)}),
+        self.grad_reduce_dtype,
+      )
+
+    def stage_fn(x, microbatch, repeat):
+      group = jax.tree.map(lambda p: jax.lax.dynamic_slice_in_dim(p, repeat * k, k, 0), params)
+      mb_rows = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, microbatch, 0, False), rows)
+      kwargs = layer_kwargs(mb_rows)
+      layer_keys = None
+      if key_data is not None:  # this group's layers: (repeat * S + stage) * k + j
+        first = (repeat * s + stage) * k
+        data = jax.lax.dynamic_slice_in_dim(key_data, first, k, 0)
+        layer_keys = jax.random.wrap_key_data(
+          jax.lax.dynamic_index_in_dim(data, microbatch, 1, False)
+        )
+
+      def body(x, scanned):
+        layer_params, layer_key = scanned
+        layer = self._layer(graphdef, layer_params, per_layer_names)
+        return constrain(layer(x, layer_key, **kwargs), ("batch", "length", "embed")), None
+
+      if self.remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+      y, _ = jax.lax.scan(body, x, (group, layer_keys))
+      return y
+
+    outputs = sched.run(stage_fn, inputs)  # valid on stage 0
+    outputs = jnp.where(stage == 0, outputs, jnp.zeros_like(outputs))
+    outputs = outputs.reshape(s * own_rows, *outputs.shape[2:])
+    return jax.lax.psum_scatter(outputs, pp.AXIS, scatter_dimension=0, tiled=True)
 
   def _scan_layers(self, fn, carry, per_layer):
     """lax.scan of fn(layer, carry, per_layer_slice) over the stacked layers (gathered per layer
@@ -472,9 +570,20 @@ class Decoder(_Model):
     segments, positions = _segments_and_positions(batch, "targets")
     tokens = shift_right(batch["targets"], positions, self.dims.start_id)
     x = dropout(self.embed_tokens(tokens, positions), self.dims.dropout_rate, k_embed)
-    mask = attention_mask(segments, segments, causal=True)
-    x = self.decoder(x, k_layers, mask=mask, positions=positions)
+    if self.dims.pipeline:
+      x = self.decoder.pipelined(
+        x, k_layers, {"segments": segments, "positions": positions}, _causal_layer_inputs
+      )
+    else:
+      mask = attention_mask(segments, segments, causal=True)
+      x = self.decoder(x, k_layers, mask=mask, positions=positions)
     return self.logits(self.final_norm(x, self.decoder_norm))
+
+
+def _causal_layer_inputs(rows: dict) -> dict:
+  """A decoder-only layer's keyword arguments from one microbatch's segments and positions."""
+  segments = rows["segments"]
+  return {"mask": attention_mask(segments, segments, causal=True), "positions": rows["positions"]}
 
 
 def _empty_self_cache(dims: ModelDims, batch: int, max_len: int, dtype) -> dict:

@@ -17,7 +17,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 # logical axis -> mesh axes. ZeRO decides only whether 'embed' maps to 'fsdp'.
 RULES = (
-  ("batch", ("data", "fsdp")),
+  # Pipeline stages are one more batch axis for everything outside the layer stacks.
+  ("batch", ("stage", "data", "fsdp")),
   ("vocab", "tensor"),
   ("heads", "tensor"),
   ("kv_heads", "tensor"),  # grouped-query attention's key/value heads (replicated if indivisible)
@@ -25,7 +26,7 @@ RULES = (
   ("embed", None),
   ("kv", None),
   ("length", None),
-  ("layers", None),
+  ("layers", "stage"),  # a stack's layers split over pipeline stages (1: all on every device)
   ("lora", None),  # LoRA's rank: small; A and B shard on their other dims
   ("adapter", None),  # an adapter's bottleneck
 )
@@ -142,7 +143,9 @@ def stage_shardings(logical, shapes, mesh, zero_stage: int) -> StateShardings:
   )
 
 
-BATCH_AXES = ("data", "fsdp")  # the axes the batch splits over and gradients are summed over
+# The axes the batch splits over and gradients are summed over; `stage` only for parameters
+# outside the layer stacks (each stage's layers have their own gradient).
+BATCH_AXES = ("stage", "data", "fsdp")
 
 
 def manual_axes() -> frozenset[str]:
@@ -181,6 +184,7 @@ class GradReduction:
   fsdp: int
   tensor_spec: PartitionSpec  # the parameter's tensor-parallel layout
   over_data: bool = True  # False under local SGD: each data replica keeps its own gradient
+  over_stage: bool = True  # False for a layer stack split over pipeline stages
 
   @classmethod
   def for_stage(
@@ -193,7 +197,8 @@ class GradReduction:
       when = "microbatch"
     else:
       when = "step"
-    return cls(when, dim, fsdp, keep_axes(param_spec, {"tensor"}), over_data)
+    over_stage = "stage" not in jax.tree.leaves(tuple(param_spec))
+    return cls(when, dim, fsdp, keep_axes(param_spec, {"tensor"}), over_data, over_stage)
 
   def accumulator_shape(self, local_shape) -> tuple[int, ...]:
     shape = list(local_shape)
@@ -212,7 +217,7 @@ class GradReduction:
 
     def reduce(g):
       g = g.astype(dtype)
-      axes = ["data"] if self.over_data else []
+      axes = (["stage"] if self.over_stage else []) + (["data"] if self.over_data else [])
       if self.when == "step":
         if self.scatter_dim is None:
           axes.append("fsdp")
