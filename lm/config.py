@@ -475,8 +475,8 @@ def _validate_training(cfg: ml_collections.ConfigDict) -> None:
     _fail("train.distill_weight", f"{cfg.train.distill_weight!r} must lie in [0, 1]")
   _check_positive(cfg, "train.distill_temperature")
   if cfg.mesh.stage * cfg.mesh.dcn_stage > 1:
-    for field, value in (("train.sync_every", cfg.train.sync_every), ("train.teacher", cfg.train.teacher)):
-      if value:
+    for field in ("train.sync_every", "train.teacher"):
+      if value := _lookup(cfg, field):
         _fail(field, f"{value!r} is not supported with pipeline stages; set mesh.stage=1")
   if cfg.train.teacher and cfg.train.sync_every:
     _fail("train.sync_every", "local SGD does not run a teacher; set it to 0 to distill")

@@ -141,7 +141,8 @@ class Layout:
     """Per parameter: is it a stacked layer (leading 'layers' axis)?"""
     stacks = _stacks(self.logical)
     return {
-      k: jax.tree.map(lambda _: k in stacks, v, is_leaf=_is_names) for k, v in self.logical.items()
+      key: jax.tree.map(lambda _, stacked=key in stacks: stacked, names, is_leaf=_is_names)
+      for key, names in self.logical.items()
     }
 
   def in_memory_order(self, params: dict) -> dict:
@@ -149,9 +150,9 @@ class Layout:
     if not self.reorders_layers:
       return params
     with jax.set_mesh(self.mesh):
-      return jax.jit(
-        self.to_stage_order, out_shardings=self.shardings.params, donate_argnums=0
-      )(params)
+      return jax.jit(self.to_stage_order, out_shardings=self.shardings.params, donate_argnums=0)(
+        params
+      )
 
   def init_params(self) -> dict:
     """A new model's parameters, initialized directly into their shards."""

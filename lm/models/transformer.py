@@ -28,7 +28,14 @@ from lm.models.layers import (
   split_keys,
 )
 from lm.parallel import pipeline as pp
-from lm.parallel.sharding import BATCH_AXES, constrain, gather_layer, keep_axes, manual_axes, spec_for
+from lm.parallel.sharding import (
+  BATCH_AXES,
+  constrain,
+  gather_layer,
+  keep_axes,
+  manual_axes,
+  spec_for,
+)
 
 REMAT_POLICIES = {
   "full": jax.checkpoint_policies.nothing_saveable,

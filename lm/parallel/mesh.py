@@ -93,8 +93,10 @@ def check_batch_divisibility(cfg: ml_collections.ConfigDict, mesh: jax.sharding.
   # Each (data, fsdp) group's rows of a microbatch split into the pipeline's microbatches.
   per_shard = cfg.train.microbatches * pipeline_microbatches(cfg, mesh)
   if rows % (batch_shards * per_shard):
-    what = "microbatches*pipeline_microbatches" if per_shard != cfg.train.microbatches else (
-      "microbatches"
+    what = (
+      "microbatches*pipeline_microbatches"
+      if per_shard != cfg.train.microbatches
+      else ("microbatches")
     )
     raise ConfigError(
       f"config.train.global_batch_size: {rows} is not divisible by data*fsdp*{what} = "
