@@ -129,17 +129,23 @@ def _group_axes(line: str, mesh_shape: dict[str, int]) -> tuple[tuple[str, ...],
   return axes, len(group)
 
 
-def collective_traffic(hlo_text: str, mesh_shape: dict[str, int]) -> dict[str, dict]:
-  """Per op kind: count, result bytes and bandwidth bytes per device per step, and the
-  bandwidth bytes per set of mesh axes the ops run over (`by_axes`, keys like "data+fsdp").
+def _permute_axes(line: str, mesh_shape: dict[str, int]) -> tuple[tuple[str, ...], int]:
+  """(mesh axes a collective-permute's source -> target pairs cross, 2: one send per device)."""
+  pairs = re.search(r"source_target_pairs=\{([^=]*)\}", line)
+  found = re.findall(r"\{(\d+),(\d+)\}", pairs.group(1)) if pairs else []
+  shape = tuple(mesh_shape.values())
+  axes = set()
+  for source, target in found:
+    a, b = np.unravel_index(int(source), shape), np.unravel_index(int(target), shape)
+    axes |= {name for name, i, j in zip(mesh_shape, a, b) if i != j}
+  return tuple(a for a in mesh_shape if a in axes), 2 if found else 1
 
-  Ops inside while loops (the layer and microbatch scans) count once per iteration, using
-  XLA's known trip counts. Bandwidth: all-reduce 2S(N-1)/N; all-gather S(N-1)/N with S the
-  gathered size; reduce-scatter S(N-1)/N with S the unscattered size.
-  """
-  calls, ops = collections.defaultdict(list), collections.defaultdict(list)
-  current = None
-  entry = None
+
+def _computations(hlo_text: str):
+  """(lines of each computation, times each runs per step, the entry's name): while bodies
+  count their known trip counts, fusions and calls once per caller's run."""
+  calls, lines = collections.defaultdict(list), collections.defaultdict(list)
+  current = entry = None
   for line in hlo_text.splitlines():
     header = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
     if header and not line.startswith(" "):
@@ -149,19 +155,13 @@ def collective_traffic(hlo_text: str, mesh_shape: dict[str, int]) -> dict[str, d
       continue
     if current is None or "=" not in line:
       continue
-    op_match = re.search(r"=\s*(.*?)\s([a-z\-]+)\(", line)
-    if not op_match:
-      continue
-    type_text, op = op_match.groups()
-    base_op = op.removesuffix("-start")
-    if base_op in COLLECTIVES:
-      ops[current].append((base_op, _type_bytes(type_text), *_group_axes(line, mesh_shape)))
-    if op == "while":
+    lines[current].append(line)
+    if re.search(r"\swhile\(", line):
       trip = re.search(r'known_trip_count[^0-9]*"?n"?\s*:\s*"?(\d+)', line)
       body = re.search(r"body=%?([\w.\-]+)", line)
       if body:
         calls[current].append((body.group(1), int(trip.group(1)) if trip else 1))
-    if op == "call":  # unoptimized HLO (Lowered.as_text(dialect="hlo")) calls by to_apply
+    if re.search(r"\scall\(", line):  # unoptimized HLO (Lowered.as_text(dialect="hlo"))
       calls[current] += [(c, 1) for c in re.findall(r"to_apply=%?([\w.\-]+)", line)]
     for callee in re.findall(r"(?:calls|true_computation|false_computation)=%?([\w.\-]+)", line):
       calls[current].append((callee, 1))
@@ -169,7 +169,6 @@ def collective_traffic(hlo_text: str, mesh_shape: dict[str, int]) -> dict[str, d
     if branches:
       for callee in re.findall(r"%?([\w.\-]+)", branches.group(1)):
         calls[current].append((callee, 1))
-
   multiplier = collections.Counter()
 
   def visit(name, factor):
@@ -178,6 +177,65 @@ def collective_traffic(hlo_text: str, mesh_shape: dict[str, int]) -> dict[str, d
       visit(callee, factor * trip)
 
   visit(entry, 1)
+  return lines, multiplier
+
+
+def dot_flops(hlo_text: str) -> float:
+  """Matmul FLOPs per device per step from the compiled HLO, 2 * output elements * contracted
+  size per dot, loops counted per iteration. XLA's cost_analysis() counts a while loop's body
+  once whatever its trip count (checked on CPU, jax 0.10.2), so the layer, microbatch and
+  pipeline scans would vanish from it."""
+  lines, multiplier = _computations(hlo_text)
+  total = 0.0
+  for name, body in lines.items():
+    times = multiplier.get(name, 0)
+    if not times:
+      continue
+    shapes = {}  # this computation's values: %name -> dims (operands print without types)
+    for line in body:
+      value = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*[a-z]+\d*\[([\d,]*)\]", line)
+      if value:
+        shapes[value.group(1)] = _dims(value.group(2))
+    for line in body:
+      dot = re.search(r"=\s*[a-z]+\d*\[([\d,]*)\]\S*\s+dot\(%?([\w.\-]+)", line)
+      contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
+      if not dot or dot.group(2) not in shapes:
+        continue
+      lhs = shapes[dot.group(2)]
+      contracted = [lhs[i] for i in _dims(contracting.group(1))] if contracting else []
+      total += times * 2 * float(np.prod(_dims(dot.group(1)) or [1])) * float(np.prod(contracted))
+  return total
+
+
+def _dims(text: str) -> list[int]:
+  return [int(d) for d in text.split(",") if d]
+
+
+def collective_traffic(hlo_text: str, mesh_shape: dict[str, int]) -> dict[str, dict]:
+  """Per op kind: count, result bytes and bandwidth bytes per device per step, and the
+  bandwidth bytes per set of mesh axes the ops run over (`by_axes`, keys like "data+fsdp").
+
+  Ops inside while loops (the layer and microbatch scans) count once per iteration, using
+  XLA's known trip counts. Bandwidth: all-reduce 2S(N-1)/N; all-gather S(N-1)/N with S the
+  gathered size; reduce-scatter S(N-1)/N with S the unscattered size; collective-permute S
+  (each device sends its buffer once).
+  """
+  lines, multiplier = _computations(hlo_text)
+  ops = collections.defaultdict(list)
+  for current, body in lines.items():
+    for line in body:
+      op_match = re.search(r"=\s*(.*?)\s([a-z\-]+)\(", line)
+      if not op_match:
+        continue
+      type_text, op = op_match.groups()
+      base_op = op.removesuffix("-start")
+      if base_op == "collective-permute":
+        # An async start's type is (operand, result, contexts): one buffer travels.
+        sent = re.match(r"\(?\s*([a-z]+\d*\[[\d,]*\])", type_text)
+        size = _type_bytes(sent.group(1) if sent else type_text)
+        ops[current].append((base_op, size, *_permute_axes(line, mesh_shape)))
+      elif base_op in COLLECTIVES:
+        ops[current].append((base_op, _type_bytes(type_text), *_group_axes(line, mesh_shape)))
   report = {
     k: {"count": 0, "bytes": 0.0, "bandwidth_bytes": 0.0, "by_axes": {}} for k in COLLECTIVES
   }
@@ -190,6 +248,8 @@ def collective_traffic(hlo_text: str, mesh_shape: dict[str, int]) -> dict[str, d
         cost = 2 * size * (n - 1) / n
       elif op == "reduce-scatter":
         cost = size * n * (n - 1) / n  # result is the scattered shard
+      elif op == "collective-permute":
+        cost = size
       else:
         cost = size * (n - 1) / n
       report[op]["count"] += times
