@@ -217,13 +217,18 @@ class GradReduction:
 
     def reduce(g):
       g = g.astype(dtype)
-      axes = (["stage"] if self.over_stage else []) + (["data"] if self.over_data else [])
+      axes = ["data"] if self.over_data else []
       if self.when == "step":
         if self.scatter_dim is None:
           axes.append("fsdp")
         else:
           g = _scatter(g, self.scatter_dim)
-      return (jax.lax.psum(g, tuple(axes)) if axes else g).astype(jnp.float32)
+      g = jax.lax.psum(g, tuple(axes)) if axes else g
+      # Outside the layer stacks every pipeline stage adds its rows' share last: the reductions
+      # above are the ones a run without stages makes, and only the smallest tensor (the fsdp
+      # shard) crosses the stages, which may span slices.
+      g = jax.lax.psum(g, "stage") if self.over_stage else g
+      return g.astype(jnp.float32)
 
     return _tensor_manual(reduce, grad, self.tensor_spec, self.scatter_dim)
 
