@@ -44,6 +44,19 @@ def config(dcn_data: int = 1, zero_stage: int = 3, one_device: bool = False):
   return cfg
 
 
+def pipeline_config(one_device: bool = False):
+  """An LM on 2 pipeline stages across the processes (mesh.dcn_stage=2), fsdp and tensor within
+  each, ZeRO-3 and dropout: what 2 processes must train like one device."""
+  cfg = tiny_config("lm", dec_layers=4, dropout_rate=0.1)
+  if not one_device:
+    cfg.mesh.update(stage=1, dcn_stage=2, data=1, fsdp=2, tensor=2)
+  cfg.zero_stage = 3
+  cfg.train.update(global_batch_size=16, pipeline_microbatches=4)
+  cfg.data.pack = False
+  cfg.optim.update(name="adamw", learning_rate=1e-3, eps=1e-6)
+  return cfg
+
+
 def process_rows(sharding, shape) -> slice:
   """The contiguous rows of a [batch, ...] global array that this process's devices hold."""
   indices = sharding.addressable_devices_indices_map(shape).values()
@@ -92,7 +105,7 @@ def run_and_decode(dcn_data: int = 1, stages=(0, 1, 2, 3), one_device: bool = Fa
       run.layout, state.params, _VocabOnly(cfg.model.vocab_size), options, batch_size=8
     )
     decodes[str(beam)] = decoder.decode_ids(sources).tolist()
-  data_processes = {d.process_index for d in run.layout.mesh.devices[:, 0, 0]}
+  data_processes = {d.process_index for d in run.layout.mesh.devices[0, :, 0, 0]}
   return {
     "process_count": jax.process_count(),
     # Each step's reduction over data, and how many processes the data axis spans.
@@ -120,11 +133,22 @@ def main():
   parser.add_argument("--coordinator_address", required=True)
   parser.add_argument("--num_processes", type=int, required=True)
   parser.add_argument("--process_id", type=int, required=True)
+  parser.add_argument("--pipeline", action="store_true", help="2 stages over the processes")
   args = parser.parse_args()
   # A few steps of a tiny model: compiling dominates, so LLVM at -O0 (as in the test process).
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
   init_distributed(args.coordinator_address, args.num_processes, args.process_id)
-  result = run_and_decode(dcn_data=args.num_processes)
+  if args.pipeline:
+    run, _, step, losses = train(pipeline_config())
+    stage_processes = {d.process_index for d in run.layout.mesh.devices[:, 0, 0, 0]}
+    permutes = report.collective_traffic(step.as_text(), dict(run.layout.mesh.shape))
+    result = {
+      "losses": losses,
+      "stage_processes": len(stage_processes),
+      "permute_axes": sorted(permutes["collective-permute"]["by_axes"]),
+    }
+  else:
+    result = run_and_decode(dcn_data=args.num_processes)
   if jax.process_index() == 0:
     with open(args.output, "w") as f:
       json.dump(result, f)

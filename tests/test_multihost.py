@@ -73,6 +73,19 @@ def test_two_slices_train_and_decode_like_one_device(tmp_path):
   assert two["decodes"] == one["decodes"]
 
 
+def test_two_processes_as_two_pipeline_stages_train_like_one_device(tmp_path):
+  """mesh.dcn_stage=2: each process holds one pipeline stage (fsdp and tensor within it), the
+  activations cross between the processes, and the losses are one device's."""
+  output = tmp_path / "stages.json"
+  worker = [sys.executable, os.path.join(ROOT, "tests", "multihost_worker.py"), "--pipeline"]
+  _finish(_start([*worker, f"--output={output}"], 2, tmp_path), 2, tmp_path)
+  two = json.loads(output.read_text())
+  _, _, _, one = multihost_worker.train(multihost_worker.pipeline_config(True), jax.devices()[:1])
+  assert two["stage_processes"] == 2
+  assert two["permute_axes"] == ["stage"]
+  np.testing.assert_allclose(two["losses"], one, rtol=1e-5)
+
+
 def _start_run(workdir, processes: int, logdir, *flags, **overrides) -> subprocess.Popen:
   """experiments.run on the cluster config as `processes` processes over 8 devices in all."""
   command = [sys.executable, "-m", "experiments.run", f"--workdir={workdir}", *flags]
