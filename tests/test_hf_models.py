@@ -217,11 +217,14 @@ def _lora_losses(directory, cfg, mesh, stage, steps=3):
 
 
 def test_lora_fine_tuning_an_import_is_sharded_like_one_device(saved):
+  """On (2, 2, 2) at ZeRO-3: every axis, and the stage that shards most. The import on
+  (1, 8, 1) at ZeRO-3 is held to one device's logits above, LoRA on (1, 8, 1) to one device's
+  losses by tests/test_adapt.py (ZeRO-1), and the student below trains LoRA on the import
+  there."""
   directory, cfg = _llama_cfg(saved)
   reference = _lora_losses(directory, cfg, (1, 1, 1), 0)
   assert reference[-1] < reference[0]  # it trains
-  for mesh, stage in (((2, 2, 2), 3), ((1, 8, 1), 3)):
-    np.testing.assert_allclose(_lora_losses(directory, cfg, mesh, stage), reference, rtol=1e-5)
+  np.testing.assert_allclose(_lora_losses(directory, cfg, (2, 2, 2), 3), reference, rtol=1e-5)
 
 
 def test_a_student_distils_from_an_imported_teacher(saved):

@@ -2,6 +2,7 @@
 Marian model saved here: LoRA fine-tuning under ZeRO-3, eval, export to a transformers
 checkpoint, decode and serve from that export."""
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -157,59 +158,77 @@ def test_marian_lora_fine_tune_eval_export_decode_and_serve(tmp_path):
   assert [m["step"] for m in evals] == [0, STEPS]  # the import, then the fine-tuned model
   assert all("bleu" in m for m in evals) and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
 
-  # The checkpoint: LoRA factors that trained beside base weights bitwise the import's.
-  layout, tuned, tokenizer, step = inference.restore_latest(workdir)
-  assert step == STEPS and layout.cfg.model.lora_rank == 8
-  _, original, _, _ = inference.restore_export(f"hf:{base}")
-  tuned_leaves, original_leaves = _leaves(tuned), _leaves(original)
-  lora = {p: x for p, x in tuned_leaves.items() if "_lora/" in p}
-  blocks = {p.split("/")[-2] for p in lora}  # every projection of every block has its factors
-  assert {"query_lora", "key_lora", "value_lora", "out_lora", "wi_lora", "wo_lora"} <= blocks
-  assert any(p.startswith("decoder/layers/cross_attn/") for p in lora)
-  assert all(np.abs(np.asarray(x)).max() > 0 for p, x in lora.items() if p.endswith("/b"))
-  assert set(tuned_leaves) - set(lora) == set(original_leaves)
-  for path, x in original_leaves.items():
-    np.testing.assert_array_equal(np.asarray(tuned_leaves[path]), np.asarray(x), err_msg=path)
-
-  _cli("--mode=eval", f"--workdir={workdir}")
+  # The eval and the export of the checkpoint run at once (2 processes for 2 cores), and this
+  # process checks the checkpoint meanwhile: LoRA factors that trained beside base weights
+  # bitwise the import's.
+  export = tmp_path / "opus_tuned"
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    evaluating = pool.submit(_cli, "--mode=eval", f"--workdir={workdir}")
+    exporting = pool.submit(
+      _cli, "--mode=export", f"--workdir={workdir}", "--format=hf", f"--output={export}"
+    )
+    layout, tuned, tokenizer, step = inference.restore_latest(workdir)
+    assert step == STEPS and layout.cfg.model.lora_rank == 8
+    _, original, _, _ = inference.restore_export(f"hf:{base}")
+    tuned_leaves, original_leaves = _leaves(tuned), _leaves(original)
+    lora = {p: x for p, x in tuned_leaves.items() if "_lora/" in p}
+    blocks = {p.split("/")[-2] for p in lora}  # every projection of every block has its factors
+    assert {"query_lora", "key_lora", "value_lora", "out_lora", "wi_lora", "wo_lora"} <= blocks
+    assert any(p.startswith("decoder/layers/cross_attn/") for p in lora)
+    assert all(np.abs(np.asarray(x)).max() > 0 for p, x in lora.items() if p.endswith("/b"))
+    assert set(tuned_leaves) - set(lora) == set(original_leaves)
+    for path, x in original_leaves.items():
+      np.testing.assert_array_equal(np.asarray(tuned_leaves[path]), np.asarray(x), err_msg=path)
+    evaluating.result(), exporting.result()
   with open(f"{workdir}/eval.json") as f:
     evaluated = json.load(f)
   assert evaluated["step"] == STEPS
   np.testing.assert_allclose(evaluated["eval_loss"], evals[-1]["eval_loss"], rtol=1e-5)
   assert evaluated["bleu"] == pytest.approx(evals[-1]["bleu"])
 
-  export = tmp_path / "opus_tuned"
-  _cli("--mode=export", f"--workdir={workdir}", "--format=hf", f"--output={export}")
-  theirs = transformers.MarianMTModel.from_pretrained(export).eval()
-  pairs = _pairs(8, seed=1)
-  batch = _batch(tokenizer, pairs)
-  real = batch["targets_segment_ids"].astype(bool)
-  start = layout.cfg.model.start_id
-  ours = _logits(layout, tuned, batch)[..., : tokenizer.vocab_size]
-  merged = hf_fixtures.logits(theirs, batch, start)
-  np.testing.assert_allclose(merged[real], ours[real], atol=1e-4, rtol=0)
-  before = hf_fixtures.logits(imported, batch, start)
-  assert np.abs(merged[real] - before[real]).max() > 1e-2  # LoRA's updates are in the export
-  their_tokenizer = transformers.MarianTokenizer.from_pretrained(export)
-  eos = [tokenizer.eos_id]
-  for source, target in pairs:
-    assert their_tokenizer(source).input_ids == tokenizer.encode(source, "inputs") + eos
-    assert their_tokenizer(text_target=target).input_ids == tokenizer.encode(target) + eos
-
   # The hf export, read back by --export (into a new workdir): its eval on the same held-out
-  # pairs, --mode=decode, then --mode=serve.
-  served = [f"--workdir={tmp_path / 'from_export'}", f"--export=hf:{export}", *DECODING]
-  held_out = [f"--config.data.eval_source=tsv:{data}", "--config.data.eval_examples=16"]
-  _cli("--mode=eval", *served, *held_out, "--config.eval.bleu=false")
-  with open(tmp_path / "from_export" / "eval.json") as f:
-    np.testing.assert_allclose(json.load(f)["eval_loss"], evals[-1]["eval_loss"], rtol=1e-4)
+  # pairs, --mode=decode and --mode=serve, at once; this process meanwhile holds the export to
+  # transformers.
+  pairs = _pairs(8, seed=1)
   lines = [source for source, _ in pairs[:3]]
   (tmp_path / "in.txt").write_text("".join(f"{line}\n" for line in lines))
-  _cli("--mode=decode", *served, f"--input={tmp_path / 'in.txt'}", f"--output={tmp_path / 'out'}")
+  served = [f"--workdir={tmp_path / 'from_export'}", f"--export=hf:{export}", *DECODING]
+  held_out = [f"--config.data.eval_source=tsv:{data}", "--config.data.eval_examples=16"]
+
+  def serve():
+    with _server(*served) as url:
+      return httpx.post(f"{url}/v1/translate", json={"text": lines}, timeout=120)
+
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    evaluating = pool.submit(_cli, "--mode=eval", *served, *held_out, "--config.eval.bleu=false")
+    decoding = pool.submit(
+      _cli,
+      "--mode=decode",
+      *served,
+      f"--input={tmp_path / 'in.txt'}",
+      f"--output={tmp_path / 'out'}",
+    )
+    serving = pool.submit(serve)
+    theirs = transformers.MarianMTModel.from_pretrained(export).eval()
+    batch = _batch(tokenizer, pairs)
+    real = batch["targets_segment_ids"].astype(bool)
+    start = layout.cfg.model.start_id
+    ours = _logits(layout, tuned, batch)[..., : tokenizer.vocab_size]
+    merged = hf_fixtures.logits(theirs, batch, start)
+    np.testing.assert_allclose(merged[real], ours[real], atol=1e-4, rtol=0)
+    before = hf_fixtures.logits(imported, batch, start)
+    assert np.abs(merged[real] - before[real]).max() > 1e-2  # LoRA's updates are in the export
+    their_tokenizer = transformers.MarianTokenizer.from_pretrained(export)
+    eos = [tokenizer.eos_id]
+    for source, target in pairs:
+      assert their_tokenizer(source).input_ids == tokenizer.encode(source, "inputs") + eos
+      assert their_tokenizer(text_target=target).input_ids == tokenizer.encode(target) + eos
+    evaluating.result(), decoding.result()
+    response = serving.result()
+  with open(tmp_path / "from_export" / "eval.json") as f:
+    np.testing.assert_allclose(json.load(f)["eval_loss"], evals[-1]["eval_loss"], rtol=1e-4)
   decoded = (tmp_path / "out").read_text().splitlines()
   assert len(decoded) == 3 and all(decoded), decoded
-  with _server(*served) as url:
-    response = httpx.post(f"{url}/v1/translate", json={"text": lines}, timeout=120)
   assert response.status_code == 200, response.text
   assert response.json()["translations"] == decoded
   print(  # experiments/finetune_hf.py's figures (pytest -s)
