@@ -97,6 +97,13 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
   trainable = param_count(select(run.abstract_params, trainer.trainable))
   whole_trainable = sum(math.prod(s) for p, (s, _) in unsharded.items() if p in trained_paths)
   fsdp = run.mesh.shape["fsdp"]
+  # Each pipeline stage holds 1/stage of the layer stacks: the formula's parameter counts.
+  stages = run.mesh.shape["stage"]
+  stacked = run.stacked()
+  in_stacks = param_count(select(run.abstract_params, stacked))
+  trained = select(run.abstract_params, trainer.trainable)
+  trained_in_stacks = param_count(select(trained, select(stacked, trainer.trainable)))
+  per_stage = lambda count, stack: count - stack + stack / stages
   start = time.perf_counter()
   compiled = trainer.compile_train_step()
   compile_s = time.perf_counter() - start
@@ -133,12 +140,12 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
     "trainable_params": trainable,
     "bytes_measured": measured,
     "bytes_formula": report.formula_bytes(
-      n_params,
+      per_stage(n_params, in_stacks),
       cfg.zero_stage,
       fsdp,
       run.mesh.shape["tensor"],
       replicated=whole,
-      trainable=trainable,
+      trainable=per_stage(trainable, trained_in_stacks),
       replicated_trainable=whole_trainable,
     ),
     "replicated_over_fsdp": whole,
