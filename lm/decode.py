@@ -341,7 +341,7 @@ class Decoder:
     row_buckets: bool = False,
   ):
     # A pipelined layout's parameters are gathered into one without stages (see `params`).
-    self.source_layout, layout = layout, layout.unpipelined()
+    self.source_layout, layout, self._move = layout, layout.unpipelined(), None
     self.layout, self.params, self.tokenizer, self.options = layout, params, tokenizer, options
     self.specials = Specials.of(tokenizer, layout.dims.start_id)
     rows_multiple = layout.batch_multiple
@@ -365,8 +365,10 @@ class Decoder:
     """Parameters on the layout the decoder was given; moved to its own if that differs."""
     source, own = self.source_layout, self.layout
     if params is not None and own is not source:
+      if self._move is None:  # compiled once: periodic evaluation sets new parameters each time
+        self._move = jax.jit(source.to_layer_order, out_shardings=own.shardings.params)
       with jax.set_mesh(source.mesh):
-        params = jax.jit(source.to_layer_order, out_shardings=own.shardings.params)(params)
+        params = self._move(params)
     self._params = params
 
   @classmethod

@@ -56,6 +56,7 @@ class Trainer:
   state_shardings: TrainState
   local_sgd: LocalSGD | None
   teacher: Teacher | None  # distillation (train.teacher with train.distill_weight > 0)
+  _reorders: dict = dataclasses.field(default_factory=dict, repr=False)  # compiled once each
 
   @classmethod
   def build(
@@ -223,13 +224,15 @@ class Trainer:
       params = (layout.to_stage_order if to == "stage" else layout.to_layer_order)(state.params)
       return state.replace(params=params, opt_state=opt_state)
 
-    with jax.set_mesh(layout.mesh):
-      return jax.jit(
+    if to not in self._reorders:
+      self._reorders[to] = jax.jit(
         fn,
         in_shardings=(self.state_shardings,),
         out_shardings=self.state_shardings,
         donate_argnums=(0,) if donate else (),
-      )(state)
+      )
+    with jax.set_mesh(layout.mesh):
+      return self._reorders[to](state)
 
   def jit_train_step(self):
     """step(state, batch) -> (state, metrics); with a teacher, step(state, batch, its params)."""
