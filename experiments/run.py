@@ -199,6 +199,7 @@ def serve_model() -> None:
   buckets = tuple(cfg.serve.length_buckets) or options.length_buckets
   options = dataclasses.replace(options, length_buckets=buckets)
   decoder = Decoder(layout, params, tokenizer, options, cfg.serve.max_batch)
+  del params  # the decoder's: with pipeline stages a copy on a layout without them
   serve.serve(decoder, step, cfg.serve, _HOST.value, _PORT.value)
 
 

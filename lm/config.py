@@ -304,6 +304,9 @@ INFERENCE_FIELDS = (
   "data.eval_examples",
   "train.global_batch_size",
   "train.microbatches",
+  "model.pipeline_repeats",  # how the layers lie on this mesh's pipeline stages
+  "train.pipeline_microbatches",  # how evaluation splits its rows over them
+  "train.pipeline_gather",
 )
 
 

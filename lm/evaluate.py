@@ -70,8 +70,22 @@ class Evaluator:
     results = self.teacher_forced(params)
     cfg, log = self.layout.cfg, self.log
     shown = cfg.eval.examples if log else 0
+    try:
+      self._decode(params, results, shown)
+    finally:
+      # With pipeline stages the decoder holds its own copy of the parameters (a layout
+      # without stages): not kept between evaluations.
+      self.decoder.params = None
+    return results
+
+  def _decode(self, params: Any, results: dict, shown: int) -> None:
+    """BLEU into `results` (translation, eval.bleu) and `shown` logged examples."""
+    cfg, log = self.layout.cfg, self.log
+    translating = cfg.task == "translation" and (cfg.eval.bleu or shown)
+    if not (translating or shown):
+      return
     self.decoder.params = params
-    if cfg.task == "translation" and (cfg.eval.bleu or shown):
+    if translating:
       pairs = self.data.eval_text if cfg.eval.bleu else self.data.eval_text[:shown]
       hypotheses = self.decoder(
         [source for source, _ in pairs], warn=lambda _: None, progress=self._check_stop
@@ -86,7 +100,6 @@ class Evaluator:
       prompts = [" ".join(text.split()[:4]) for _, text in self.data.eval_text[:shown]]
       for prompt, continuation in zip(prompts, self.decoder(prompts, warn=lambda _: None)):
         log.info(f"prompt:       {prompt}\ncontinuation: {continuation}")
-    return results
 
 
 def evaluate_workdir(workdir: str, log=None, export=None, settings: dict | None = None) -> dict:

@@ -1,7 +1,7 @@
 """The gradient path: per-parameter reduction plans and the shard_map that sums gradients.
 
 Every reduction over the batch axes is written out (docs/architecture.md, "one step"):
-`jax.shard_map` is manual over (data, fsdp) and leaves tensor to the partitioner.
+`jax.shard_map` is manual over (stage, data, fsdp) and leaves tensor to the partitioner.
 """
 
 from __future__ import annotations

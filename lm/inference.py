@@ -67,6 +67,13 @@ def _inference_config(meta: dict, mesh_cfg, settings: dict | None) -> ml_collect
   else:
     cfg.mesh.update(mesh_cfg.mesh.to_dict())
     cfg.zero_stage = mesh_cfg.zero_stage
+    # How the layers lie on the stages is the run's, like its mesh: a model trained without
+    # stages (or with others) restores into this run's stage order.
+    cfg.model.pipeline_repeats = mesh_cfg.model.pipeline_repeats
+    cfg.train.update(
+      pipeline_microbatches=mesh_cfg.train.pipeline_microbatches,
+      pipeline_gather=mesh_cfg.train.pipeline_gather,
+    )
   if settings:
     cfg.update_from_flattened_dict(settings)
   return cfg

@@ -39,13 +39,17 @@ class Layout:
 
   @classmethod
   def build(
-    cls, cfg: ml_collections.ConfigDict, devices=None, tokenizer_size: int | None = None
+    cls,
+    cfg: ml_collections.ConfigDict,
+    devices=None,
+    tokenizer_size: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
   ) -> Layout:
     """Compiles nothing. The embedding has max(model.vocab_size, tokenizer_size) rows padded
     for the mesh; only the tokenizer's ids (model.vocab_size without one) can be targets or
-    outputs."""
+    outputs. `mesh`: this one instead of the one cfg.mesh builds over `devices`."""
     lmc.validate(cfg, training=False)
-    mesh = lm_mesh.make_mesh(cfg.mesh, devices)
+    mesh = mesh or lm_mesh.make_mesh(cfg.mesh, devices)
     lm_mesh.check_divisibility(cfg, mesh)
     vocab_limit = tokenizer_size or cfg.model.vocab_size
     rows = lm_mesh.padded_vocab_size(max(cfg.model.vocab_size, vocab_limit), mesh)
@@ -135,7 +139,12 @@ class Layout:
       mesh.data *= mesh.stage
     mesh.dcn_data *= mesh.dcn_stage
     mesh.stage, mesh.dcn_stage = 1, 1
-    return Layout.build(cfg, list(self.mesh.devices.flat), tokenizer_size=self.vocab_limit)
+    # The same device order, stage-major in data: building the mesh anew could order a TPU's or
+    # a multi-slice job's devices otherwise, and moving parameters between meshes needs one.
+    shape = self.mesh.devices.shape
+    devices = self.mesh.devices.reshape(1, shape[0] * shape[1], *shape[2:])
+    flat = jax.sharding.Mesh(devices, self.mesh.axis_names, axis_types=self.mesh.axis_types)
+    return Layout.build(cfg, tokenizer_size=self.vocab_limit, mesh=flat)
 
   def stacked(self) -> dict:
     """Per parameter: is it a stacked layer (leading 'layers' axis)?"""
@@ -178,7 +187,7 @@ class Layout:
     return {**params, **top}
 
   def shard_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """This process's rows -> one global array per key, split over (data, fsdp)."""
+    """This process's rows -> one global array per key, split over (stage, data, fsdp)."""
     return {
       k: jax.make_array_from_process_local_data(self.shardings.batch, v)
       for k, v in local_batch.items()

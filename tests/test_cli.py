@@ -140,7 +140,8 @@ def test_every_experiment_lays_out_and_its_decoder_takes_every_input_it_accepts(
   cfg = get_config(variant) if variant else get_config()
   lmc.validate(cfg)
   assert cfg.data.source
-  cfg.mesh.update(data=1, fsdp=-1, tensor=1, dcn_data=1)  # its own mesh may be a pod's
+  # Its own mesh may be a pod's.
+  cfg.mesh.update(stage=1, data=1, fsdp=-1, tensor=1, dcn_stage=1, dcn_data=1)
   layout = Layout.build(cfg)
   options = decode.DecodeOptions.from_config(cfg.decode)
   vocab = types.SimpleNamespace(vocab_size=layout.vocab_limit, pad_id=0, bos_id=2, eos_id=3)

@@ -225,8 +225,8 @@ class GradReduction:
           g = _scatter(g, self.scatter_dim)
       g = jax.lax.psum(g, tuple(axes)) if axes else g
       # Outside the layer stacks every pipeline stage adds its rows' share last: the reductions
-      # above are the ones a run without stages makes, and only the smallest tensor (the fsdp
-      # shard) crosses the stages, which may span slices.
+      # above are the ones a run without stages makes, and what crosses the stages (which may
+      # span slices) is the reduced gradient: its fsdp shard where the stage scatters it.
       g = jax.lax.psum(g, "stage") if self.over_stage else g
       return g.astype(jnp.float32)
 
