@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lm import config as lmc
+from lm import inference, objective
 from lm import train as lm_train
 from lm.config import ConfigError
 from lm.data import synthetic
@@ -73,9 +74,10 @@ def _reference(layers=4, k=1, dropout=0.0):
 
 def _assert_like_one_device(cfg):
   losses, params = _train(cfg)
-  ref_losses, ref_params = _reference(
-    cfg.model.dec_layers, cfg.train.microbatches, cfg.model.dropout_rate
-  )
+  m = cfg.model
+  ref_losses, ref_params = _reference(m.dec_layers, cfg.train.microbatches, m.dropout_rate)
+  if m.dropout_rate:  # the masks matter: without them the losses are others
+    assert not np.allclose(ref_losses, _reference(m.dec_layers, cfg.train.microbatches)[0])
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   norms = [np.linalg.norm(x) for x in jax.tree.leaves(params)]
   np.testing.assert_allclose(
@@ -118,10 +120,12 @@ def test_every_zero_stage_composes_with_stages(mesh, zero, k):
   _assert_like_one_device(_config(stage=2, zero=zero, k=k, m=2, **mesh))
 
 
-def test_nothing_a_bubble_computes_reaches_the_loss_or_gradients(monkeypatch):
+@pytest.mark.parametrize("options", [dict(stage=4, m=4), dict(stage=2, m=4, repeats=2)])
+def test_nothing_a_bubble_computes_reaches_the_loss_or_gradients(monkeypatch, options):
   """Bubble iterations send NaN on (and stages receive NaN before their first microbatch):
-  the masked schedule gives the same losses and parameters as sending zeros."""
-  cfg = _config(stage=4, m=4, repeats=1)
+  the masked schedule gives the same losses and parameters as sending zeros, in GPipe and in
+  a circular schedule whose stage 0 refills its buffer slots (M > S)."""
+  cfg = _config(**options)
   losses, params = _train(cfg)
   monkeypatch.setattr(pp, "BUBBLE_VALUE", float("nan"))
   poisoned_losses, poisoned = _train(cfg)
@@ -169,6 +173,17 @@ def test_gradient_reductions_equal_a_run_of_one_stages_layers(zero):
   assert want["all-reduce"] > 0 and (zero == 0 or want["reduce-scatter"] > 0)
   for op in want:
     assert got[op] == pytest.approx(want[op], rel=0.02), op
+  if zero == 0:  # over the stages: the summed gradients outside the stacks, whole (2 stages)
+    run = Trainer.build(_config(stage=2, data=2, fsdp=2, m=2, k=2), devices=jax.devices())
+    stacks = _stacks(run.layout.logical)
+    outside = [
+      x
+      for k, v in run.layout.abstract_params.items()
+      if k not in stacks
+      for x in jax.tree.leaves(v)
+    ]
+    gradient_bytes = sum(x.size * 4 for x in outside)
+    assert pipelined["all-reduce"]["by_axes"]["stage"] == pytest.approx(gradient_bytes, rel=0.02)
 
 
 def _stack_bytes(layout: Layout, per_device: bool = True) -> int:
@@ -269,8 +284,6 @@ def test_eval_runs_the_pipeline_and_decoding_gathers_without_stages():
 
 
 def _nll(layout, params, batch):
-  from lm import objective
-
   return objective.nll_sums(layout, params, batch)[0]
 
 
@@ -281,21 +294,28 @@ class _VocabOnly:
     self.vocab_size = vocab_size
 
 
-def test_a_checkpoint_moves_between_pipelined_and_flat_meshes(tmp_path):
-  """Layer order in checkpoints: 2 steps on a circular pipeline resume on a mesh without
-  stages and back, with the losses of an uninterrupted run."""
-
-  text = tmp_path / "train.txt"
+@pytest.fixture(scope="module")
+def text_source(tmp_path_factory):
+  """A text file of the demo's English side, for runs through the training loop."""
+  text = tmp_path_factory.mktemp("text") / "train.txt"
   pairs = synthetic.DemoSource(400, 0)
   text.write_text("\n".join(pairs[i][0] for i in range(400)) + "\n")
+  return f"text:{text}"
 
-  def cfg_for(total, **mesh):
-    cfg = _config(**mesh)
-    cfg.data.update(pack=True, source=f"text:{text}", eval_examples=16)
-    cfg.train.update(total_steps=total, log_every=1)
-    cfg.checkpoint.update(every=2)
-    cfg.eval.update(every=0, examples=2)  # the final evaluation decodes, without stages
-    return cfg
+
+def _loop_config(source, total, **mesh):
+  cfg = _config(**mesh)
+  cfg.data.update(pack=True, source=source, eval_examples=16)
+  cfg.train.update(total_steps=total, log_every=1)
+  cfg.checkpoint.update(every=2)
+  cfg.eval.update(every=0, examples=2)  # the final evaluation decodes, without stages
+  return cfg
+
+
+def test_a_checkpoint_moves_between_pipelined_and_flat_meshes(tmp_path, text_source):
+  """Layer order in checkpoints: 2 steps on a circular pipeline resume on a mesh without
+  stages and back, with the losses of an uninterrupted run."""
+  cfg_for = functools.partial(_loop_config, text_source)
 
   def losses(workdir):
     import json
@@ -317,7 +337,29 @@ def test_a_checkpoint_moves_between_pipelined_and_flat_meshes(tmp_path):
   )
 
 
+def test_init_from_a_model_without_stages_restores_in_stage_order(tmp_path, text_source):
+  """A checkpoint trained without stages, taken up by a circular pipeline (train.init_from):
+  the same parameters in layer order, the same held-out loss."""
+  source = tmp_path / "source"
+  lm_train.train(_loop_config(text_source, 2, fsdp=8), str(source))
+  runs = {}
+  for name, mesh in (("flat", dict(fsdp=8)), ("pipelined", dict(stage=2, fsdp=4, m=2, repeats=2))):
+    cfg = _loop_config(text_source, 2, **mesh)
+    layout, params, _, _ = inference.restore_model(str(source), cfg, "train.init_from")
+    trainer = Trainer.for_layout(layout)
+    state = trainer.init_state(params)
+    batch = layout.shard_batch(random_batch(cfg, seed=3, padding=2))
+    with jax.set_mesh(layout.mesh):
+      loss = jax.jit(lambda p, b, layout=layout: objective.nll_sums(layout, p, b)[0])
+      runs[name] = float(loss(state.params, batch)), layout.to_layer_order(state.params)
+  assert runs["pipelined"][0] == pytest.approx(runs["flat"][0], rel=1e-6)
+  for a, b in zip(jax.tree.leaves(runs["pipelined"][1]), jax.tree.leaves(runs["flat"][1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 BAD = [
+  ("mesh.stage", dict(stage=0)),
+  ("train.teacher", dict(stage=2, teacher="runs/some_teacher")),
   ("train.pipeline_microbatches", dict(stage=2, m=3)),
   ("train.pipeline_microbatches", dict(stage=4, m=2)),
   ("model.dec_layers", dict(stage=2, layers=3)),
