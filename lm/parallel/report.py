@@ -184,7 +184,8 @@ def dot_flops(hlo_text: str) -> float:
   """Matmul FLOPs per device per step from the compiled HLO, 2 * output elements * contracted
   size per dot, loops counted per iteration. XLA's cost_analysis() counts a while loop's body
   once whatever its trip count (checked on CPU, jax 0.10.2), so the layer, microbatch and
-  pipeline scans would vanish from it."""
+  pipeline scans would vanish from it. Counts HLO `dot`s, as CPU and TPU programs keep them; a
+  GPU program's matmuls are library custom-calls (cuBLAS), which it does not count."""
   lines, multiplier = _computations(hlo_text)
   total = 0.0
   for name, body in lines.items():
