@@ -57,7 +57,7 @@ def summed_grads(
   """
   cfg = layout.cfg
   k = cfg.train.microbatches
-  summed_over = ("fsdp",) if local_sgd else sharding.BATCH_AXES
+  summed_over = ("stage", "fsdp") if local_sgd else sharding.BATCH_AXES  # stage: 1 there
   plan = trees.select(reduction_plan(layout, local_sgd), trainable)
   reduce_dtype = jnp.dtype(cfg.train.grad_reduce_dtype)
   step_key = jax.random.fold_in(jax.random.key(cfg.seed), step)

@@ -77,7 +77,7 @@ def test_eval_takes_the_eval_source_mesh_decode_and_batch_settings_it_is_given(
   overridden = {"data.eval_source", "train.global_batch_size", "train.microbatches"}
   settings = lmc.inference_settings(cfg, overridden, "eval")
   layout = inference.restore_latest(str(trained_workdir), settings=settings)[0]
-  assert dict(layout.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert dict(layout.mesh.shape) == {"stage": 1, "data": 2, "fsdp": 4, "tensor": 1}
   assert layout.cfg.decode.beam_size == 1 and layout.cfg.data.eval_source == f"tsv:{source}"
   assert (
     layout.cfg.model.d_model == 64

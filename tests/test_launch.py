@@ -146,4 +146,5 @@ def test_slurm_script_starts_processes_that_detect_the_job_from_slurm(tmp_path, 
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   losses = [row["loss"] for row in rows if "loss" in row]
   np.testing.assert_allclose(losses, [cluster_reference[s] for s in (1, 2, 3)], rtol=1e-5)
-  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in logs[0]  # 8 devices over 2 processes
+  # 8 devices over 2 processes
+  assert "mesh {'stage': 1, 'data': 2, 'fsdp': 2, 'tensor': 2}" in logs[0]

@@ -118,7 +118,7 @@ def test_a_local_sgd_checkpoint_exports_evaluates_decodes_serves_and_initializes
 
   one = jax.devices()[:1]
   layout, params, tokenizer, step = inference.restore_latest(str(workdir), devices=one)
-  assert step == 4 and dict(layout.mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+  assert step == 4 and dict(layout.mesh.shape) == {"stage": 1, "data": 1, "fsdp": 1, "tensor": 1}
   for a, b in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(consensus)):
     np.testing.assert_array_equal(a, b)
 

@@ -133,7 +133,7 @@ def test_64_concurrent_clients_share_batches_without_compiling(translation_serve
   assert rows == 64 and math.ceil(64 / 32) <= batches < 64, (rows, batches)
   model = httpx.get(f"{url}/v1/model").json()
   assert model["compiles_after_startup"] == 0 and model["beam_sizes"] == [1, 4]
-  assert model["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert model["mesh"] == {"stage": 1, "data": 1, "fsdp": 8, "tensor": 1}
   assert len(model["compiled_shapes"]) >= 3  # one per source length bucket
 
 
