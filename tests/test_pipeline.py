@@ -227,9 +227,10 @@ def test_bubble_flops_equal_the_schedules_arithmetic():
   """Per-device matmul FLOPs: the layers' grow by (M*R + S - 1) / (M*R) over a run without
   stages on the same devices (stages as data); the embedding and the head do not."""
 
-  # One layer per stage and repeat. With several, XLA's loop over a stage's layers inside the
-  # rematerialized iteration runs about half a layer's forward matmuls once more per iteration
-  # (measured: +5.7% at 2 layers, M=4), which this arithmetic does not count.
+  # One layer per stage and repeat, so the iteration's recomputation is the per-layer one of the
+  # run it is compared with. With k layers, recomputing the iteration also recomputes the MLP's
+  # output matmul of its first k - 1 layers, which per-layer recomputation leaves out (a layer's
+  # output is not needed for its own backward): +5.7% at k = 2, M = 4 in this tiny model.
   def flops(cfg):
     compiled = Trainer.build(cfg, devices=_devices(cfg)).compile_train_step()
     return report.dot_flops(compiled.as_text())
