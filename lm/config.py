@@ -304,24 +304,24 @@ INFERENCE_FIELDS = (
   "data.eval_examples",
   "train.global_batch_size",
   "train.microbatches",
-  "model.pipeline_repeats",  # how the layers lie on this mesh's pipeline stages
-  "train.pipeline_microbatches",  # how evaluation splits its rows over them
-  "train.pipeline_gather",
 )
+# How the layers lie on the mesh's pipeline stages: the mesh's, taken with it.
+PIPELINE_FIELDS = ("model.pipeline_repeats", "train.pipeline_microbatches", "train.pipeline_gather")
 
 
 def inference_settings(cfg, overridden, mode: str) -> dict:
   """The flat {field: value} that --mode=eval/decode/serve applies over a checkpoint's config;
   an overridden field it cannot honour is an error naming it."""
   for field in sorted(overridden):
-    if not (field.split(".")[0] in INFERENCE_SECTIONS or field in INFERENCE_FIELDS):
+    allowed = INFERENCE_FIELDS + PIPELINE_FIELDS
+    if not (field.split(".")[0] in INFERENCE_SECTIONS or field in allowed):
       raise ConfigError(
         f"--config.{field}: --mode={mode} takes the model and its training settings from the "
         f"checkpoint; it applies only {', '.join(s + '.*' for s in INFERENCE_SECTIONS[2:])}, "
-        f"mesh.*, zero_stage, {', '.join(INFERENCE_FIELDS)}"
+        f"mesh.*, zero_stage, {', '.join(allowed)}"
       )
   validate(cfg, training=False)
-  settings = {"zero_stage": cfg.zero_stage}
+  settings = {"zero_stage": cfg.zero_stage, **{f: _lookup(cfg, f) for f in PIPELINE_FIELDS}}
   for section in ("mesh", "decode", "eval", "serve"):
     settings.update({f"{section}.{k}": v for k, v in cfg[section].items()})
   settings.update({f: _lookup(cfg, f) for f in INFERENCE_FIELDS if f in overridden})

@@ -69,11 +69,9 @@ def _inference_config(meta: dict, mesh_cfg, settings: dict | None) -> ml_collect
     cfg.zero_stage = mesh_cfg.zero_stage
     # How the layers lie on the stages is the run's, like its mesh: a model trained without
     # stages (or with others) restores into this run's stage order.
-    cfg.model.pipeline_repeats = mesh_cfg.model.pipeline_repeats
-    cfg.train.update(
-      pipeline_microbatches=mesh_cfg.train.pipeline_microbatches,
-      pipeline_gather=mesh_cfg.train.pipeline_gather,
-    )
+    for field in lmc.PIPELINE_FIELDS:
+      section, name = field.split(".")
+      cfg[section][name] = mesh_cfg[section][name]
   if settings:
     cfg.update_from_flattened_dict(settings)
   return cfg

@@ -49,6 +49,8 @@ class Layout:
     for the mesh; only the tokenizer's ids (model.vocab_size without one) can be targets or
     outputs. `mesh`: this one instead of the one cfg.mesh builds over `devices`."""
     lmc.validate(cfg, training=False)
+    if mesh is not None:
+      assert devices is None and lm_mesh.mesh_shape(cfg.mesh, mesh.size) == mesh.devices.shape
     mesh = mesh or lm_mesh.make_mesh(cfg.mesh, devices)
     lm_mesh.check_divisibility(cfg, mesh)
     vocab_limit = tokenizer_size or cfg.model.vocab_size

@@ -224,15 +224,15 @@ class Trainer:
       params = (layout.to_stage_order if to == "stage" else layout.to_layer_order)(state.params)
       return state.replace(params=params, opt_state=opt_state)
 
-    if to not in self._reorders:
-      self._reorders[to] = jax.jit(
+    if (to, donate) not in self._reorders:
+      self._reorders[to, donate] = jax.jit(
         fn,
         in_shardings=(self.state_shardings,),
         out_shardings=self.state_shardings,
         donate_argnums=(0,) if donate else (),
       )
     with jax.set_mesh(layout.mesh):
-      return self._reorders[to](state)
+      return self._reorders[to, donate](state)
 
   def jit_train_step(self):
     """step(state, batch) -> (state, metrics); with a teacher, step(state, batch, its params)."""

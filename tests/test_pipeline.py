@@ -346,13 +346,15 @@ def test_init_from_a_model_without_stages_restores_in_stage_order(tmp_path, text
   runs = {}
   for name, mesh in (("flat", dict(fsdp=8)), ("pipelined", dict(stage=2, fsdp=4, m=2, repeats=2))):
     cfg = _loop_config(text_source, 2, **mesh)
-    layout, params, _, _ = inference.restore_model(str(source), cfg, "train.init_from")
-    trainer = Trainer.for_layout(layout)
+    _, params, _, _ = inference.restore_model(str(source), cfg, "train.init_from")
+    trainer = Trainer.build(cfg, devices=_devices(cfg))  # the run's own, as lm.train builds it
+    layout = trainer.layout
     state = trainer.init_state(params)
     batch = layout.shard_batch(random_batch(cfg, seed=3, padding=2))
     with jax.set_mesh(layout.mesh):
       loss = jax.jit(lambda p, b, layout=layout: objective.nll_sums(layout, p, b)[0])
       runs[name] = float(loss(state.params, batch)), layout.to_layer_order(state.params)
+  assert layout.reorders_layers  # the last run's: circular, stacks in stage order
   assert runs["pipelined"][0] == pytest.approx(runs["flat"][0], rel=1e-6)
   for a, b in zip(jax.tree.leaves(runs["pipelined"][1]), jax.tree.leaves(runs["flat"][1])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -391,6 +393,13 @@ def test_bad_pipeline_configs_are_one_line_errors(field, options):
   message = str(err.value)
   assert message.startswith(f"config.{field}:"), message
   assert "\n" not in message
+
+
+def test_a_layout_without_stages_keeps_the_device_order():
+  layout = Layout.build(_config(stage=2, data=2, fsdp=2), devices=jax.devices())
+  flat = layout.unpipelined()
+  assert dict(flat.mesh.shape) == {"stage": 1, "data": 4, "fsdp": 2, "tensor": 1}
+  assert list(flat.mesh.devices.flat) == list(layout.mesh.devices.flat)
 
 
 def test_layer_order_round_trips():
