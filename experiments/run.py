@@ -31,6 +31,14 @@ _MODE = flags.DEFINE_enum(
 )
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "serve: the address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "serve: the port to listen on.")
+_API_KEY_FILE = flags.DEFINE_string(
+  "api_key_file",
+  None,
+  "serve: API keys, one per line; every /v1/ request then needs Authorization: Bearer KEY.",
+)
+_KEYS_FOR_PROBES = flags.DEFINE_bool(
+  "api_keys_for_probes", False, "serve, with --api_key_file: /healthz and /metrics need a key too."
+)
 _EXPORT = flags.DEFINE_string(
   "export",
   None,
@@ -191,6 +199,14 @@ def serve_model() -> None:
   from lm.decode import DecodeOptions, Decoder
 
   settings = inference_settings("serve")  # checked before anything loads
+  keys = None
+  if _API_KEY_FILE.value:
+    try:
+      keys = serve.read_api_keys(_API_KEY_FILE.value)
+    except (OSError, ValueError) as e:
+      _fail(f"--api_key_file: {e}")
+  elif _KEYS_FOR_PROBES.value:
+    _fail("--api_keys_for_probes needs --api_key_file")
   layout, params, tokenizer, step = inference.restore_for_inference(
     _WORKDIR.value, _EXPORT.value, settings=settings
   )
@@ -200,7 +216,15 @@ def serve_model() -> None:
   options = dataclasses.replace(options, length_buckets=buckets)
   decoder = Decoder(layout, params, tokenizer, options, cfg.serve.max_batch)
   del params  # the decoder's: with pipeline stages a copy on a layout without them
-  serve.serve(decoder, step, cfg.serve, _HOST.value, _PORT.value)
+  serve.serve(
+    decoder,
+    step,
+    cfg.serve,
+    _HOST.value,
+    _PORT.value,
+    api_keys=keys,
+    guard_probes=_KEYS_FOR_PROBES.value,
+  )
 
 
 def _fail(message: str):

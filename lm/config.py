@@ -168,7 +168,15 @@ def _base() -> ml_collections.ConfigDict:
   )
   cfg.serve = ml_collections.ConfigDict(
     dict(
-      max_batch=32,  # rows one decode batch holds (requests that arrive together share it)
+      # continuous: requests join and leave a fixed set of decode slots between steps, and
+      # tokens stream as they are made (lm/engine.py); static: batches run to completion.
+      # Beam search always runs in static batches.
+      batching="continuous",
+      slots=64,  # rows of the continuous decode state (rounded up to the mesh's batch divisor)
+      steps_per_chunk=1,  # decode steps per program call: tokens reach the host this often
+      prefill_rows=8,  # most prompts (sources) one prefill holds; fewer pad to a power of two
+      model_name="zerolm",  # the model id of the OpenAI-compatible API (/v1/models)
+      max_batch=32,  # rows one static decode batch holds (requests that arrive together)
       # A batch waits at most this long after its first row for more rows. 0: rows that arrive
       # while a batch runs form the next one, and a lone row never waits (measured on the demo,
       # beam 4: 10 ms cost 5x the throughput at concurrency 1 and gained nothing at 64).
@@ -389,7 +397,9 @@ def validate(cfg: ml_collections.ConfigDict, training: bool = True) -> None:
     )
   if m.positions == "rotary" and (m.head_dim or m.d_model // m.num_heads) % 2:
     _fail("model.head_dim", "rotary positions need an even head dimension")
-  for field in ("max_batch", "max_items", "max_queue", "timeout_s", "max_body_bytes"):
+  _check_choice(cfg, "serve.batching", ("continuous", "static"))
+  fields = ("max_batch", "max_items", "max_queue", "timeout_s", "max_body_bytes", "slots")
+  for field in (*fields, "steps_per_chunk", "prefill_rows"):
     _check_positive(cfg, "serve." + field)
   for field in ("max_wait_ms", "max_input_tokens"):
     _check_positive(cfg, "serve." + field, allow_zero=True)

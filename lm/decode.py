@@ -118,7 +118,6 @@ def _generate(
   out = jnp.full((batch, max_len), specials.eos, jnp.int32)
   if prompt is not None:
     prompt = jnp.pad(prompt, ((0, 0), (0, max_len - prompt.shape[1])))
-  keys = jax.vmap(jax.random.key)(seeds)
 
   def cond(carry):
     t, _, _, done, _ = carry
@@ -127,8 +126,7 @@ def _generate(
   def body(carry):
     t, out, previous, done, cache = carry
     logits, cache = model.decode_step(previous, t, cache)
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
-    token = pick(logits, step_keys).astype(jnp.int32)
+    token = pick(logits, step_keys(seeds, t)).astype(jnp.int32)
     forcing = jnp.zeros((batch,), bool)
     if prompt is not None:
       forcing = t < prompt_lengths
@@ -163,6 +161,40 @@ def greedy(
   )
 
 
+def step_keys(seeds: jax.Array, positions: jax.Array | int) -> jax.Array:
+  """The keys row r draws its token at position t with: its own stream, key(seeds[r]), folded
+  with t (one position for every row, or one per row), so that a row's draws depend on neither
+  the rows beside it nor when it joined them."""
+  keys = jax.vmap(jax.random.key)(seeds)
+  positions = jnp.broadcast_to(jnp.asarray(positions), seeds.shape)
+  return jax.vmap(jax.random.fold_in)(keys, positions)
+
+
+def pick_tokens(
+  logits: jax.Array,
+  keys: jax.Array,
+  temperature: jax.Array,
+  top_k: jax.Array,
+  top_p: jax.Array,
+  vocab_limit: int,
+  specials: Specials,
+) -> jax.Array:
+  """Each row's next token [b] from its logits [b, vocab]: the most likely where its
+  temperature is 0, else drawn with its key from the filtered softmax (see filter_logits).
+  The settings are per row ([b]): any mix shares one program."""
+  logits = _forbid(logits, vocab_limit, specials)
+  most_likely = logits.argmax(-1)
+  drawing = temperature > 0
+
+  def draw():
+    filtered = filter_logits(logits, jnp.where(drawing, temperature, 1.0), top_k, top_p)
+    return jax.vmap(jax.random.categorical)(keys, filtered)
+
+  # A greedy batch never pays for the filter.
+  drawn = jax.lax.cond(drawing.any(), draw, lambda: most_likely)
+  return jnp.where(drawing, drawn, most_likely).astype(jnp.int32)
+
+
 def sample(
   model: nnx.Module,
   cache: dict,
@@ -184,19 +216,9 @@ def sample(
   temperature, top_k, top_p = (
     jnp.broadcast_to(jnp.asarray(x), (batch,)) for x in (temperature, top_k, top_p)
   )
-  drawing = temperature > 0
 
   def pick(logits, keys):
-    logits = _forbid(logits, vocab_limit, specials)
-    most_likely = logits.argmax(-1)
-
-    def draw():
-      filtered = filter_logits(logits, jnp.where(drawing, temperature, 1.0), top_k, top_p)
-      return jax.vmap(jax.random.categorical)(keys, filtered)
-
-    # A greedy batch never pays for the filter.
-    drawn = jax.lax.cond(drawing.any(), draw, lambda: most_likely)
-    return jnp.where(drawing, drawn, most_likely)
+    return pick_tokens(logits, keys, temperature, top_k, top_p, vocab_limit, specials)
 
   return _generate(
     model, cache, batch, max_len, pick, specials, prompt, prompt_lengths, seeds, limits

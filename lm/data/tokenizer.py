@@ -147,20 +147,42 @@ def load_or_train(data_cfg, vocab_size: int, workdir: str, sample_texts, log=pri
   return Tokenizer.load(path)
 
 
+class TextStream:
+  """What each token adds to the text of the tokens before it, as tokens arrive, decoding a few
+  tokens per step (O(tokens) in all) instead of the whole prefix. A step decodes from the start
+  of a context that shows text (sentencepiece drops a text's leading spaces, so a window must
+  not begin in them); a token that shows nothing yet (UNK, an incomplete character: U+FFFD)
+  adds to the next piece, or to `flush`'s at the end."""
+
+  def __init__(self, decode: Callable[[list[int]], str]):
+    self.decode = decode
+    self.tokens: list[int] = []
+    self.start = self.shown = 0  # tokens[start:shown]: the next window's context; [:shown] sent
+    self.context = ""  # decode(tokens[start:shown])
+
+  def add(self, token: int, last: bool = False) -> str:
+    """The text `token` adds (maybe ""); `last`: no token follows, so show what there is."""
+    self.tokens.append(token)
+    return self._piece(last)
+
+  def flush(self) -> str:
+    """What the held-back tokens add, once no token follows."""
+    return self._piece(True) if self.shown < len(self.tokens) else ""
+
+  def _piece(self, last: bool) -> str:
+    end = len(self.tokens)
+    text = self.decode(self.tokens[self.start : end])
+    if len(text) <= len(self.context) or (text.endswith("\ufffd") and not last):
+      return ""
+    latest = self.decode(self.tokens[self.shown : end])  # the piece's own tokens: the context
+    piece = text[len(self.context) :]
+    self.start, self.context = (self.shown, latest) if latest else (self.start, text)
+    self.shown = end
+    return piece
+
+
 def text_pieces(decode: Callable[[list[int]], str], tokens: list[int]) -> Iterator[str]:
-  """What each token adds to the text of the tokens before it, decoding a few tokens per step
-  (O(tokens) in all) instead of the whole prefix. A step decodes from the start of a context
-  that shows text (sentencepiece drops a text's leading spaces, so a window must not begin in
-  them); a token that shows nothing yet (UNK, an incomplete character: U+FFFD) adds to the
-  next piece."""
-  start = shown = 0  # tokens[start:shown]: the context of the next window; [:shown] are sent
-  context = ""  # decode(tokens[start:shown])
-  for end in range(1, len(tokens) + 1):
-    text = decode(tokens[start:end])
-    if len(text) <= len(context) or (text.endswith("\ufffd") and end < len(tokens)):
-      yield ""
-      continue
-    yield text[len(context) :]
-    latest = decode(tokens[shown:end])  # the piece's own tokens: the next context, if visible
-    start, context = (shown, latest) if latest else (start, text)
-    shown = end
+  """What each of `tokens` adds to the text (see TextStream)."""
+  stream = TextStream(decode)
+  for n, token in enumerate(tokens):
+    yield stream.add(token, last=n == len(tokens) - 1)

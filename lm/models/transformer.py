@@ -224,22 +224,52 @@ class DecoderLayer(nnx.Module):
     mlp = lambda h: dropout(_adapted(self.mlp_adapter, self.mlp(h)), self.rate, k3)
     return _residual(x, self.mlp_norm, mlp, self.post_norm)
 
-  def decode_step(self, x, cache, *, index, positions, cross_mask=None):
-    """One new position: x [b, 1, embed]; cache holds this layer's keys/values
-    [b, T, kv heads, kv] (self-attention, written at `index`) and the source's (cross_k,
-    cross_v), computed once."""
+  def _self_qkv(self, h, positions):
     attn = self.self_attn
-    cache = dict(cache)
+    q, k, v = attn.project(h, "query"), attn.project(h, "key"), attn.project(h, "value")
+    if attn.use_rotary:
+      q, k = attn.rotate(q, positions), attn.rotate(k, positions)
+    return q, k, v
+
+  def prefill(self, x, *, mask, positions):
+    """A whole prompt at once (decoder-only, no dropout): the layer's output and its
+    self-attention keys/values [b, length, kv heads, kv], what decode_step would have cached."""
+    assert not self.has_cross, "an encoder-decoder's decoder starts from an empty cache"
+    cached = {}
 
     def attention(h):
-      q, k, v = attn.project(h, "query"), attn.project(h, "key"), attn.project(h, "value")
-      if attn.use_rotary:
-        q, k = attn.rotate(q, positions), attn.rotate(k, positions)
-      for name, new in (("k", k), ("v", v)):
-        cache[name] = jax.lax.dynamic_update_slice_in_dim(
-          cache[name], new.astype(cache[name].dtype), index, 1
-        )
-      visible = (jnp.arange(cache["k"].shape[1]) <= index)[None, None, None, :]
+      q, cached["k"], cached["v"] = self._self_qkv(h, positions)
+      y = self.self_attn.attend(q, cached["k"], cached["v"], mask)
+      return _adapted(self.self_attn_adapter, y)
+
+    x = _residual(x, self.self_attn_norm, attention, self.post_norm)
+    mlp = lambda h: _adapted(self.mlp_adapter, self.mlp(h))
+    return _residual(x, self.mlp_norm, mlp, self.post_norm), cached
+
+  def decode_step(self, x, cache, *, index, positions, cross_mask=None):
+    """One new position: x [b, 1, embed]; cache holds this layer's keys/values
+    [b, T, kv heads, kv] (self-attention, written at `index`: one position for every row, or
+    [b] one per row, as a server's slots are) and the source's (cross_k, cross_v), computed
+    once."""
+    cache = dict(cache)
+    per_row = jnp.ndim(index) == 1
+
+    def write(old, new):
+      new = new.astype(old.dtype)
+      if per_row:
+        update = lambda o, n, i: jax.lax.dynamic_update_slice_in_dim(o, n, i, 0)
+        return jax.vmap(update)(old, new, index)
+      return jax.lax.dynamic_update_slice_in_dim(old, new, index, 1)
+
+    def attention(h):
+      q, k, v = self._self_qkv(h, positions)
+      cache["k"], cache["v"] = write(cache["k"], k), write(cache["v"], v)
+      length = jnp.arange(cache["k"].shape[1])
+      if per_row:
+        visible = (length[None, :] <= index[:, None])[:, None, None, :]
+      else:
+        visible = (length <= index)[None, None, None, :]
+      attn = self.self_attn
       return _adapted(self.self_attn_adapter, attn.attend(q, cache["k"], cache["v"], visible))
 
     x = _residual(x, self.self_attn_norm, attention, self.post_norm)
@@ -428,6 +458,11 @@ class LayerStack(nnx.Module):
     """x [b, 1, embed] through every layer; cache arrays carry a leading layers axis."""
     return self._scan_layers(lambda layer, x, c: layer.decode_step(x, c, **kwargs), x, cache)
 
+  def prefill(self, x, **kwargs):
+    """x [b, length, embed] through every layer: the output and each layer's keys/values
+    ({"k", "v"} [layers, b, length, kv heads, kv])."""
+    return self._scan_layers(lambda layer, x, _: layer.prefill(x, **kwargs), x, None)
+
   def cross_keys_values(self, encoded):
     _, (k, v) = self._scan_layers(
       lambda layer, x, _: (x, layer.cross_keys_values(x)), encoded, None
@@ -531,18 +566,18 @@ class EncoderDecoder(_Model):
     )
     return self.logits(self.final_norm(x, self.decoder_norm))
 
-  def init_cache(self, inputs, lengths, max_len: int) -> dict:
-    """Encodes the source (`lengths` [batch] tokens of each row of `inputs`) once:
-    cross-attention keys/values per layer and empty self caches."""
+  def encode_source(self, inputs, lengths) -> dict:
+    """Encodes the source (`lengths` [batch] tokens of each row of `inputs`) once: the
+    cross-attention keys/values of every layer and which source positions are real."""
     in_seg, in_pos = length_segments(inputs, lengths), default_positions(inputs)
-    encoded = self.encode(inputs, in_seg, in_pos)
-    cross_k, cross_v = self.decoder.cross_keys_values(encoded)
-    return {
-      **_empty_self_cache(self.dims, inputs.shape[0], max_len, cross_k.dtype),
-      "cross_k": cross_k,
-      "cross_v": cross_v,
-      "cross_mask": (in_seg > 0)[:, None, None, :],
-    }
+    cross_k, cross_v = self.decoder.cross_keys_values(self.encode(inputs, in_seg, in_pos))
+    return {"cross_k": cross_k, "cross_v": cross_v, "cross_mask": (in_seg > 0)[:, None, None, :]}
+
+  def init_cache(self, inputs, lengths, max_len: int) -> dict:
+    """The source's cross-attention cache (encode_source) and empty self caches."""
+    source = self.encode_source(inputs, lengths)
+    dtype = source["cross_k"].dtype
+    return {**_empty_self_cache(self.dims, inputs.shape[0], max_len, dtype), **source}
 
   def decode_step(self, tokens, index, cache) -> tuple[jax.Array, dict]:
     """Logits [b, vocab] for the next position after `tokens` [b] at position `index`."""
@@ -572,6 +607,20 @@ class Decoder(_Model):
     """Logits [b, vocab] for the next position after `tokens` [b] at position `index`."""
     return _decode_step(self, tokens, index, cache)
 
+  def prefill(self, inputs, lengths) -> tuple[jax.Array, dict]:
+    """One forward pass over `inputs` [b, width] (the decoder's inputs: the start token, then
+    the prompt), each row's first `lengths` [b] real: the logits [b, vocab] after each row's
+    last real input, and the self-attention keys/values of every position ({"k", "v"}
+    [layers, b, width, kv heads, kv]; past a row's length they are padding's, which later
+    decode steps overwrite before they become visible)."""
+    positions = default_positions(inputs)
+    segments = length_segments(inputs, lengths)
+    x = self.embed_tokens(inputs, positions)
+    mask = attention_mask(segments, segments, causal=True)
+    x, cached = self.decoder.prefill(x, mask=mask, positions=positions)
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
+    return self.logits(self.final_norm(last, self.decoder_norm))[:, 0], cached
+
   def __call__(self, batch: dict, dropout_key=None) -> jax.Array:
     k_embed, k_layers = split_keys(dropout_key, 2)
     segments, positions = _segments_and_positions(batch, "targets")
@@ -600,7 +649,8 @@ def _empty_self_cache(dims: ModelDims, batch: int, max_len: int, dtype) -> dict:
 
 def _decode_step(model, tokens, index, cache, cross_mask=None):
   """Shared by both families: embed one token, run the layers with their caches, logits."""
-  positions = jnp.full((tokens.shape[0], 1), index, jnp.int32)
+  index = jnp.asarray(index, jnp.int32)
+  positions = jnp.broadcast_to(index.reshape(-1, 1), (tokens.shape[0], 1))
   x = model.embed_tokens(tokens[:, None], positions)
   self_cache = {k: v for k, v in cache.items() if k != "cross_mask"}
   x, self_cache = model.decoder.decode_step(
