@@ -14,7 +14,11 @@ DEMO = "--config=experiments/demo.py:tiny"
 # (name, arguments after `python -m experiments.run`, text the one line must contain)
 BAD_COMMAND_LINES = [
   ("missing module", ["--config=experiments/nope.py"], "experiments/demo.py"),
-  ("variant typo", ["--config=experiments/demo.py:tyni"], "choose 'default' or 'tiny'"),
+  (
+    "variant typo",
+    ["--config=experiments/demo.py:tyni"],
+    "choose 'default', 'tiny', 'lm', 'lm_tiny'",
+  ),
   ("no config to train", [], "--config: required"),
   ("misspelt override", [DEMO, "--config.model.d_modle=3"], "d_modle"),
   ("override of wrong type", [DEMO, "--config.model.d_model=abc"], "d_model"),
@@ -113,6 +117,7 @@ def test_bad_command_lines_end_in_one_line(tmp_path):
 EXPERIMENTS = [
   ("demo", "default"),
   ("demo", "tiny"),
+  ("demo", "lm"),
   ("demo_adapt", "lora"),
   ("speed", "default"),
   ("wmt_ende", "base"),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments import lm1b, wmt_ende
+from experiments import demo, lm1b, wmt_ende
 from lm import config as lm_config
 from lm import objective
 from lm import train as lm_train
@@ -539,3 +539,38 @@ def test_demo_source_inflects_english_correctly():
   words = {w for i in range(2000) for w in synthetic.DemoSource(2000, 0)[i][0].split()}
   assert {"watches", "carries", "cities", "children"} <= words
   assert not words & {"watchs", "carrys", "citys", "childs", "womans", "mans", "fishs"}
+
+
+def test_demo_english_feeds_an_lm_the_pairs_english_side_only(tmp_path):
+  cfg = demo.get_config("lm_tiny")
+  cfg.data.update(tokenizer_sample=2000, eval_examples=16, prefetch=0)
+  lm_config.validate(cfg)
+  data = pipeline.load(cfg, str(tmp_path))
+  pairs = synthetic.DemoSource(sources.SYNTHETIC_DEMO_SIZE, cfg.seed)
+  assert data.eval_records == [{"targets": pairs[i][0]} for i in range(16)]
+  batch = next(pipeline.TrainIterator(data))
+  assert set(batch) == set(batch_keys("lm", packed=True))
+  english = {w for i in range(2000) for w in pairs[i][0].split()}
+  foreign = {w for i in range(2000) for w in pairs[i][1].split()}
+  ids = batch["targets"][batch["targets_segment_ids"] > 0]
+  words = {data.tokenizer.decode([int(i)]) for i in ids if i != data.tokenizer.eos_id}
+  assert words <= english and not words & foreign, words - english
+  assert len(words) > 30
+  data.close()
+
+
+@pytest.mark.parametrize(
+  "name,task,message",
+  [
+    ("demo_english", "translation", "is for task 'lm', not 'translation'"),
+    ("demo", "lm", "use 'synthetic:demo_english'"),
+    (
+      "demo_englsh",
+      "lm",
+      "unknown; choose 'synthetic:demo' \\(translation\\), .*'synthetic:demo_english' \\(lm\\)",
+    ),
+  ],
+)
+def test_synthetic_sources_refuse_the_wrong_task_and_unknown_names(name, task, message):
+  with pytest.raises(ConfigError, match=message):
+    sources.SyntheticSource(name, task, seed=0)

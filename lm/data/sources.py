@@ -6,6 +6,7 @@
   jsonl:PATH_OR_GLOB           one object per line; `data.fields` names the keys
   synthetic:demo               the generated language pair of experiments/demo.py
   synthetic:demo_shifted       that pair with the verb second (experiments/demo_adapt.py)
+  synthetic:demo_english       the pair's English side alone, for an LM (experiments/demo.py:lm)
 
 A record is {"inputs": str, "targets": str} for translation and {"targets": str} for an LM,
 or {} for a malformed example, which the pipeline skips and counts (not None, which grain
@@ -317,23 +318,34 @@ class LineFileSource(Source):
     self._no_open_files()
 
 
+# synthetic:NAME -> (its task, the DemoSource variant); an LM one reads the pairs' English side.
+SYNTHETIC = {
+  "demo": ("translation", ""),
+  "demo_shifted": ("translation", "shifted"),
+  "demo_english": ("lm", ""),
+}
+
+
 class SyntheticSource(Source):
   def __init__(self, name: str, task: str, seed: int):
-    variants = {"demo": "", "demo_shifted": "shifted"}
-    if name not in variants or task != "translation":
+    if name not in SYNTHETIC:
+      known = ", ".join(f"'synthetic:{n}' ({t})" for n, (t, _) in SYNTHETIC.items())
+      raise ConfigError(f"config.data.source: 'synthetic:{name}' is unknown; choose {known}")
+    wanted, variant = SYNTHETIC[name]
+    if task != wanted:
       raise ConfigError(
-        f"config.data.source: 'synthetic:{name}' is unknown; 'synthetic:demo' and "
-        "'synthetic:demo_shifted' are translation tasks"
+        f"config.data.source: 'synthetic:{name}' is for task {wanted!r}, not {task!r}; "
+        + ("use 'synthetic:demo_english'" if task == "lm" else "use 'synthetic:demo'")
       )
-    self.pairs = synthetic.DemoSource(SYNTHETIC_DEMO_SIZE, seed, variants[name])
-    self.skipped = 0
+    self.pairs = synthetic.DemoSource(SYNTHETIC_DEMO_SIZE, seed, variant)
+    self.task, self.skipped = task, 0
 
   def __len__(self) -> int:
     return len(self.pairs)
 
   def __getitem__(self, index: int) -> dict:
     source, target = self.pairs[index]
-    return {"inputs": source, "targets": target}
+    return {"targets": source} if self.task == "lm" else {"inputs": source, "targets": target}
 
 
 def open_source(spec: str, data_cfg, task: str, seed: int) -> Source:
