@@ -41,8 +41,8 @@ class Generation:
   """One row to generate, and where its tokens go.
 
   `emit(tokens, reason)` is called from the engine's thread with each new run of tokens (a stop
-  token is not among them) and, on the last call, the reason it ended: "stop" (a stop token)
-  or "length" (its cap or the model's limit). Set `cancelled` from any thread to free its slot
+  token is not among them) and, on the last call, the reason it ended: "stop" (a stop token),
+  "length" (its cap or the model's limit) or "error" (the engine stopped before it ended). Set `cancelled` from any thread to free its slot
   at the next step (emit is then not called again)."""
 
   ids: list[int]  # LM: the prompt; translation: the source with its EOS
@@ -228,6 +228,9 @@ class Engine:
     """Queues a row (from any thread); it takes the first free slot."""
     if len(generation.ids) + (self.task == "lm") > self.widths[-1]:
       raise ValueError(f"{len(generation.ids)} tokens do not fit the widest prefill")
+    if self.failure is not None:  # nothing will generate it
+      generation.emit([], "error")
+      return
     with self._wake:
       self._waiting.append(generation)
       self._wake.notify()
@@ -281,11 +284,15 @@ class Engine:
     except BaseException as e:  # reported through `failure`, then raised
       self.failure = e
       raise
-    finally:
-      for g in [*self._waiting, *self._occupants]:
-        if g is not None and not g.finished:
+    finally:  # stopped or dead: nothing will generate what is left; say so
+      with self._wake:
+        left = [g for g in [*self._waiting, *self._occupants] if g is not None]
+        self._waiting.clear()
+      self._occupants = [None] * self.slots
+      for g in left:
+        if not g.finished and not g.cancelled:
           g.finished = True
-      self._waiting.clear()
+          g.emit([], "error")
 
   def _admit(self, pending: collections.deque) -> None:
     free = [s for s, g in enumerate(self._occupants) if g is None]
