@@ -83,7 +83,9 @@ class Engine:
     steps_per_chunk: int = 1,
     prefill_rows: int = 8,
     buckets: tuple[int, ...] = (),
+    log: Callable[[str], None] = print,
   ):
+    self.log = log
     self.decoder, layout = decoder, decoder.layout
     self.layout, self.task = layout, layout.cfg.task
     multiple = layout.batch_multiple  # rows every batch-sharded array must divide into
@@ -281,9 +283,9 @@ class Engine:
             with self._wake:
               while not self._stopping and not self._waiting:
                 self._wake.wait()
-    except BaseException as e:  # reported through `failure`, then raised
+    except Exception as e:  # reported through `failure` (the service's /healthz) and the log
       self.failure = e
-      raise
+      self.log(f"serve: the decode engine died ({type(e).__name__}: {e}); /healthz answers 503")
     finally:  # stopped or dead: nothing will generate what is left; say so
       with self._wake:
         left = [g for g in [*self._waiting, *self._occupants] if g is not None]

@@ -192,6 +192,7 @@ class Service:
         serve_cfg.steps_per_chunk,
         serve_cfg.prefill_rows,
         self.decoder.options.length_buckets,
+        log,
       )
     self.queues: dict[int, list[_Row]] = {}  # by beam size
     self.queued = 0
