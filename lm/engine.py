@@ -42,8 +42,9 @@ class Generation:
 
   `emit(tokens, reason)` is called from the engine's thread with each new run of tokens (a stop
   token is not among them) and, on the last call, the reason it ended: "stop" (a stop token),
-  "length" (its cap or the model's limit) or "error" (the engine stopped before it ended). Set `cancelled` from any thread to free its slot
-  at the next step (emit is then not called again)."""
+  "length" (its cap or the model's limit) or "error" (the engine stopped before it ended).
+  Set `cancelled` from any thread to free its slot at the next step (emit is then not called
+  again)."""
 
   ids: list[int]  # LM: the prompt; translation: the source with its EOS
   emit: Callable[[list[int], str | None], None]

@@ -135,7 +135,10 @@ class Completions:
     prompts = prompt if isinstance(prompt, list) else [prompt]
     if not prompts:
       raise RequestError("prompt is an empty list", "prompt")
-    if any(isinstance(p, int | list) for p in prompts):
+    ids = isinstance(prompt, list) and all(
+      isinstance(p, int) and not isinstance(p, bool) for p in prompt
+    )
+    if ids or any(isinstance(p, list) for p in prompts):
       raise RequestError("prompt as token ids is not supported: send text", "prompt")
     if len(prompts) > s.cfg.max_items:
       raise RequestError(f"{len(prompts)} prompts, limit {s.cfg.max_items}", "prompt")

@@ -56,6 +56,22 @@ def cluster_reference(tmp_path_factory) -> dict[int, float]:
 
 
 @pytest.fixture(scope="session")
+def trained_lm_workdir(tmp_path_factory):
+  """The demo LM (experiments/demo.py:lm_tiny, 20 steps) on mesh (2, 2, 2), serving from 8
+  decode slots filled 4 or 8 prompts at a time: what the LM service's tests read."""
+  from experiments import demo
+  from lm import train
+
+  workdir = tmp_path_factory.mktemp("demo_lm")
+  cfg = demo.get_config("lm_tiny")
+  cfg.data.update(tokenizer_sample=2000, eval_examples=16)
+  cfg.mesh.update(data=2, fsdp=2, tensor=2)
+  cfg.serve.update(slots=8, prefill_rows=8)
+  train.train(cfg, str(workdir))
+  return workdir
+
+
+@pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory):
   """The demo trained 20 steps (fsdp over 8 devices): what decoding, eval and serving read."""
   from experiments import demo
