@@ -57,8 +57,9 @@ def cluster_reference(tmp_path_factory) -> dict[int, float]:
 
 @pytest.fixture(scope="session")
 def trained_lm_workdir(tmp_path_factory):
-  """The demo LM (experiments/demo.py:lm_tiny, 20 steps) on mesh (2, 2, 2), serving from 8
-  decode slots filled 4 or 8 prompts at a time: what the LM service's tests read."""
+  """The demo LM (experiments/demo.py:lm_tiny, 20 steps) trained on mesh (2, 2, 2); it serves
+  (on fsdp 8, as inference modes lay a model out without --config) from 8 decode slots: what
+  the LM service's tests read."""
   from experiments import demo
   from lm import train
 

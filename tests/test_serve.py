@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -101,6 +102,95 @@ def test_bad_inputs_get_a_4xx_naming_the_field_and_the_server_goes_on(translatio
   assert again.json()["translations"] == expected[:3]
   after = _counter(httpx.get(f"{url}/metrics").text, "translate", "400")
   assert after - before == len(BAD) + 1
+
+
+def test_completions_take_todays_bad_inputs_too(translation_server):
+  """The 4xx suite above on /v1/completions (`prompt` for `text`), in OpenAI's error shape;
+  fields it does not know (colour, beam_size, alpha) are ignored there, as real clients need."""
+  _, url = translation_server
+  for body, message, field in BAD:
+    body = body.replace(b'"text"', b'"prompt"')
+    ignored = any(name in body for name in (b"colour", b"beam_size", b"alpha"))
+    response = httpx.post(f"{url}/v1/completions", content=body, timeout=30)
+    if ignored:
+      assert response.status_code == 200, (body, response.text)
+      continue
+    assert response.status_code == 400, (body, response.text)
+    error = response.json()["error"]
+    expected = message.replace("text", "prompt")
+    assert expected in error["message"] and error["param"] == (field and "prompt"), (body, error)
+    assert error["type"] == "invalid_request_error"
+  hot = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "temperature": 0.5})
+  assert hot.status_code == 400 and hot.json()["error"]["param"] == "temperature"
+
+
+def test_greedy_translations_through_the_slots_equal_decode_mode(
+  translation_server, trained_workdir
+):
+  """Beam 1 takes the decode slots (the source encoded at insert): 32 requests at once on
+  /v1/translate and one /v1/completions of all of them give what decode mode gives."""
+  _, url = translation_server
+  lines = _lines(32, 13)
+  base = decode.Decoder.from_workdir(str(trained_workdir))
+  greedy = decode.Decoder(
+    base.layout, base.params, base.tokenizer, dataclasses.replace(base.options, beam_size=1), 32
+  )
+  expected = greedy(lines)
+  responses = asyncio.run(_post_all(url, [{"text": line, "beam_size": 1} for line in lines]))
+  assert [r.json()["translations"][0] for r in responses] == expected
+  completion = httpx.post(f"{url}/v1/completions", json={"prompt": lines}, timeout=120).json()
+  assert [c["text"] for c in completion["choices"]] == expected
+  assert "stop" in {c["finish_reason"] for c in completion["choices"]}  # EOS
+  model = httpx.get(f"{url}/v1/model").json()
+  assert model["batching"] == "continuous" and model["compiles_after_startup"] == 0
+
+
+@pytest.fixture(scope="module")
+def lm_server(trained_lm_workdir):
+  with _server(f"--workdir={trained_lm_workdir}") as (proc, url):
+    yield proc, url
+
+
+def test_32_concurrent_generations_equal_decode_mode_token_for_token(lm_server, trained_lm_workdir):
+  """The trained demo LM served on fsdp 8 with 8 slots: 32 requests at once, of mixed prompt
+  lengths, caps and settings (greedy, seeded sampling with top-k / top-p), refill the slots
+  while others generate; each row's tokens are decode mode's for it alone."""
+  _, url = lm_server
+  sentences = _lines(32, 21)
+  settings = [(0.0, 0, 1.0), (0.7, 0, 1.0), (1.2, 5, 1.0), (0.9, 0, 0.8)]
+  caps = [None, 1, 2, 40]
+  bodies = []
+  for i, sentence in enumerate(sentences):
+    words = sentence.split()
+    t, k, p = settings[i % 4]
+    body = {"prompt": " ".join(words[: 1 + i % len(words)]), "seed": 100 + i}
+    body.update(temperature=t, top_k=k, top_p=p)
+    if caps[i // 4 % 4]:
+      body["max_tokens"] = caps[i // 4 % 4]
+    bodies.append(body)
+  responses = asyncio.run(_post_all(url, bodies, "/v1/generate"))
+  decoder = decode.Decoder.from_workdir(str(trained_lm_workdir))
+  # Decode mode's rows in one batch: a row's output depends on neither its neighbours nor its
+  # place (tests/test_decode.py).
+  ids = [decoder.tokenizer.encode(body["prompt"], "targets") for body in bodies]
+  rows = decoder.decode_ids(
+    ids,
+    [body.get("max_tokens", 0) for body in bodies],
+    [body["seed"] for body in bodies],
+    temperatures=[body["temperature"] for body in bodies],
+    top_ks=[body["top_k"] for body in bodies],
+    top_ps=[body["top_p"] for body in bodies],
+  )
+  reasons = set()
+  for body, response, prompt, row in zip(bodies, responses, ids, rows):
+    assert response.status_code == 200, response.text
+    expected = decode.until_end(row[len(prompt) :], decoder.specials.stops)
+    assert response.json()["tokens"] == expected, body
+    reasons.add(response.json()["finish_reason"])
+  assert reasons == {"stop", "length"}
+  model = httpx.get(f"{url}/v1/model").json()
+  assert model["slots"] == 8 and model["mesh"] == {"stage": 1, "data": 1, "fsdp": 8, "tensor": 1}
+  assert model["compiles_after_startup"] == 0
 
 
 def _counter(metrics: str, endpoint: str, status: str) -> float:
@@ -219,6 +309,11 @@ def lm_service():
 
 
 @pytest.fixture(scope="module")
+def lm_static_service():
+  return _service("lm", batching="static")
+
+
+@pytest.fixture(scope="module")
 def translation_service():
   return _service("translation")
 
@@ -270,9 +365,12 @@ def test_beam_sizes_are_a_fixed_set_and_alpha_is_per_row_data(translation_servic
 
 @pytest.mark.parametrize("task", ["translation", "lm"])
 def test_requests_with_different_settings_share_batches_and_decode_as_alone(task, request):
-  """Every request is queued before the loop wakes: 5 rows make ceil(5 / 2) batches of 2, 2, 1,
-  and each request's answer is the one it gets alone."""
-  service = request.getfixturevalue(f"{task}_service")
+  """Static batching (beam search's, translating): every request is queued before the loop
+  wakes: 5 rows make ceil(5 / 2) batches of 2, 2, 1, and each request's answer is the one it
+  gets alone."""
+  service = request.getfixturevalue(
+    f"{task}_service" if task == "translation" else "lm_static_service"
+  )
   if task == "translation":
     call = service.translate
     bodies = [{"text": f"w{i} w{i + 1} w{i + 2}", "alpha": 0.5 * i} for i in range(5)]
@@ -295,6 +393,73 @@ def test_requests_with_different_settings_share_batches_and_decode_as_alone(task
   assert _sample(service, "zerolm_batch_rows_count") - batches == math.ceil(len(bodies) / 2)
   assert len(service.compiles_after_startup) == 0
   assert batched == _while_running(service, one_by_one)
+
+
+def test_requests_with_different_settings_share_slots_and_decode_as_alone(lm_service):
+  """Continuous batching: 12 requests of mixed settings through the slots at once, each
+  answer the one it gets alone; no static batch runs and nothing compiles."""
+  sampling = [(0.0, 0, 1.0), (0.8, 0, 0.9), (1.5, 5, 1.0), (0.8, 3, 0.7)]
+  bodies = [
+    {
+      "prompt": f"w{i} w{2 * i}",
+      "temperature": t,
+      "top_k": k,
+      "top_p": p,
+      "seed": i,
+      "max_tokens": 1 + i % 9,
+    }
+    for i, (t, k, p) in enumerate(sampling * 3)
+  ]
+
+  async def together(client):
+    return await asyncio.gather(*(lm_service.generate(body) for body in bodies))
+
+  async def one_by_one(client):
+    return [await lm_service.generate(body) for body in bodies]
+
+  batches = _sample(lm_service, "zerolm_batch_rows_count")
+  first_tokens = _sample(lm_service, "zerolm_time_to_first_token_seconds_count")
+  batched = _while_running(lm_service, together)
+  assert batched == _while_running(lm_service, one_by_one)
+  assert _sample(lm_service, "zerolm_batch_rows_count") == batches
+  assert _sample(lm_service, "zerolm_time_to_first_token_seconds_count") - first_tokens == 24
+  assert len(lm_service.compiles_after_startup) == 0
+  assert [r["finish_reason"] for r in batched[:3]] == ["length"] * 3  # untrained: no EOS soon
+
+
+def test_healthz_and_requests_answer_503_once_the_engine_has_died(monkeypatch):
+  service = _service("lm")
+
+  def broken(*args):
+    raise RuntimeError("boom")
+
+  async def work(client):
+    first = await client.post("/v1/generate", json={"prompt": "w1"})  # in flight as it dies
+    return (
+      first,
+      await client.get("/healthz"),
+      await client.post("/v1/generate", json={"prompt": "w1"}),
+    )
+
+  service.engine.__dict__["_step"] = broken
+  first, health, later = _while_running(service, work)
+  died = "the decode engine died (RuntimeError: boom)"
+  assert health.status_code == 503 and health.json() == {"status": "failed", "error": died}
+  for response in (first, later):
+    assert response.status_code == 503 and response.json()["error"]["message"] == died
+
+
+def test_completions_log_the_unknown_fields_they_ignore(lm_service, monkeypatch):
+  logged = []
+  monkeypatch.setattr(lm_service, "log", logged.append)
+
+  async def work(client):
+    body = {"prompt": "w1", "max_tokens": 2, "colour": "red", "priority": 3}
+    return await client.post("/v1/completions", json=body)
+
+  response = _while_running(lm_service, work)
+  assert response.status_code == 200, response.text
+  assert logged == ["serve: /v1/completions ignores unknown fields colour, priority"]
 
 
 def test_a_prompt_past_the_decode_width_gets_400_and_the_model_reports_the_limits(lm_service):
