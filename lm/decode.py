@@ -105,6 +105,7 @@ def _generate(
   prompt_lengths=None,
   seeds=None,
   limits=None,
+  ignore_eos=None,
 ):
   """Token by token until every row has emitted EOS or reached its length limit.
 
@@ -112,7 +113,9 @@ def _generate(
   positions; `limits` [batch] (default max_len) caps each row; `seeds` [batch] (default 0)
   seed each row's own random stream, so a row's draws do not depend on the rows beside it.
   Tokens after the end are EOS; a row that reaches its limit without EOS keeps all its tokens.
+  A row of `ignore_eos` [batch] runs to its limit whatever it emits (load tests: fixed lengths).
   """
+  ignore_eos = jnp.zeros((batch,), bool) if ignore_eos is None else ignore_eos
   limits = jnp.full((batch,), max_len) if limits is None else limits
   seeds = jnp.zeros((batch,), jnp.int32) if seeds is None else seeds
   out = jnp.full((batch, max_len), specials.eos, jnp.int32)
@@ -132,7 +135,7 @@ def _generate(
       forcing = t < prompt_lengths
       token = jnp.where(forcing, prompt[:, t], token)
     token = jnp.where(done, specials.eos, token)
-    done = done | (specials.ends(token) & ~forcing) | (t + 1 >= limits)
+    done = done | (specials.ends(token) & ~forcing & ~ignore_eos) | (t + 1 >= limits)
     return t + 1, out.at[:, t].set(token), token, done, cache
 
   first = jnp.full((batch,), specials.start, jnp.int32)
@@ -209,6 +212,7 @@ def sample(
   prompt_lengths: jax.Array | None = None,
   limits: jax.Array | None = None,
   specials: Specials = Specials(),
+  ignore_eos: jax.Array | None = None,
 ) -> jax.Array:
   """Tokens [batch, max_len] drawn from the filtered softmax (see filter_logits); row r's
   draws come from its own seed, seeds[r]. The settings are scalars or per row ([batch]); a row
@@ -221,7 +225,7 @@ def sample(
     return pick_tokens(logits, keys, temperature, top_k, top_p, vocab_limit, specials)
 
   return _generate(
-    model, cache, batch, max_len, pick, specials, prompt, prompt_lengths, seeds, limits
+    model, cache, batch, max_len, pick, specials, prompt, prompt_lengths, seeds, limits, ignore_eos
   )
 
 
@@ -477,13 +481,15 @@ class Decoder:
     top_ps: list[float] | None = None,
     alphas: list[float] | None = None,
     beam_size: int | None = None,
+    ignore_eos: list[bool] | None = None,
   ) -> np.ndarray:
     """Token ids of one batch (at most batch_size rows) -> output tokens [rows, max_len].
 
     Per row, each default the options': `caps`, at most this many output tokens (0 = the
     options' limit; an LM counts the continuation only); `seeds`, the sampling seed;
     `temperatures` (0 = greedy), `top_ks`, `top_ps` (LM sampling, see filter_logits); `alphas`
-    (beam search's length penalty). All are data: any values share one compiled program, and
+    (beam search's length penalty); `ignore_eos` (LM: run to the cap past EOS, whose
+    ids then stay in the row). All are data: any values share one compiled program, and
     a row's output depends on neither the rows beside it nor its place in the batch.
     `beam_size` (translation; default the options') is the one setting compiled for. Under
     several processes every process passes the same rows (as --mode=decode does: each process
@@ -508,6 +514,7 @@ class Decoder:
       top_k=(top_ks, o.top_k, 0),
       top_p=(top_ps, o.top_p, 1.0),
       alpha=(alphas, o.alpha, 0.0),
+      ignore_eos=(ignore_eos, 0, 0),
     )
     per_row = {name: _column(*setting, rows, padded) for name, setting in settings.items()}
     beam = 1 if self.layout.cfg.task == "lm" else beam_size or self.options.beam_size
@@ -603,4 +610,5 @@ def _decode_batch(
     prompt_lengths=lengths,
     limits=limits,
     specials=specials,
+    ignore_eos=per_row["ignore_eos"] > 0,
   )

@@ -80,6 +80,7 @@ class RowSettings:
   top_k: int
   top_p: float
   alpha: float  # beam search's length penalty
+  ignore_eos: bool = False  # LM: generate to the cap past EOS (load tests: fixed lengths)
 
   @classmethod
   def of(cls, options: DecodeOptions) -> RowSettings:
@@ -242,10 +243,9 @@ class Service:
     here, before anything is queued, when the server cannot take it; the row is queued when
     the iterator is first awaited, and leaves its slot or queue when the iterator is closed."""
     self._check_room(1)
+    settings = dataclasses.replace(settings, ignore_eos=ignore_eos)
     if self.engine is not None and beam_size == 1:
-      return self._from_slots(ids, cap, settings, ignore_eos)
-    if ignore_eos:
-      raise RequestError("ignore_eos needs serve.batching=continuous", "ignore_eos")
+      return self._from_slots(ids, cap, settings)
     return self._from_batch(ids, cap, settings, beam_size)
 
   def _check_room(self, rows: int) -> None:
@@ -260,7 +260,7 @@ class Service:
         headers={"Retry-After": "1"},
       )
 
-  async def _from_slots(self, ids, cap, settings: RowSettings, ignore_eos: bool):
+  async def _from_slots(self, ids, cap, settings: RowSettings):
     loop = asyncio.get_running_loop()
     runs: asyncio.Queue = asyncio.Queue()
 
@@ -276,7 +276,7 @@ class Service:
       settings.temperature,
       settings.top_k,
       settings.top_p,
-      ignore_eos,
+      settings.ignore_eos,
     )
     arrived, first, count = time.perf_counter(), None, 0
     self.engine.submit(g)
@@ -306,7 +306,11 @@ class Service:
   async def _from_batch(self, ids, cap, settings: RowSettings, beam_size: int):
     arrived = time.perf_counter()
     (row,) = await self.submit([ids], [cap], settings, beam_size)
-    tokens = until_end(row[len(ids) :] if self.task == "lm" else row, self.decoder.specials.stops)
+    row = row[len(ids) :] if self.task == "lm" else row
+    if settings.ignore_eos:
+      tokens = [int(t) for t in row[: self.output_limit(ids, cap)]]
+    else:
+      tokens = until_end(row, self.decoder.specials.stops)
     if tokens:
       self.metrics.ttft.observe(time.perf_counter() - arrived)
     yield tokens, "length" if len(tokens) >= self.output_limit(ids, cap) else "stop"
@@ -412,6 +416,7 @@ class Service:
       top_ps=[s.top_p for s in settings],
       alphas=[s.alpha for s in settings],
       beam_size=beam,
+      ignore_eos=[s.ignore_eos for s in settings],
     )
     try:
       out = await asyncio.to_thread(decode)
@@ -423,7 +428,10 @@ class Service:
     # Generated tokens only: an LM's output row starts with its prompt.
     skip = [len(r.ids) if self.task == "lm" else 0 for r in batch]
     stops = self.decoder.specials.stops
-    tokens = sum(len(until_end(row[n:], stops)) for row, n in zip(out, skip))
+    tokens = sum(
+      self.output_limit(r.ids, r.cap) if r.settings.ignore_eos else len(until_end(row[n:], stops))
+      for r, row, n in zip(batch, out, skip)
+    )
     self.metrics.batch_rows.observe(len(batch))
     self.metrics.generated(tokens)
     for row, tokens_row in zip(batch, out):

@@ -153,6 +153,9 @@ def test_ignore_eos_runs_to_the_cap_past_the_end_token():
     alone = _alone(decoder, r)
     assert reason == "length" and len(tokens) == eng.max_len - len(r["ids"])
     assert tokens[: len(alone) + 1] == alone + [tok.EOS_ID]
+    # Decode mode (static batches) runs past EOS the same way.
+    row = decoder.decode_ids([r["ids"]], [0], [r["seed"]], temperatures=[1.5], ignore_eos=[True])
+    assert tokens == [int(t) for t in row[0][len(r["ids"]) :]]
 
 
 def test_a_cancelled_row_frees_its_slot_and_hears_nothing_more():
