@@ -22,8 +22,8 @@ import time
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from lm.api import RequestError, RowSettings, integer, number, sse
 from lm.data import tokenizer as tok
-from lm.serve import RequestError, RowSettings, Service, _integer, _number, sse
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's
 MAX_STOPS = 4  # OpenAI's
@@ -99,7 +99,7 @@ class _Choice:
 class Completions:
   """The endpoints over one service."""
 
-  def __init__(self, service: Service):
+  def __init__(self, service):  # an lm.serve.Service (which imports this module)
     self.service = service
     self.name = service.cfg.model_name
     self.created = int(time.time())
@@ -149,11 +149,11 @@ class Completions:
     if lm:
       settings = dataclasses.replace(
         settings,
-        temperature=_number(body, "temperature", default.temperature, 0.0, 2.0),
-        top_p=_number(body, "top_p", default.top_p, 1e-6, 1.0),
-        top_k=_integer(body, "top_k", default.top_k, 0, s.decoder.layout.vocab_limit),
+        temperature=number(body, "temperature", default.temperature, 0.0, 2.0),
+        top_p=number(body, "top_p", default.top_p, 1e-6, 1.0),
+        top_k=integer(body, "top_k", default.top_k, 0, s.decoder.layout.vocab_limit),
       )
-    elif _number(body, "temperature", 0.0, 0.0, 2.0) > 0:
+    elif number(body, "temperature", 0.0, 0.0, 2.0) > 0:
       raise RequestError(
         "a translation model decodes greedily: temperature must be 0", "temperature"
       )
@@ -161,7 +161,7 @@ class Completions:
     if seed is None:
       seed = secrets.randbits(31)  # OpenAI's: no seed, a fresh draw
     else:
-      seed = _integer(body, "seed", 0, -(2**63), 2**63 - 1) % 2**31
+      seed = integer(body, "seed", 0, -(2**63), 2**63 - 1) % 2**31
     settings = dataclasses.replace(settings, seed=seed)
     caps = [self._cap(body, ids) for ids in rows]
     stops = self._stops(body.get("stop"))
@@ -182,11 +182,11 @@ class Completions:
   def _cap(self, body: dict, ids: list[int]) -> int:
     s = self.service
     if s.task == "translation":
-      return _integer(body, "max_tokens", 0, 1, s.decoder.max_output_tokens)
+      return integer(body, "max_tokens", 0, 1, s.decoder.max_output_tokens)
     room = s.decoder.shapes[0][1] - len(ids)
     if "max_tokens" not in body or body["max_tokens"] is None:
       return min(DEFAULT_MAX_TOKENS, room)
-    cap = _integer(body, "max_tokens", 0, 1, 2**31 - 1)
+    cap = integer(body, "max_tokens", 0, 1, 2**31 - 1)
     if cap > room:
       width = s.decoder.shapes[0][1]
       raise RequestError(

@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import hashlib
 import hmac
-import json
 import math
 import os
 import signal
@@ -36,9 +35,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from lm import metrics
+from lm import api, metrics, openai_api
 from lm.data import tokenizer as tok
-from lm.decode import DecodeOptions, Decoder, until_end
+from lm.decode import Decoder, until_end
 from lm.engine import Engine, Generation
 from lm.trees import param_count
 
@@ -50,49 +49,11 @@ TOKENS_PER_SECOND_WINDOW_S = 10.0  # zerolm_tokens_per_second counts the tokens 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-class RequestError(Exception):
-  """A bad request: its HTTP status, a readable message and the field at fault."""
-
-  def __init__(
-    self, message: str, field: str | None = None, status: int = 400, headers=None, code=None
-  ):
-    super().__init__(message)
-    self.message, self.field, self.status, self.headers = message, field, status, headers
-    self.code = code
-
-  def response(self, openai: bool = False) -> JSONResponse:
-    """{"error": {"message", "field"?}}, or OpenAI's {"error": {"message", "type", "param",
-    "code"}} on its API."""
-    if openai:
-      kind = "server_error" if self.status >= 500 else "invalid_request_error"
-      error = {"message": self.message, "type": kind, "param": self.field, "code": self.code}
-    else:
-      error = {"message": self.message, **({"field": self.field} if self.field else {})}
-    return JSONResponse({"error": error}, status_code=self.status, headers=self.headers)
-
-
-@dataclasses.dataclass(frozen=True)
-class RowSettings:
-  """A request's decode settings: data in whatever batch its rows join, never a new program."""
-
-  seed: int  # sampling: the row's own random stream
-  temperature: float  # LM: 0 = greedy
-  top_k: int
-  top_p: float
-  alpha: float  # beam search's length penalty
-  ignore_eos: bool = False  # LM: generate to the cap past EOS (load tests: fixed lengths)
-
-  @classmethod
-  def of(cls, options: DecodeOptions) -> RowSettings:
-    """The decode options' defaults."""
-    return cls(options.seed, options.temperature, options.top_k, options.top_p, options.alpha)
-
-
 @dataclasses.dataclass
 class _Row:
   ids: list[int]
   cap: int  # most output tokens (0 = the settings' limit)
-  settings: RowSettings
+  settings: api.RowSettings
   future: asyncio.Future
   queued: float
 
@@ -234,7 +195,7 @@ class Service:
     self,
     ids: list[int],
     cap: int,
-    settings: RowSettings,
+    settings: api.RowSettings,
     beam_size: int = 1,
     ignore_eos: bool = False,
   ) -> AsyncIterator[tuple[list[int], str | None]]:
@@ -251,16 +212,16 @@ class Service:
   def _check_room(self, rows: int) -> None:
     failure = self.batching_failure()
     if failure:
-      raise RequestError(failure, status=503)
+      raise api.RequestError(failure, status=503)
     waiting = self.queued + (self.engine.backlog if self.engine is not None else 0)
     if waiting + rows > self.cfg.max_queue:
-      raise RequestError(
+      raise api.RequestError(
         f"the queue is full ({waiting} rows waiting); retry shortly",
         status=503,
         headers={"Retry-After": "1"},
       )
 
-  async def _from_slots(self, ids, cap, settings: RowSettings):
+  async def _from_slots(self, ids, cap, settings: api.RowSettings):
     loop = asyncio.get_running_loop()
     runs: asyncio.Queue = asyncio.Queue()
 
@@ -286,11 +247,11 @@ class Service:
           timeout = self.cfg.timeout_s if first is None else None
           tokens, reason = await asyncio.wait_for(runs.get(), timeout)
         except TimeoutError:
-          raise RequestError(
+          raise api.RequestError(
             f"no token within serve.timeout_s={self.cfg.timeout_s:g} s", status=504
           ) from None
         if reason == "error":
-          raise RequestError(self.batching_failure() or "the engine stopped", status=503)
+          raise api.RequestError(self.batching_failure() or "the engine stopped", status=503)
         if tokens and first is None:
           first = time.perf_counter()
           self.metrics.ttft.observe(first - arrived)
@@ -303,7 +264,7 @@ class Service:
     finally:  # a client gone, a stop string, a timeout: the slot frees at the next step
       g.cancelled = True
 
-  async def _from_batch(self, ids, cap, settings: RowSettings, beam_size: int):
+  async def _from_batch(self, ids, cap, settings: api.RowSettings, beam_size: int):
     arrived = time.perf_counter()
     (row,) = await self.submit([ids], [cap], settings, beam_size)
     row = row[len(ids) :] if self.task == "lm" else row
@@ -338,7 +299,7 @@ class Service:
     try:
       return await asyncio.wait_for(whole(), self.cfg.timeout_s)
     except TimeoutError:
-      raise RequestError(
+      raise api.RequestError(
         f"not answered within serve.timeout_s={self.cfg.timeout_s:g} s", status=504
       ) from None
     finally:
@@ -347,7 +308,7 @@ class Service:
   # -- the batching loop ----------------------------------------------------------------------
 
   async def submit(
-    self, rows: list[list[int]], caps: list[int], settings: RowSettings, beam_size: int = 1
+    self, rows: list[list[int]], caps: list[int], settings: api.RowSettings, beam_size: int = 1
   ):
     """Output tokens per row, once batches holding them have run. Requests of one beam size
     share batches whatever their other settings: those are per-row data, so a row's output
@@ -364,7 +325,7 @@ class Service:
         asyncio.gather(*(r.future for r in pending)), self.cfg.timeout_s
       )
     except TimeoutError:
-      raise RequestError(
+      raise api.RequestError(
         f"not answered within serve.timeout_s={self.cfg.timeout_s:g} s", status=504
       ) from None
     finally:  # a timed-out or disconnected request's rows leave the queue (their slots free)
@@ -475,38 +436,38 @@ class Service:
     for queue in self.queues.values():  # nothing will decode these rows: answer them now
       for row in queue:
         if not row.future.done():
-          row.future.set_exception(RequestError(failure, status=503))
+          row.future.set_exception(api.RequestError(failure, status=503))
 
   # -- requests -------------------------------------------------------------------------------
 
   def _encode(self, text: Any, field: str) -> list[int]:
     if not isinstance(text, str):
-      raise RequestError(f"{field} must be a string, not {type(text).__name__}", field)
+      raise api.RequestError(f"{field} must be a string, not {type(text).__name__}", field)
     if not text.strip():
-      raise RequestError(f"{field} is empty", field)
+      raise api.RequestError(f"{field} is empty", field)
     translation = self.task == "translation"
     ids = self.decoder.tokenizer.encode(text, "inputs" if translation else "targets")
     limit = self.max_input_tokens
     if len(ids) > limit:
-      raise RequestError(f"{field} too long ({len(ids)} tokens, limit {limit})", field)
+      raise api.RequestError(f"{field} too long ({len(ids)} tokens, limit {limit})", field)
     return ids + [self.decoder.tokenizer.eos_id] if translation else ids
 
   async def translate(self, body: dict) -> dict:
     if self.task != "translation":
-      raise RequestError("this model is a language model: use /v1/generate", status=404)
-    _known(body, TRANSLATE_FIELDS)
-    text = _required(body, "text")
+      raise api.RequestError("this model is a language model: use /v1/generate", status=404)
+    api.known_fields(body, TRANSLATE_FIELDS)
+    text = api.required(body, "text")
     texts = text if isinstance(text, list) else [text]
     if isinstance(text, list) and not text:
-      raise RequestError("text is an empty list", "text")
+      raise api.RequestError("text is an empty list", "text")
     if len(texts) > self.cfg.max_items:
-      raise RequestError(f"{len(texts)} texts, limit {self.cfg.max_items}", "text")
+      raise api.RequestError(f"{len(texts)} texts, limit {self.cfg.max_items}", "text")
     rows = [self._encode(t, "text") for t in texts]
     default = self.decoder.options
-    beam = _choice(body, "beam_size", default.beam_size, self.beam_sizes)
-    alpha = _number(body, "alpha", default.alpha, 0.0, 2.0)
-    settings = dataclasses.replace(RowSettings.of(default), alpha=alpha)
-    cap = _integer(body, "max_length", 0, 1, default.max_len)
+    beam = api.choice(body, "beam_size", default.beam_size, self.beam_sizes)
+    alpha = api.number(body, "alpha", default.alpha, 0.0, 2.0)
+    settings = dataclasses.replace(api.RowSettings.of(default), alpha=alpha)
+    cap = api.integer(body, "max_length", 0, 1, default.max_len)
     if self.engine is not None and beam == 1:  # each row its own slot
       self._check_room(len(rows))
       outputs = await asyncio.gather(*(self.collect(self.output(r, cap, settings)) for r in rows))
@@ -516,25 +477,25 @@ class Service:
     translations = [self.decoder.tokenizer.decode(row) for row in outputs]
     return {"translations": translations, "model_step": self.step}
 
-  def generation_request(self, body: dict) -> tuple[list[int], int, RowSettings, bool]:
+  def generation_request(self, body: dict) -> tuple[list[int], int, api.RowSettings, bool]:
     """/v1/generate's body: (prompt ids, max tokens, settings, stream)."""
     if self.task != "lm":
-      raise RequestError("this model translates: use /v1/translate", status=404)
-    _known(body, GENERATE_FIELDS)
-    ids = self._encode(_required(body, "prompt"), "prompt")
+      raise api.RequestError("this model translates: use /v1/translate", status=404)
+    api.known_fields(body, GENERATE_FIELDS)
+    ids = self._encode(api.required(body, "prompt"), "prompt")
     default = self.decoder.options
     room = self.decoder.shapes[0][1] - len(ids)  # at least 1: see Decoder.max_input_tokens
     settings = dataclasses.replace(
-      RowSettings.of(default),
-      seed=_integer(body, "seed", default.seed, 0, 2**31 - 1),
-      temperature=_number(body, "temperature", default.temperature, 0.0, 5.0),
-      top_k=_integer(body, "top_k", default.top_k, 0, self.decoder.layout.vocab_limit),
-      top_p=_number(body, "top_p", default.top_p, 1e-6, 1.0),
+      api.RowSettings.of(default),
+      seed=api.integer(body, "seed", default.seed, 0, 2**31 - 1),
+      temperature=api.number(body, "temperature", default.temperature, 0.0, 5.0),
+      top_k=api.integer(body, "top_k", default.top_k, 0, self.decoder.layout.vocab_limit),
+      top_p=api.number(body, "top_p", default.top_p, 1e-6, 1.0),
     )
-    cap = _integer(body, "max_tokens", room, 1, room)
+    cap = api.integer(body, "max_tokens", room, 1, room)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-      raise RequestError("stream must be true or false", "stream")
+      raise api.RequestError("stream must be true or false", "stream")
     return ids, cap, settings, stream
 
   async def generate(self, body: dict) -> dict:
@@ -581,82 +542,6 @@ class Service:
     }
 
 
-def _known(body: dict, fields: set[str]) -> None:
-  for name in body:
-    if name not in fields:
-      raise RequestError(f"unknown field {name!r}; known: {', '.join(sorted(fields))}", name)
-
-
-def _required(body: dict, field: str):
-  if field not in body:
-    raise RequestError(f"{field} is required", field)
-  return body[field]
-
-
-def _integer(body: dict, field: str, default: int, low: int, high: int) -> int:
-  if field not in body:
-    return default
-  value = body[field]
-  if isinstance(value, bool) or not isinstance(value, int):
-    raise RequestError(f"{field} must be an integer", field)
-  if not low <= value <= high:
-    raise RequestError(f"{field}={value} is out of range [{low}, {high}]", field)
-  return value
-
-
-def _choice(body: dict, field: str, default: int, allowed: tuple[int, ...]) -> int:
-  """An integer setting that programs are compiled for: one of `allowed`."""
-  value = body.get(field, default)
-  if isinstance(value, bool) or not isinstance(value, int):
-    raise RequestError(f"{field} must be an integer", field)
-  if value not in allowed:
-    names = ", ".join(map(str, allowed))
-    raise RequestError(f"{field}={value} is not served; allowed values: {names}", field)
-  return value
-
-
-def _number(body: dict, field: str, default: float, low: float, high: float) -> float:
-  if field not in body:
-    return default
-  value = body[field]
-  if isinstance(value, bool) or not isinstance(value, int | float):
-    raise RequestError(f"{field} must be a number", field)
-  if not low <= value <= high:
-    raise RequestError(f"{field}={value} is out of range [{low:g}, {high:g}]", field)
-  return float(value)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-  """The body, refused (413) as soon as it is known to pass `limit` bytes: from its declared
-  length, or while it streams in (chunked)."""
-  too_big = RequestError(f"the body is over serve.max_body_bytes={limit} bytes", status=413)
-  declared = request.headers.get("content-length", "")
-  if declared.isdigit() and int(declared) > limit:
-    raise too_big
-  chunks, size = [], 0
-  async for chunk in request.stream():
-    size += len(chunk)
-    if size > limit:
-      raise too_big
-    chunks.append(chunk)
-  return b"".join(chunks)
-
-
-async def _json_body(request: Request, limit: int) -> dict:
-  raw = await _read_body(request, limit)
-  try:
-    text = raw.decode("utf-8")
-  except UnicodeDecodeError:
-    raise RequestError("the body is not UTF-8") from None
-  try:
-    body = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise RequestError(f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-  if not isinstance(body, dict):
-    raise RequestError("the body must be a JSON object")
-  return body
-
-
 class ApiKeys:
   """ASGI middleware: every /v1/ request (and /healthz, /metrics with `guard_probes`) needs
   `Authorization: Bearer KEY` with one of `keys`; anything else gets a 401 in the OpenAI error
@@ -683,7 +568,7 @@ class ApiKeys:
       if not self.allowed(scope["headers"]):
         if self.on_refused:
           self.on_refused(scope["path"])
-        refused = RequestError(
+        refused = api.RequestError(
           "a valid API key is required: send Authorization: Bearer KEY",
           status=401,
           code="invalid_api_key",
@@ -712,7 +597,7 @@ def endpoint(service: Service, name: str, handle, openai: bool = False):
   async def respond(request: Request) -> Response:
     start = time.perf_counter()
     try:
-      body = await _json_body(request, service.cfg.max_body_bytes)
+      body = await api.json_body(request, service.cfg.max_body_bytes)
       work = asyncio.create_task(handle(request, body))
       while not (await asyncio.wait({work}, timeout=DISCONNECT_POLL_S))[0]:
         if await request.is_disconnected():
@@ -720,10 +605,10 @@ def endpoint(service: Service, name: str, handle, openai: bool = False):
           m.requests.labels(name, "499").inc()
           return Response(status_code=499)
       response = work.result()
-    except RequestError as e:
+    except api.RequestError as e:
       response = e.response(openai)
     except Exception as e:  # one bad batch must not take the server down
-      error = RequestError(f"internal error: {type(e).__name__}: {e}", status=500)
+      error = api.RequestError(f"internal error: {type(e).__name__}: {e}", status=500)
       response = error.response(openai)
     m.requests.labels(name, str(response.status_code)).inc()
     m.latency.labels(name).observe(time.perf_counter() - start)
@@ -732,15 +617,8 @@ def endpoint(service: Service, name: str, handle, openai: bool = False):
   return respond
 
 
-def sse(data) -> str:
-  """One server-sent event."""
-  return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
-
-
 def app(service: Service, api_keys: list[str] | None = None, guard_probes: bool = False):
   """The ASGI app over a warmed-up service; with `api_keys`, /v1/ needs one (ApiKeys)."""
-  from lm import openai_api
-
   m = service.metrics
 
   async def translate(request: Request, body: dict) -> Response:
@@ -759,14 +637,14 @@ def app(service: Service, api_keys: list[str] | None = None, guard_probes: bool 
         async for tokens, reason in runs:
           for n, token in enumerate(tokens):
             piece = text.add(token, last=bool(reason) and n == len(tokens) - 1)
-            yield sse({"token": token, "text": piece})
-      except RequestError as e:  # after the headers: the error is the stream's last event
-        yield f"event: error\n{sse({'error': {'message': e.message}})}"
+            yield api.sse({"token": token, "text": piece})
+      except api.RequestError as e:  # after the headers: the error is the stream's last event
+        yield f"event: error\n{api.sse({'error': {'message': e.message}})}"
         return
       finally:
         await runs.aclose()
       done = {"finish_reason": reason, "text": text.flush(), "model_step": service.step}
-      yield f"event: done\n{sse(done)}"
+      yield f"event: done\n{api.sse(done)}"
 
     return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import websockets.sync.client
 
-from lm import decode, inference, serve
+from lm import api, decode, inference, serve
 from lm.data import synthetic
 from lm.data import tokenizer as tok
 from lm.layout import Layout
@@ -262,11 +262,11 @@ def test_a_full_queue_answers_503_and_a_slow_request_504(trained_workdir):
 
   async def scenario():
     service._arrived = asyncio.Event()
-    ids, settings = [[5, 6, 3]], serve.RowSettings.of(decoder.options)
-    with pytest.raises(serve.RequestError) as full:
+    ids, settings = [[5, 6, 3]], api.RowSettings.of(decoder.options)
+    with pytest.raises(api.RequestError) as full:
       await service.submit(ids * 3, [0] * 3, settings, 4)
     assert full.value.status == 503 and full.value.headers == {"Retry-After": "1"}
-    with pytest.raises(serve.RequestError) as slow:
+    with pytest.raises(api.RequestError) as slow:
       await service.submit(ids, [0], settings, 4)
     assert slow.value.status == 504 and "timeout_s" in slow.value.message
 
