@@ -32,7 +32,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The trained model's workdir.", 
 _CONFIG = flags.DEFINE_string("config", None, "experiments/<module>.py[:variant] for serving.")
 _OVERRIDES = flags.DEFINE_multi_string("override", [], "--config.X=Y for both servers.")
 _CLIENTS = flags.DEFINE_list("clients", ["1", "8", "64"], "Requests in flight at once.")
-_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "Tokens each request streams.")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "Rounds per client count and server.")
 MODES = ("static", "continuous")
 
@@ -88,9 +87,8 @@ def main(argv):
       figures = {}
       for _ in range(_ROUNDS.value):
         for mode in MODES:
-          result = asyncio.run(
-            loadtest.load(urls[mode], requests, _MAX_TOKENS.value, concurrency=count)
-          )
+          tokens = loadtest._MAX_TOKENS.value  # the load test's --max_tokens
+          result = asyncio.run(loadtest.load(urls[mode], requests, tokens, concurrency=count))
           figures[mode] = loadtest.summary(result)
       for mode in MODES:
         f = figures[mode]

@@ -86,9 +86,12 @@ def arrivals(requests: int, rate: float, seed: int) -> np.ndarray:
 
 
 def prompts(count: int) -> list[str]:
-  """The demo's English sentences, as the earlier load test sent."""
+  """The first half (at least 2 words) of the demo's English sentences: a language model has
+  a sentence to continue (after a whole one the demo LM says EOS, and past EOS only EOS, whose
+  text is empty), a translation model a source to translate."""
   demo = synthetic.DemoSource(max(count, 1), seed=7)
-  return [demo[i][0] for i in range(count)]
+  words = [demo[i][0].split() for i in range(count)]
+  return [" ".join(w[: max(2, len(w) // 2)]) for w in words]
 
 
 def _headers(api_key: str | None) -> dict:

