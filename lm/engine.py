@@ -91,6 +91,15 @@ class Engine:
     self.layout, self.task = layout, layout.cfg.task
     multiple = layout.batch_multiple  # rows every batch-sharded array must divide into
     self.slots = -(-slots // multiple) * multiple
+    # The slot axis is split in `shards` blocks of `per_shard` (one per device group of the
+    # batch axes). Slots fill each block's first rows first, and a step runs only the first
+    # `local` rows of every block (a compiled count: powers of two down from per_shard), so
+    # light traffic does not pay for every slot, and no step moves rows between devices.
+    self.shards, self.per_shard = multiple, self.slots // multiple
+    self.active_counts = tuple(
+      sorted({self.per_shard >> i for i in range(self.per_shard.bit_length())} - {0})
+    )
+    self._order = sorted(range(self.slots), key=lambda s: (s % self.per_shard, s // self.per_shard))
     self.steps_per_chunk = steps_per_chunk
     top = min(-(-prefill_rows // multiple) * multiple, self.slots)
     self.prefill_counts = tuple(
@@ -155,16 +164,38 @@ class Engine:
       return jax.jit(build, out_shardings=self._state_shardings)()
 
   @functools.cached_property
-  def _step(self):
+  def _steps(self) -> dict:
+    """The step program for each active count (rows per block)."""
     replicated = self.layout.shardings.replicated
-    fn = functools.partial(
-      _step, self.layout, self.specials, self.vocab_limit, self.max_len, self.steps_per_chunk
+    programs = {}
+    for local in self.active_counts:
+      fn = functools.partial(
+        _step,
+        self.layout,
+        self.specials,
+        self.vocab_limit,
+        self.max_len,
+        self.steps_per_chunk,
+        self.shards,
+        local,
+      )
+      programs[local] = jax.jit(
+        fn,
+        out_shardings=(self._state_shardings, replicated, replicated, replicated),
+        donate_argnums=1,
+      )
+    return programs
+
+  def _active_count(self) -> int:
+    """The fewest rows per block that hold every occupied slot."""
+    used = max(
+      (s % self.per_shard for s, g in enumerate(self._occupants) if g is not None), default=0
     )
-    return jax.jit(
-      fn,
-      out_shardings=(self._state_shardings, replicated, replicated, replicated),
-      donate_argnums=1,
-    )
+    return next(c for c in self.active_counts if c > used)
+
+  def _in_step(self, slot: int, local: int) -> int:
+    """A slot's row in the outputs of a step over `local` rows per block."""
+    return slot // self.per_shard * local + slot % self.per_shard
 
   @functools.cached_property
   def _insert(self):
@@ -213,17 +244,18 @@ class Engine:
     return next(w for w in self.widths if w >= length)
 
   def warm_up(self) -> int:
-    """Compiles the step and every insert (prefill row count x width), each run once on
-    padding rows that change no slot: the number of programs."""
+    """Compiles every step (active count) and insert (prefill row count x width), each run
+    once on free slots or padding rows: the number of programs."""
     self._state = self._empty_state()
     with jax.set_mesh(self.layout.mesh):
       for count in self.prefill_counts:
         for width in self.widths:
           rows = self._prefill_rows([], [], width, count)
           self._state, *_ = self._insert(self.decoder.params, self._state, rows)
-      self._state, *out = self._step(self.decoder.params, self._state)
-      jax.block_until_ready(out)
-    return 1 + len(self.prefill_counts) * len(self.widths)
+      for step in self._steps.values():
+        self._state, *out = step(self.decoder.params, self._state)
+        jax.block_until_ready(out)
+    return len(self.active_counts) + len(self.prefill_counts) * len(self.widths)
 
   # -- the loop -------------------------------------------------------------------------------
 
@@ -273,10 +305,11 @@ class Engine:
           self._admit(pending)
           live = self.slots_in_use > 0
           if live:
-            self._state, *out = self._step(self.decoder.params, self._state)
+            local = self._active_count()
+            self._state, *out = self._steps[local](self.decoder.params, self._state)
             for array in out:
               array.copy_to_host_async()
-            pending.append(("step", out, list(self._occupants)))
+            pending.append(("step", (out, local), list(self._occupants)))
           # One dispatch stays in flight while the host hands out the one before it.
           while len(pending) > live:
             self._deliver(*pending.popleft())
@@ -298,7 +331,7 @@ class Engine:
           g.emit([], "error")
 
   def _admit(self, pending: collections.deque) -> None:
-    free = [s for s, g in enumerate(self._occupants) if g is None]
+    free = [s for s in self._order if self._occupants[s] is None]
     if not free:
       return
     taken = []
@@ -336,12 +369,13 @@ class Engine:
         slot: (token[r : r + 1], ends[r : r + 1], done[r : r + 1]) for r, slot in enumerate(slots)
       }
     else:
-      token, ends, done = (np.asarray(a.addressable_data(0)) for a in out)  # [steps, slots]
-      rows = {
-        slot: (token[:, slot], ends[:, slot], done[:, slot])
-        for slot, g in enumerate(occupants)
-        if g is not None
-      }
+      arrays, local = out
+      token, ends, done = (np.asarray(a.addressable_data(0)) for a in arrays)  # [steps, rows]
+      rows = {}
+      for slot, g in enumerate(occupants):
+        if g is not None:
+          r = self._in_step(slot, local)
+          rows[slot] = (token[:, r], ends[:, r], done[:, r])
     delivered = 0
     for slot, (tokens, stopped, finished) in rows.items():
       g = occupants[slot]
@@ -438,10 +472,37 @@ def _insert(layout, specials, vocab_limit, max_len, params, state, rows):
   return new, first, ends, done
 
 
-def _step(layout, specials, vocab_limit, max_len, steps, params, state):
-  """`steps` tokens for every slot: the state, and per step and slot [steps, slots] the token,
-  whether it is a stop and whether the slot is done (a stop, or its limit reached)."""
+def _blocks(x: jax.Array, axis: int, shards: int) -> jax.Array:
+  """[..., slots, ...] -> [..., shards, slots / shards, ...]: the slot axis's device blocks."""
+  return x.reshape(x.shape[:axis] + (shards, x.shape[axis] // shards) + x.shape[axis + 1 :])
+
+
+def _slot_axis(path) -> int:
+  """Where a state array's slot axis is: after the layers axis in the caches' keys/values."""
+  names = [getattr(p, "key", None) for p in path]
+  return 1 if names[-1] in ("k", "v", "cross_k", "cross_v") else 0
+
+
+def _step(layout, specials, vocab_limit, max_len, steps, shards, local, params, state):
+  """`steps` tokens for the first `local` slots of every device block: the state, and per step
+  and those rows [steps, shards * local] the token, whether it is a stop and whether the slot is
+  done (a stop, or its limit reached)."""
   model = nnx.merge(layout.graphdef, params)
+  full = state
+
+  def active(path, x):
+    axis = _slot_axis(path)
+    y = jax.lax.slice_in_dim(_blocks(x, axis, shards), 0, local, axis=axis + 1)
+    return y.reshape(x.shape[:axis] + (shards * local,) + x.shape[axis + 1 :])
+
+  def put_back(path, x, y):
+    axis = _slot_axis(path)
+    y = y.reshape(x.shape[:axis] + (shards, local) + x.shape[axis + 1 :])
+    return jax.lax.dynamic_update_slice_in_dim(_blocks(x, axis, shards), y, 0, axis + 1).reshape(
+      x.shape
+    )
+
+  state = jax.tree_util.tree_map_with_path(active, state)
 
   def one(state, _):
     t = state["t"]
@@ -462,4 +523,5 @@ def _step(layout, specials, vocab_limit, max_len, steps, params, state):
     return state, (token, ends, done)
 
   state, (tokens, ends, done) = jax.lax.scan(one, state, None, length=steps)
+  state = jax.tree_util.tree_map_with_path(put_back, full, state)
   return state, tokens, ends, done

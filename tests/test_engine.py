@@ -193,7 +193,7 @@ def test_a_dead_engine_ends_every_row_with_error():
   def broken(*args):
     raise RuntimeError("boom")
 
-  eng.__dict__["_step"] = broken  # the cached program
+  eng.__dict__["_steps"] = dict.fromkeys(eng.active_counts, broken)  # the cached programs
   reasons = []
   eng.start()
   eng.submit(engine.Generation([5], lambda run, reason: reasons.append(reason)))
