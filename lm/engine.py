@@ -97,7 +97,7 @@ class Engine:
     # light traffic does not pay for every slot, and no step moves rows between devices.
     self.shards, self.per_shard = multiple, self.slots // multiple
     self.active_counts = tuple(
-      sorted({self.per_shard >> i for i in range(self.per_shard.bit_length())} - {0})
+      sorted({self.per_shard >> 2 * i for i in range(self.per_shard.bit_length())} - {0})
     )
     self._order = sorted(range(self.slots), key=lambda s: (s % self.per_shard, s // self.per_shard))
     self.steps_per_chunk = steps_per_chunk
@@ -107,10 +107,16 @@ class Engine:
     )
     if self.task == "lm":
       self.max_len = decoder.shapes[0][1]  # prompt and continuation share the decode width
-      self.widths = source_buckets(self.max_len, buckets)  # prefill inputs: start + prompt
+      # Prefill inputs: the start token and a prompt of at most max_input_tokens.
+      self.widths = source_buckets(decoder.max_input_tokens + 1, buckets)
     else:
       self.max_len = decoder._output_len(decoder.src_len)
       self.widths = source_buckets(decoder.src_len, buckets or decoder.buckets)
+    # A step attends over the cache's first `span` positions, the smallest of these past
+    # every occupied slot's: decoding's reads grow with the longest row, not the cache.
+    t = self.max_len
+    self.spans = tuple(sorted({t} | {t >> i for i in (1, 2) if t >> i >= 32}))
+    self._positions = np.zeros(self.slots, np.int64)  # each slot's next input position
     self.specials = decoder.specials
     self.vocab_limit = decoder.tokenizer.vocab_size
     self._state_shardings = self._shardings()
@@ -165,26 +171,34 @@ class Engine:
 
   @functools.cached_property
   def _steps(self) -> dict:
-    """The step program for each active count (rows per block)."""
+    """The step program for each (active count (rows per block), attention span)."""
     replicated = self.layout.shardings.replicated
     programs = {}
     for local in self.active_counts:
-      fn = functools.partial(
-        _step,
-        self.layout,
-        self.specials,
-        self.vocab_limit,
-        self.max_len,
-        self.steps_per_chunk,
-        self.shards,
-        local,
-      )
-      programs[local] = jax.jit(
-        fn,
-        out_shardings=(self._state_shardings, replicated, replicated, replicated),
-        donate_argnums=1,
-      )
+      for span in self.spans:
+        fn = functools.partial(
+          _step,
+          self.layout,
+          self.specials,
+          self.vocab_limit,
+          self.max_len,
+          self.steps_per_chunk,
+          self.shards,
+          local,
+          span,
+        )
+        programs[local, span] = jax.jit(
+          fn,
+          out_shardings=(self._state_shardings, replicated, replicated, replicated),
+          donate_argnums=1,
+        )
     return programs
+
+  def _span(self) -> int:
+    """The smallest span that holds every position the next chunk writes in an occupied slot."""
+    occupied = [s for s, g in enumerate(self._occupants) if g is not None]
+    needed = int(self._positions[occupied].max()) + self.steps_per_chunk if occupied else 1
+    return next((s for s in self.spans if s >= needed), self.spans[-1])
 
   def _active_count(self) -> int:
     """The fewest rows per block that hold every occupied slot."""
@@ -255,7 +269,7 @@ class Engine:
       for step in self._steps.values():
         self._state, *out = step(self.decoder.params, self._state)
         jax.block_until_ready(out)
-    return len(self.active_counts) + len(self.prefill_counts) * len(self.widths)
+    return len(self._steps) + len(self.prefill_counts) * len(self.widths)
 
   # -- the loop -------------------------------------------------------------------------------
 
@@ -305,8 +319,9 @@ class Engine:
           self._admit(pending)
           live = self.slots_in_use > 0
           if live:
-            local = self._active_count()
-            self._state, *out = self._steps[local](self.decoder.params, self._state)
+            local, span = self._active_count(), self._span()
+            self._state, *out = self._steps[local, span](self.decoder.params, self._state)
+            self._positions += self.steps_per_chunk
             for array in out:
               array.copy_to_host_async()
             pending.append(("step", (out, local), list(self._occupants)))
@@ -353,6 +368,8 @@ class Engine:
         for g, slot in zip(chunk, slots):
           g.admitted = now
           self._occupants[slot] = g
+          # After the start token and the prompt (the insert picked the first output token).
+          self._positions[slot] = len(g.ids) + 1 if self.task == "lm" else 0
         if self.task == "lm":  # the prefill picked each prompt's first token
           for array in out:
             array.copy_to_host_async()
@@ -483,10 +500,11 @@ def _slot_axis(path) -> int:
   return 1 if names[-1] in ("k", "v", "cross_k", "cross_v") else 0
 
 
-def _step(layout, specials, vocab_limit, max_len, steps, shards, local, params, state):
-  """`steps` tokens for the first `local` slots of every device block: the state, and per step
-  and those rows [steps, shards * local] the token, whether it is a stop and whether the slot is
-  done (a stop, or its limit reached)."""
+def _step(layout, specials, vocab_limit, max_len, steps, shards, local, span, params, state):
+  """`steps` tokens for the first `local` slots of every device block, attending over the
+  cache's first `span` positions: the state, and per step and those rows
+  [steps, shards * local] the token, whether it is a stop and whether the slot is done (a stop,
+  or its limit reached)."""
   model = nnx.merge(layout.graphdef, params)
   full = state
 
@@ -506,7 +524,7 @@ def _step(layout, specials, vocab_limit, max_len, steps, shards, local, params, 
 
   def one(state, _):
     t = state["t"]
-    logits, cache = model.decode_step(state["previous"], t, state["cache"])
+    logits, cache = model.decode_step(state["previous"], t, state["cache"], span)
     token = pick_tokens(
       logits,
       step_keys(state["seed"], t),

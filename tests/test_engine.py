@@ -20,11 +20,11 @@ from tests.helpers import tiny_config
 WORDS = [f"w{i}" for i in range(100)]
 
 
-def _decoder(task: str, mesh=(1, 1, 1)) -> decode.Decoder:
-  """An untrained tiny model. The LM's decode width is 24 (prompts of up to 23 tokens)."""
+def _decoder(task: str, mesh=(1, 1, 1), width: int = 24) -> decode.Decoder:
+  """An untrained tiny model. The LM's decode width is `width` (prompts of up to 23 tokens)."""
   cfg = tiny_config(task)
   if task == "lm":
-    cfg.data.seq_len, cfg.decode.max_len, cfg.model.max_len = 32, 24, 64
+    cfg.data.seq_len, cfg.decode.max_len, cfg.model.max_len = 32, width, max(64, width)
   cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
   run = Layout.build(cfg, devices=jax.devices()[: int(np.prod(mesh))])
   tokenizer = tok.train(WORDS * 2, cfg.model.vocab_size, "word")
@@ -134,6 +134,29 @@ def test_every_row_is_what_decode_mode_gives_it_alone(task, mesh, steps_per_chun
   assert eng.slots_in_use == 0 and eng.backlog == 0
 
 
+def test_rows_that_outgrow_the_attention_span_are_what_decode_mode_gives():
+  """A decode width of 128: steps attend over 32, 64 or 128 positions, as far as the longest
+  occupied slot has come; rows of every length, some running to the width, cross them."""
+  decoder = _decoder("lm", width=128)
+  eng = engine.Engine(decoder, 4, prefill_rows=2)
+  eng.warm_up()
+  assert eng.spans == (32, 64, 128) and len(eng._steps) == len(eng.active_counts) * 3
+  requests = _requests("lm", 10, seed=5)
+  for i, r in enumerate(requests):
+    r["cap"] = [0, 40, 90, 5, 0][i % 5]
+  spans = []
+  real = eng._span
+  eng._span = lambda: spans.append(real()) or spans[-1]
+  eng.start()
+  try:
+    results = _run(eng, requests)
+  finally:
+    eng.stop()
+  assert {32, 64, 128} <= set(spans)
+  for r, (tokens, _) in zip(requests, results):
+    assert tokens == _alone(decoder, r), r
+
+
 def test_ignore_eos_runs_to_the_cap_past_the_end_token():
   decoder = _decoder("lm")
   eng = engine.Engine(decoder, 4, prefill_rows=2)
@@ -193,7 +216,7 @@ def test_a_dead_engine_ends_every_row_with_error():
   def broken(*args):
     raise RuntimeError("boom")
 
-  eng.__dict__["_steps"] = dict.fromkeys(eng.active_counts, broken)  # the cached programs
+  eng.__dict__["_steps"] = dict.fromkeys(eng._steps, broken)  # the compiled programs
   reasons = []
   eng.start()
   eng.submit(engine.Generation([5], lambda run, reason: reasons.append(reason)))

@@ -441,7 +441,7 @@ def test_healthz_and_requests_answer_503_once_the_engine_has_died(monkeypatch):
       await client.post("/v1/generate", json={"prompt": "w1"}),
     )
 
-  service.engine.__dict__["_steps"] = dict.fromkeys(service.engine.active_counts, broken)
+  service.engine.__dict__["_steps"] = dict.fromkeys(service.engine._steps, broken)
   first, health, later = _while_running(service, work)
   died = "the decode engine died (RuntimeError: boom)"
   assert health.status_code == 503 and health.json() == {"status": "failed", "error": died}

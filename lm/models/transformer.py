@@ -246,11 +246,13 @@ class DecoderLayer(nnx.Module):
     mlp = lambda h: _adapted(self.mlp_adapter, self.mlp(h))
     return _residual(x, self.mlp_norm, mlp, self.post_norm), cached
 
-  def decode_step(self, x, cache, *, index, positions, layer, cross_mask=None):
+  def decode_step(self, x, cache, *, index, positions, layer, cross_mask=None, span=None):
     """One new position: x [b, 1, embed]. `cache` holds every layer's self-attention keys and
     values [layers, b, T, kv heads, kv]; this one, number `layer`, writes its new position
     (`index`: one for every row, or [b] one per row, as a server's slots are) in place and
-    attends over its own; and the source's (cross_k, cross_v), computed once."""
+    attends over its own first `span` positions (default all T; a caller that knows every row
+    is below a span reads no more of the cache); and the source's (cross_k, cross_v), computed
+    once."""
     cache = dict(cache)
     per_row = jnp.ndim(index) == 1
 
@@ -263,13 +265,14 @@ class DecoderLayer(nnx.Module):
     def attention(h):
       q, k, v = self._self_qkv(h, positions)
       cache["k"], cache["v"] = write(cache["k"], k), write(cache["v"], v)
-      length = jnp.arange(cache["k"].shape[2])
+      width = span or cache["k"].shape[2]
+      length = jnp.arange(width)
       if per_row:
         visible = (length[None, :] <= index[:, None])[:, None, None, :]
       else:
         visible = (length <= index)[None, None, None, :]
-      attn = self.self_attn
-      y = attn.attend(q, cache["k"][layer], cache["v"][layer], visible)
+      keys, values = (cache[n][layer][:, :width] for n in ("k", "v"))
+      y = self.self_attn.attend(q, keys, values, visible)
       return _adapted(self.self_attn_adapter, y)
 
     x = _residual(x, self.self_attn_norm, attention, self.post_norm)
@@ -588,9 +591,10 @@ class EncoderDecoder(_Model):
     dtype = source["cross_k"].dtype
     return {**_empty_self_cache(self.dims, inputs.shape[0], max_len, dtype), **source}
 
-  def decode_step(self, tokens, index, cache) -> tuple[jax.Array, dict]:
-    """Logits [b, vocab] for the next position after `tokens` [b] at position `index`."""
-    return _decode_step(self, tokens, index, cache, cross_mask=cache["cross_mask"])
+  def decode_step(self, tokens, index, cache, span=None) -> tuple[jax.Array, dict]:
+    """Logits [b, vocab] for the next position after `tokens` [b] at position `index`
+    (attending over the cache's first `span` positions: see DecoderLayer.decode_step)."""
+    return _decode_step(self, tokens, index, cache, cross_mask=cache["cross_mask"], span=span)
 
   def __call__(self, batch: dict, dropout_key=None) -> jax.Array:
     k_enc, k_dec = split_keys(dropout_key, 2)
@@ -612,9 +616,10 @@ class Decoder(_Model):
   def init_cache(self, batch_size: int, max_len: int) -> dict:
     return _empty_self_cache(self.dims, batch_size, max_len, self.dims.dtype)
 
-  def decode_step(self, tokens, index, cache) -> tuple[jax.Array, dict]:
-    """Logits [b, vocab] for the next position after `tokens` [b] at position `index`."""
-    return _decode_step(self, tokens, index, cache)
+  def decode_step(self, tokens, index, cache, span=None) -> tuple[jax.Array, dict]:
+    """Logits [b, vocab] for the next position after `tokens` [b] at position `index`
+    (attending over the cache's first `span` positions: see DecoderLayer.decode_step)."""
+    return _decode_step(self, tokens, index, cache, span=span)
 
   def prefill(self, inputs, lengths) -> tuple[jax.Array, dict]:
     """One forward pass over `inputs` [b, width] (the decoder's inputs: the start token, then
@@ -656,14 +661,14 @@ def _empty_self_cache(dims: ModelDims, batch: int, max_len: int, dtype) -> dict:
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-def _decode_step(model, tokens, index, cache, cross_mask=None):
+def _decode_step(model, tokens, index, cache, cross_mask=None, span=None):
   """Shared by both families: embed one token, run the layers with their caches, logits."""
   index = jnp.asarray(index, jnp.int32)
   positions = jnp.broadcast_to(index.reshape(-1, 1), (tokens.shape[0], 1))
   x = model.embed_tokens(tokens[:, None], positions)
   self_cache = {k: v for k, v in cache.items() if k != "cross_mask"}
   x, self_cache = model.decoder.decode_step(
-    x, self_cache, index=index, positions=positions, cross_mask=cross_mask
+    x, self_cache, index=index, positions=positions, cross_mask=cross_mask, span=span
   )
   return model.logits(model.final_norm(x, model.decoder_norm))[:, 0], {**cache, **self_cache}
 
