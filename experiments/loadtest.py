@@ -7,9 +7,10 @@ Requests (`POST /v1/completions`, streamed, one demo English sentence as the pro
 as a Poisson process of --request_rate per second (inf: all at once), at most --concurrency in
 flight (0: no cap), --requests in all. The definitions are those of vLLM's
 benchmarks/benchmark_serving.py, so figures compare with it:
-  TTFT  send -> the first chunk carrying text
-  ITL   the gaps between successive text chunks, pooled over all requests
-  E2E   send -> the last text chunk
+  TTFT  send -> the first token's chunk (its text, or none for a token that shows no text;
+        an empty chunk that only ends the stream is not a token's)
+  ITL   the gaps between successive tokens' chunks, pooled over all requests
+  E2E   send -> the last token's chunk
   TPOT  (E2E - TTFT) / (output tokens - 1), per request with more than one output token
   output tokens: the stream's usage.completion_tokens, else its text chunks; output tokens/s and
   requests/s are over the benchmark's duration (the first arrival to the last answer).
@@ -61,7 +62,7 @@ class Record:
   error: str = ""
   ttft: float = 0.0
   itl: list[float] = dataclasses.field(default_factory=list)
-  latency: float = 0.0  # E2E: to the last text chunk
+  latency: float = 0.0  # E2E: to the last token's chunk
   output_tokens: int = 0
   prompt_tokens: int = 0
 
@@ -129,7 +130,10 @@ async def _complete(client: httpx.AsyncClient, body: dict, record: Record, timeo
           if not isinstance(chunk, dict) or "error" in chunk:
             record.error = f"stream error: {data[:200]}"
             return
-          if any(choice.get("text") for choice in chunk.get("choices") or ()):
+          # A token's chunk: its text, or none (a token that shows nothing, e.g. EOS under
+          # ignore_eos, as vLLM counts them); an empty chunk that only ends the stream is not.
+          choices = chunk.get("choices") or ()
+          if any(c.get("text") or c.get("finish_reason") is None for c in choices):
             if texts:
               record.itl.append(now - last)
             else:

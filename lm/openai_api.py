@@ -265,7 +265,7 @@ class Completions:
       try:
         async for tokens, reason in runs:
           new, reason = choices[index].add(tokens, reason)
-          if new or reason:
+          if tokens or new or reason:  # a token that shows no text still gets its chunk
             await queue.put((index, new, reason))
           if reason:
             return
