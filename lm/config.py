@@ -173,7 +173,7 @@ def _base() -> ml_collections.ConfigDict:
       # Beam search always runs in static batches.
       batching="continuous",
       slots=64,  # rows of the continuous decode state (rounded up to the mesh's batch divisor)
-      steps_per_chunk=1,  # decode steps per program call: tokens reach the host this often
+      steps_per_chunk=4,  # decode steps per program call: tokens reach the host this often
       prefill_rows=8,  # most prompts (sources) one prefill holds; fewer pad to a power of two
       model_name="zerolm",  # the model id of the OpenAI-compatible API (/v1/models)
       max_batch=32,  # rows one static decode batch holds (requests that arrive together)
