@@ -436,6 +436,13 @@ def _scatter_rows(state: jax.Array, rows: jax.Array, slots: jax.Array, axis: int
   return state.at[index].set(rows.astype(state.dtype), mode="drop")
 
 
+def _pick(logits, settings: dict, positions, vocab_limit: int, specials) -> jax.Array:
+  """Each row's token at its position, with its own seed and sampling settings."""
+  keys = step_keys(settings["seed"], positions)
+  temperature, top_k, top_p = settings["temperature"], settings["top_k"], settings["top_p"]
+  return pick_tokens(logits, keys, temperature, top_k, top_p, vocab_limit, specials)
+
+
 def _insert(layout, specials, vocab_limit, max_len, params, state, rows):
   """Prefills (LM) or encodes (translation) the rows and writes them into their slots: the new
   state and, for an LM, each row's first token, whether it is a stop and whether it ends."""
@@ -448,15 +455,7 @@ def _insert(layout, specials, vocab_limit, max_len, params, state, rows):
     for name in ("k", "v"):
       cache[name] = _scatter_rows(cache[name], cached[name], slots, axis=1)
     n = lengths - 1  # the first output position: after the start token and the prompt
-    first = pick_tokens(
-      logits,
-      step_keys(rows["seed"], n),
-      rows["temperature"],
-      rows["top_k"],
-      rows["top_p"],
-      vocab_limit,
-      specials,
-    )
+    first = _pick(logits, rows, n, vocab_limit, specials)
     limit = jnp.where(caps > 0, jnp.minimum(n + caps, max_len), max_len)
     ends = specials.ends(first) & ~rows["ignore_eos"]
     done = ends | (n + 1 >= limit)
@@ -525,15 +524,7 @@ def _step(layout, specials, vocab_limit, max_len, steps, shards, local, span, pa
   def one(state, _):
     t = state["t"]
     logits, cache = model.decode_step(state["previous"], t, state["cache"], span)
-    token = pick_tokens(
-      logits,
-      step_keys(state["seed"], t),
-      state["temperature"],
-      state["top_k"],
-      state["top_p"],
-      vocab_limit,
-      specials,
-    )
+    token = _pick(logits, state, t, vocab_limit, specials)
     ends = specials.ends(token) & ~state["ignore_eos"]
     done = ends | (t + 1 >= state["limit"])
     # A finished or free slot keeps computing (the program's shape is fixed) within bounds.

@@ -30,7 +30,8 @@ def _lm_export(directory, batching: str):
   cfg = tiny_config("lm", max_len=256)
   cfg.data.seq_len = 32
   cfg.decode.max_len = 256
-  cfg.serve.update(batching=batching, slots=16, prefill_rows=4, max_batch=16)
+  # One step per chunk: an event per token, which the tests count and time.
+  cfg.serve.update(batching=batching, slots=16, prefill_rows=4, max_batch=16, steps_per_chunk=1)
   run = Layout.build(cfg, devices=jax.devices()[:1])
   tokenizer = tok.train(WORDS * 2, cfg.model.vocab_size, "word")
   inference.write_export(str(directory), run.init_params(), cfg, tokenizer, step=3)
