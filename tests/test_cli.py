@@ -56,6 +56,17 @@ BAD_COMMAND_LINES = [
   ),
   ("serve under several processes", [DEMO, "--mode=serve", "--distributed"], "--mode=serve runs"),
   (
+    "serve with a missing key file",
+    ["--mode=serve", "--api_key_file=/nonexistent/k"],
+    "--api_key_file",
+  ),
+  ("probes keyed without keys", ["--mode=serve", "--api_keys_for_probes"], "needs --api_key_file"),
+  (
+    "serve with unknown batching",
+    [DEMO, "--mode=serve", "--config.serve.batching=dynamic"],
+    "config.serve.batching:",
+  ),
+  (
     "eval override it cannot honour",
     [DEMO, "--mode=eval", "--config.model.d_model=64"],
     "--config.model.d_model: --mode=eval takes the model",
