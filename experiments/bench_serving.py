@@ -21,6 +21,7 @@ import logging
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -56,13 +57,15 @@ def _server(mode: str):
     f"--config.serve.batching={mode}",
     *(f"--config.{o}" for o in _OVERRIDES.value),
   ]
-  proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  log = tempfile.TemporaryFile("w+")  # read only if it fails; a pipe nobody reads would fill
+  proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
   url = f"http://127.0.0.1:{port}"
   try:
     deadline = time.time() + 600
     while True:
       if proc.poll() is not None:
-        raise RuntimeError(f"the {mode} server stopped:\n{proc.stdout.read()[-3000:]}")
+        log.seek(0)
+        raise RuntimeError(f"the {mode} server stopped:\n{log.read()[-3000:]}")
       if time.time() > deadline:
         raise RuntimeError(f"the {mode} server did not start in 600 s")
       with contextlib.suppress(httpx.TransportError):

@@ -3,10 +3,12 @@ r"""Load test of a running server's OpenAI completions API (--mode=serve) on thi
 python -m experiments.loadtest --url=http://127.0.0.1:8000 --requests=256 --request_rate=8 \
   --concurrency=0 --max_tokens=128
 
-Requests (`POST /v1/completions`, streamed, one demo English sentence as the prompt each) arrive
+Requests (`POST /v1/completions`, streamed, the first half of a demo English sentence as the
+prompt of each) arrive
 as a Poisson process of --request_rate per second (inf: all at once), at most --concurrency in
 flight (0: no cap), --requests in all. The definitions are those of vLLM's
-benchmarks/benchmark_serving.py, so figures compare with it:
+benchmarks/benchmark_serving.py, so figures compare with it (one difference: an empty chunk
+that only ends a stream is not counted as a token's, where vLLM counts every chunk with choices):
   TTFT  send -> the first token's chunk (its text, or none for a token that shows no text;
         an empty chunk that only ends the stream is not a token's)
   ITL   the gaps between successive tokens' chunks, pooled over all requests

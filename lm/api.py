@@ -4,8 +4,10 @@ server-sent event. Shared by lm/serve.py and lm/openai_api.py."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+from collections.abc import AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -57,6 +59,16 @@ def known_fields(body: dict, fields: set[str]) -> None:
       raise RequestError(f"unknown field {name!r}; known: {', '.join(sorted(fields))}", name)
 
 
+def flag(body: dict, field: str, default: bool = False) -> bool:
+  """A true/false field; absent or null: the default."""
+  value = body.get(field)
+  if value is None:
+    return default
+  if not isinstance(value, bool):
+    raise RequestError(f"{field} must be true or false", field)
+  return value
+
+
 def required(body: dict, field: str):
   if field not in body:
     raise RequestError(f"{field} is required", field)
@@ -64,7 +76,8 @@ def required(body: dict, field: str):
 
 
 def integer(body: dict, field: str, default: int, low: int, high: int) -> int:
-  if field not in body:
+  """body[field], checked; absent or null: the default (clients send null for "unset")."""
+  if body.get(field) is None:
     return default
   value = body[field]
   if isinstance(value, bool) or not isinstance(value, int):
@@ -86,7 +99,8 @@ def choice(body: dict, field: str, default: int, allowed: tuple[int, ...]) -> in
 
 
 def number(body: dict, field: str, default: float, low: float, high: float) -> float:
-  if field not in body:
+  """body[field], checked; absent or null: the default."""
+  if body.get(field) is None:
     return default
   value = body[field]
   if isinstance(value, bool) or not isinstance(value, int | float):
@@ -130,3 +144,35 @@ async def json_body(request: Request, limit: int) -> dict:
 def sse(data) -> str:
   """One server-sent event."""
   return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def started(runs: AsyncIterator) -> AsyncIterator:
+  """`runs` once its first run has come, so that what fails before it (no slot within
+  serve.timeout_s, a dead engine) is still an HTTP status, not an event after a 200; closing
+  the result closes `runs`."""
+  try:
+    first = await anext(runs)
+  except BaseException:
+    await runs.aclose()
+    raise
+
+  async def every():
+    try:
+      yield first
+      async for run in runs:
+        yield run
+    finally:
+      await runs.aclose()
+
+  return every()
+
+
+async def gather_or_cancel(coroutines) -> list:
+  """Their results, in order; when one fails, the others are cancelled (freeing their slots)
+  before its error is raised."""
+  tasks = [asyncio.ensure_future(c) for c in coroutines]
+  try:
+    return await asyncio.gather(*tasks)
+  finally:
+    for task in tasks:
+      task.cancel()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -381,6 +382,9 @@ class Decoder:
     self.src_len = layout.cfg.data.seq_len
     self.buckets = source_buckets(self.src_len, options.length_buckets)
     self._jitted = {}
+    # Held while a program is dispatched: a server dispatches from two threads (the engine's,
+    # static batches'), and programs with collectives must reach every device in one order.
+    self.dispatch_lock = threading.Lock()
 
   @property
   def params(self):
@@ -525,7 +529,8 @@ class Decoder:
         ),
         (tokens, per_row),
       )
-      out = self._compiled(max_len, beam)(self.params, array, per_row)
+      with self.dispatch_lock:
+        out = self._compiled(max_len, beam)(self.params, array, per_row)
     return np.asarray(out.addressable_data(0))[:rows]
 
   def __call__(

@@ -8,7 +8,10 @@ thread owns the state and loops:
      forward pass (rows padded to a compiled row count, inputs to a compiled length bucket),
      which also picks each one's first token; a source is encoded and its keys/values fill the
      slot's cross-attention cache. Either is written into its slots by the same program.
-  2. step: one compiled program advances every slot by `steps_per_chunk` tokens.
+  2. step: one compiled program advances the occupied slots by `steps_per_chunk` tokens (it
+     runs the first rows of each device block that hold them, and attends over the cache's
+     first span past the longest: compiled counts and spans, so light traffic and short rows
+     cost less).
   3. deliver: the previous dispatch's tokens, copied to the host asynchronously while this one
      runs, go to their requests; a slot whose request ended (EOS, its limit, or cancelled: a
      client gone, a stop string) is free for the next admit.
@@ -93,7 +96,7 @@ class Engine:
     self.slots = -(-slots // multiple) * multiple
     # The slot axis is split in `shards` blocks of `per_shard` (one per device group of the
     # batch axes). Slots fill each block's first rows first, and a step runs only the first
-    # `local` rows of every block (a compiled count: powers of two down from per_shard), so
+    # `local` rows of every block (a compiled count: powers of 4 down from per_shard), so
     # light traffic does not pay for every slot, and no step moves rows between devices.
     self.shards, self.per_shard = multiple, self.slots // multiple
     self.active_counts = tuple(
@@ -126,6 +129,7 @@ class Engine:
     self._wake = threading.Condition()
     self._thread: threading.Thread | None = None
     self._stopping = False
+    self._closed = False  # the loop has ended: a submit is answered "error" at once
     self.failure: BaseException | None = None  # what stopped the loop, if it died
     self.tokens_out = 0  # generated tokens delivered, in all
     self.on_tokens: Callable[[int], None] | None = None  # called with each delivery's count
@@ -277,12 +281,12 @@ class Engine:
     """Queues a row (from any thread); it takes the first free slot."""
     if len(generation.ids) + (self.task == "lm") > self.widths[-1]:
       raise ValueError(f"{len(generation.ids)} tokens do not fit the widest prefill")
-    if self.failure is not None:  # nothing will generate it
-      generation.emit([], "error")
-      return
     with self._wake:
-      self._waiting.append(generation)
-      self._wake.notify()
+      if not self._closed:
+        self._waiting.append(generation)
+        self._wake.notify()
+        return
+    generation.emit([], "error")  # stopped or dead: nothing will generate it
 
   @property
   def backlog(self) -> int:
@@ -296,7 +300,7 @@ class Engine:
   def start(self) -> None:
     if self._state is None:
       self.warm_up()
-    self._stopping = False
+    self._stopping = self._closed = False
     self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
     self._thread.start()
 
@@ -320,7 +324,8 @@ class Engine:
           live = self.slots_in_use > 0
           if live:
             local, span = self._active_count(), self._span()
-            self._state, *out = self._steps[local, span](self.decoder.params, self._state)
+            with self.decoder.dispatch_lock:
+              self._state, *out = self._steps[local, span](self.decoder.params, self._state)
             self._positions += self.steps_per_chunk
             for array in out:
               array.copy_to_host_async()
@@ -337,6 +342,7 @@ class Engine:
       self.log(f"serve: the decode engine died ({type(e).__name__}: {e}); /healthz answers 503")
     finally:  # stopped or dead: nothing will generate what is left; say so
       with self._wake:
+        self._closed = True
         left = [g for g in [*self._waiting, *self._occupants] if g is not None]
         self._waiting.clear()
       self._occupants = [None] * self.slots
@@ -364,7 +370,8 @@ class Engine:
         chunk = group[start : start + self.prefill_counts[-1]]
         slots = [free.pop(0) for _ in chunk]
         rows = self._prefill_rows(chunk, slots, width)
-        self._state, *out = self._insert(self.decoder.params, self._state, rows)
+        with self.decoder.dispatch_lock:
+          self._state, *out = self._insert(self.decoder.params, self._state, rows)
         for g, slot in zip(chunk, slots):
           g.admitted = now
           self._occupants[slot] = g

@@ -22,7 +22,7 @@ import time
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from lm.api import RequestError, RowSettings, integer, number, sse
+from lm.api import RequestError, RowSettings, flag, gather_or_cancel, integer, number, sse
 from lm.data import tokenizer as tok
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's
@@ -103,6 +103,7 @@ class Completions:
     self.service = service
     self.name = service.cfg.model_name
     self.created = int(time.time())
+    self.logged: set[str] = set()  # unknown field names already logged
 
   async def models(self, request: Request) -> Response:
     return JSONResponse({"object": "list", "data": [self._model_card()]})
@@ -114,8 +115,9 @@ class Completions:
 
   def parse(self, body: dict) -> Completion:
     s = self.service
-    unknown = sorted(set(body) - KNOWN)
-    if unknown:
+    unknown = sorted(set(body) - KNOWN - self.logged)
+    if unknown:  # each name once: benchmark clients send the same extras with every request
+      self.logged |= set(unknown)
       s.log(f"serve: /v1/completions ignores unknown fields {', '.join(unknown)}")
     for field, neutral in UNSUPPORTED.items():
       value = body.get(field)
@@ -165,18 +167,16 @@ class Completions:
     settings = dataclasses.replace(settings, seed=seed)
     caps = [self._cap(body, ids) for ids in rows]
     stops = self._stops(body.get("stop"))
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-      raise RequestError("stream must be true or false", "stream")
+    stream = flag(body, "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
       raise RequestError("stream_options must be an object", "stream_options")
-    include_usage = options.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-      raise RequestError("stream_options.include_usage must be true or false", "stream_options")
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-      raise RequestError("ignore_eos must be true or false", "ignore_eos")
+    include_usage = flag(options, "include_usage")
+    ignore_eos = flag(body, "ignore_eos")
+    if ignore_eos and not lm:
+      raise RequestError(
+        "ignore_eos is for language models: a translation ends at EOS", "ignore_eos"
+      )
     return Completion(rows, caps, settings, stops, stream, include_usage, ignore_eos)
 
   def _cap(self, body: dict, ids: list[int]) -> int:
@@ -211,8 +211,10 @@ class Completions:
     c = self.parse(body)
     s = self.service
     s._check_room(len(c.rows))
+    # Choice i samples with seed + i, as decode mode's line i: equal prompts, distinct draws.
     outputs = [
-      s.output(ids, cap, c.settings, ignore_eos=c.ignore_eos) for ids, cap in zip(c.rows, c.caps)
+      s.output(ids, cap, self._seeded(c.settings, i), ignore_eos=c.ignore_eos)
+      for i, (ids, cap) in enumerate(zip(c.rows, c.caps))
     ]
     head = {
       "id": f"cmpl-{secrets.token_hex(12)}",
@@ -221,14 +223,18 @@ class Completions:
       "model": self.name,
     }
     if c.stream:
-      return StreamingResponse(self._events(c, outputs, head), media_type="text/event-stream")
-    choices = await asyncio.gather(*(self._whole(c, runs) for runs in outputs))
+      return await self._stream(c, outputs, head)
+    choices = await gather_or_cancel([self._whole(c, runs) for runs in outputs])
     texts = [
       {"index": i, "text": text, "finish_reason": reason, "logprobs": None}
       for i, (text, reason, _) in enumerate(choices)
     ]
     usage = self._usage(c, [count for _, _, count in choices])
     return JSONResponse({**head, "choices": texts, "usage": usage})
+
+  @staticmethod
+  def _seeded(settings: RowSettings, index: int) -> RowSettings:
+    return dataclasses.replace(settings, seed=(settings.seed + index) % 2**31)
 
   async def _whole(self, c: Completion, runs) -> tuple[str, str, int]:
     choice = _Choice(self.service.decoder.tokenizer.decode, c.stops)
@@ -254,9 +260,9 @@ class Completions:
     done = sum(completion_tokens)
     return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
-  async def _events(self, c: Completion, outputs, head: dict):
-    """Every prompt's chunks as they come (several prompts interleave, each chunk naming its
-    choice), the usage chunk if asked, then [DONE]."""
+  def _feeds(self, c: Completion, outputs) -> tuple[asyncio.Queue, list, list]:
+    """One task per prompt putting (choice, new text or an error, finish reason) on a queue
+    as its tokens come; the queue, the tasks and the choices' texts."""
     queue: asyncio.Queue = asyncio.Queue()
     decode = self.service.decoder.tokenizer.decode
     choices = [_Choice(decode, c.stops) for _ in outputs]
@@ -271,21 +277,46 @@ class Completions:
             return
       except RequestError as e:
         await queue.put((index, e, None))
+      except Exception as e:  # any other failure: the stream must end, not wait forever
+        error = RequestError(f"internal error: {type(e).__name__}: {e}", status=500)
+        await queue.put((index, error, None))
       finally:
         await runs.aclose()
 
-    tasks = [asyncio.create_task(feed(i, runs)) for i, runs in enumerate(outputs)]
+    return queue, [asyncio.create_task(feed(i, runs)) for i, runs in enumerate(outputs)], choices
+
+  async def _stream(self, c: Completion, outputs, head: dict) -> Response:
+    """The streamed answer, once the first chunk is ready: what fails before it (no slot
+    within serve.timeout_s, a dead engine) is an HTTP status, not an event after a 200."""
+    queue, tasks, choices = self._feeds(c, outputs)
+    try:
+      first = await queue.get()
+      if isinstance(first[1], RequestError):
+        raise first[1]
+    except BaseException:
+      for task in tasks:
+        task.cancel()
+      raise
+    events = self._events(c, queue, tasks, choices, first, head)
+    return StreamingResponse(events, media_type="text/event-stream")
+
+  async def _events(self, c: Completion, queue, tasks, choices, first, head: dict):
+    """Every prompt's chunks as they come (several prompts interleave, each chunk naming its
+    choice), the usage chunk if asked, then [DONE]."""
     usage = {"usage": None} if c.include_usage else {}
     try:
-      open_choices = len(outputs)
-      while open_choices:
-        index, new, reason = await queue.get()
+      open_choices, item = len(choices), first
+      while True:
+        index, new, reason = item
         if isinstance(new, RequestError):  # after the headers: the stream's last event
           yield sse({"error": {"message": new.message, "type": "server_error"}})
           return
         choice = {"index": index, "text": new, "finish_reason": reason, "logprobs": None}
         yield sse({**head, "choices": [choice], **usage})
         open_choices -= reason is not None
+        if not open_choices:
+          break
+        item = await queue.get()
       if c.include_usage:
         yield sse({**head, "choices": [], "usage": self._usage(c, [x.tokens for x in choices])})
       yield sse("[DONE]")

@@ -445,6 +445,10 @@ class Service:
       raise api.RequestError(f"{field} must be a string, not {type(text).__name__}", field)
     if not text.strip():
       raise api.RequestError(f"{field} is empty", field)
+    try:  # JSON may carry a lone surrogate (\ud800), which no tokenizer takes
+      text.encode("utf-8")
+    except UnicodeEncodeError:
+      raise api.RequestError(f"{field} is not valid Unicode (a lone surrogate)", field) from None
     translation = self.task == "translation"
     ids = self.decoder.tokenizer.encode(text, "inputs" if translation else "targets")
     limit = self.max_input_tokens
@@ -470,7 +474,9 @@ class Service:
     cap = api.integer(body, "max_length", 0, 1, default.max_len)
     if self.engine is not None and beam == 1:  # each row its own slot
       self._check_room(len(rows))
-      outputs = await asyncio.gather(*(self.collect(self.output(r, cap, settings)) for r in rows))
+      outputs = await api.gather_or_cancel(
+        [self.collect(self.output(r, cap, settings)) for r in rows]
+      )
       outputs = [tokens for tokens, _ in outputs]
     else:  # the rows share static batches
       outputs = await self.submit(rows, [cap] * len(rows), settings, beam)
@@ -493,10 +499,7 @@ class Service:
       top_p=api.number(body, "top_p", default.top_p, 1e-6, 1.0),
     )
     cap = api.integer(body, "max_tokens", room, 1, room)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-      raise api.RequestError("stream must be true or false", "stream")
-    return ids, cap, settings, stream
+    return ids, cap, settings, api.flag(body, "stream")
 
   async def generate(self, body: dict) -> dict:
     """/v1/generate without streaming: the whole continuation."""
@@ -628,7 +631,7 @@ def app(service: Service, api_keys: list[str] | None = None, guard_probes: bool 
     if not body.get("stream", False):
       return JSONResponse(await service.generate(body))
     ids, cap, settings, _ = service.generation_request(body)
-    runs = service.output(ids, cap, settings)
+    runs = await api.started(service.output(ids, cap, settings))
     text = tok.TextStream(service.decoder.tokenizer.decode)
 
     async def events():  # each token's event carries what it adds to the text
@@ -684,8 +687,12 @@ def app(service: Service, api_keys: list[str] | None = None, guard_probes: bool 
   if not api_keys:
     return asgi
 
-  def refused(path: str) -> None:
-    m.requests.labels(path.strip("/").split("/")[-1] or "page", "401").inc()
+  known = {"/v1/translate": "translate", "/v1/generate": "generate"}
+  known |= {"/v1/completions": "completions", "/v1/models": "models", "/v1/model": "model"}
+  known |= {"/healthz": "healthz", "/metrics": "metrics"}
+
+  def refused(path: str) -> None:  # a label per route: a client's paths must not mint series
+    m.requests.labels(known.get(path, "other"), "401").inc()
 
   return ApiKeys(asgi, api_keys, guard_probes, refused)
 

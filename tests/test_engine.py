@@ -93,33 +93,41 @@ def _run(eng: engine.Engine, requests: list[dict]) -> list[tuple[list[int], str]
   return [results[i] for i in range(len(requests))]
 
 
+# (task, mesh, steps per chunk, slots): (1, 2, 1) with 8 slots is 2 device blocks of 4 rows,
+# whose steps run 1 or 4 rows of each; the others have 1 row per block (or one block).
 CASES = [
-  ("lm", (1, 1, 1), 1),
-  ("lm", (1, 1, 1), 3),
-  ("lm", (2, 2, 2), 1),
-  ("lm", (1, 8, 1), 2),
-  ("translation", (1, 1, 1), 1),
-  ("translation", (2, 2, 2), 2),
+  ("lm", (1, 1, 1), 1, 4),
+  ("lm", (1, 1, 1), 3, 4),
+  ("lm", (2, 2, 2), 1, 4),
+  ("lm", (1, 8, 1), 2, 8),
+  ("lm", (1, 2, 1), 2, 8),
+  ("translation", (1, 1, 1), 1, 4),
+  ("translation", (2, 2, 2), 2, 4),
+  ("translation", (1, 2, 1), 1, 8),
 ]
 
 
-@pytest.mark.parametrize("task, mesh, steps_per_chunk", CASES)
-def test_every_row_is_what_decode_mode_gives_it_alone(task, mesh, steps_per_chunk):
-  """24 requests through 4 slots (8 on the meshes of batch divisor 8): slots are refilled while
-  others generate. Each row's tokens and finish reason are its own alone; nothing compiles
-  after warm-up."""
+@pytest.mark.parametrize("task, mesh, steps_per_chunk, slots", CASES)
+def test_every_row_is_what_decode_mode_gives_it_alone(task, mesh, steps_per_chunk, slots):
+  """24 requests through the slots, refilled while others generate. Each row's tokens and
+  finish reason are its own alone; nothing compiles after warm-up."""
   decoder = _decoder(task, mesh)
-  slots = max(4, decoder.layout.batch_multiple)
   eng = engine.Engine(decoder, slots, steps_per_chunk, prefill_rows=4)
+  counts = []
+  real = eng._active_count
+  eng._active_count = lambda: counts.append(real()) or counts[-1]
   eng.warm_up()
   requests = _requests(task, 24, seed=len(task) + mesh[0] + steps_per_chunk)
   with metrics.counting_compiles() as compiles:
     eng.start()
     try:
+      alone = _run(eng, requests[:1])  # one slot: the smallest step
       results = _run(eng, requests)
     finally:
       eng.stop()
   assert compiles == []
+  assert set(counts) == set(eng.active_counts)  # every compiled row count ran
+  assert alone == results[:1]
   limit = eng.max_len
   for r, (tokens, reason) in zip(requests, results):
     assert tokens == _alone(decoder, r), r

@@ -111,6 +111,15 @@ def test_the_official_client_gets_what_generate_gives(keyed_server):
   chunks = list(streamed)
   assert "".join(c.choices[0].text for c in chunks) == text[: text.index(stop)]
   assert chunks[-1].choices[0].finish_reason == "stop"
+  # Equal prompts sample apart: choice i draws with seed + i.
+  twins = client.completions.create(
+    model="zerolm", prompt=["w1 w2"] * 2, max_tokens=12, temperature=1.0, seed=3
+  )
+  assert twins.choices[0].text != twins.choices[1].text
+  assert (
+    twins.choices[1].text
+    == _generate(url, prompt="w1 w2", max_tokens=12, temperature=1.0, seed=4)["text"]
+  )
   # Several prompts: one choice each, in order.
   both = client.completions.create(model="zerolm", prompt=["w1 w2 w3", "w4"], max_tokens=12)
   assert [c.index for c in both.choices] == [0, 1]
@@ -212,9 +221,16 @@ def test_a_short_request_does_not_wait_for_long_ones(keyed_server):
   assert short_time < 0.1 * long_time, (short_time, long_time)
 
 
+def _generated(url: str) -> float:
+  metrics = httpx.get(f"{url}/metrics").text
+  return float(re.search(r"^zerolm_output_tokens_total ([0-9.e+]+)$", metrics, re.M).group(1))
+
+
 def test_a_client_that_leaves_mid_stream_frees_its_slot(keyed_server):
+  """Its slot frees long before its 250 tokens would have been made."""
   _, url = keyed_server
   assert _slots_in_use(url) == 0
+  before = _generated(url)
   with httpx.stream(
     "POST",
     f"{url}/v1/completions",
@@ -230,6 +246,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(keyed_server):
   while _slots_in_use(url) and time.time() < deadline:
     time.sleep(0.05)
   assert _slots_in_use(url) == 0
+  assert _generated(url) - before < 125, _generated(url) - before
 
 
 BAD = [
@@ -256,6 +273,7 @@ BAD = [
   (b'{"prompt": "w1", "echo": true}', 400, "not supported", "echo"),
   (b'{"prompt": "w1", "logprobs": 3}', 400, "not supported", "logprobs"),
   (b'{"prompt": "w1", "model": "gpt-4"}', 404, "does not exist", "model"),
+  (b'{"prompt": "w1 \\ud800"}', 400, "lone surrogate", "prompt"),
 ]
 
 
@@ -267,6 +285,10 @@ def test_bad_input_gets_openai_errors_naming_the_field(keyed_server):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}, error
     assert message in error["message"] and error["param"] == field, (body, error)
+  # null means "unset", as the official client sends it.
+  nulls = {"prompt": "w1", "max_tokens": None, "temperature": None, "top_p": None, "stream": None}
+  response = httpx.post(f"{url}/v1/completions", json=nulls, headers=AUTH, timeout=30)
+  assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 16
   # Real clients send extras: accepted and ignored.
   extra = {"prompt": "w1", "max_tokens": 2, "colour": "red", "n": 1, "logprobs": None, "user": "u"}
   response = httpx.post(f"{url}/v1/completions", json=extra, headers=AUTH, timeout=30)

@@ -435,17 +435,18 @@ def test_healthz_and_requests_answer_503_once_the_engine_has_died(monkeypatch):
 
   async def work(client):
     first = await client.post("/v1/generate", json={"prompt": "w1"})  # in flight as it dies
-    return (
-      first,
-      await client.get("/healthz"),
-      await client.post("/v1/generate", json={"prompt": "w1"}),
-    )
+    health = await client.get("/healthz")
+    later = [await client.post("/v1/generate", json={"prompt": "w1"})]
+    # Streams too: nothing is sent before the first token, so the failure is the status.
+    later.append(await client.post("/v1/generate", json={"prompt": "w1", "stream": True}))
+    later.append(await client.post("/v1/completions", json={"prompt": "w1", "stream": True}))
+    return first, health, later
 
   service.engine.__dict__["_steps"] = dict.fromkeys(service.engine._steps, broken)
   first, health, later = _while_running(service, work)
   died = "the decode engine died (RuntimeError: boom)"
   assert health.status_code == 503 and health.json() == {"status": "failed", "error": died}
-  for response in (first, later):
+  for response in (first, *later):
     assert response.status_code == 503 and response.json()["error"]["message"] == died
 
 
