@@ -174,7 +174,7 @@ def test_every_experiment_lays_out_and_its_decoder_takes_every_input_it_accepts(
   rows = decoder.row_counts[0]
   per_row = {
     name: jax.ShapeDtypeStruct((rows,), np.float32 if name in FLOAT_SETTINGS else np.int32)
-    for name in ("length", "cap", "seed", "temperature", "top_k", "top_p", "alpha")
+    for name in ("length", "cap", "seed", "temperature", "top_k", "top_p", "alpha", "ignore_eos")
   }
   for width, out in decoder.shapes[-1:]:  # the largest program: traced, not compiled
     program = functools.partial(
