@@ -465,6 +465,14 @@ class Decoder:
       )
     return self._jitted[max_len, beam]
 
+  def rows_on_mesh(self, rows):
+    """A tree of host arrays [rows, ...], every process holding all rows, split over the
+    mesh's batch axes."""
+    batch = self.layout.shardings.batch
+    return jax.tree.map(
+      lambda x: jax.make_array_from_callback(x.shape, batch, lambda i: x[i]), rows
+    )
+
   def _encode(self, line: str, warn: Callable[[str], None]) -> list[int]:
     translation = self.layout.cfg.task == "translation"
     ids = self.tokenizer.encode(line, "inputs" if translation else "targets")
@@ -523,12 +531,7 @@ class Decoder:
     per_row = {name: _column(*setting, rows, padded) for name, setting in settings.items()}
     beam = 1 if self.layout.cfg.task == "lm" else beam_size or self.options.beam_size
     with jax.set_mesh(self.layout.mesh):
-      array, per_row = jax.tree.map(
-        lambda x: jax.make_array_from_callback(
-          x.shape, self.layout.shardings.batch, lambda i, x=x: x[i]
-        ),
-        (tokens, per_row),
-      )
+      array, per_row = self.rows_on_mesh((tokens, per_row))
       with self.dispatch_lock:
         out = self._compiled(max_len, beam)(self.params, array, per_row)
     return np.asarray(out.addressable_data(0))[:rows]

@@ -26,7 +26,6 @@ import collections
 import dataclasses
 import functools
 import threading
-import time
 from collections.abc import Callable
 
 import jax
@@ -59,7 +58,6 @@ class Generation:
   ignore_eos: bool = False
   cancelled: bool = False
   finished: bool = False
-  admitted: float | None = None  # perf_counter when it took a slot
 
 
 # Per-slot settings: (name, dtype, a free slot's value)
@@ -131,7 +129,6 @@ class Engine:
     self._stopping = False
     self._closed = False  # the loop has ended: a submit is answered "error" at once
     self.failure: BaseException | None = None  # what stopped the loop, if it died
-    self.tokens_out = 0  # generated tokens delivered, in all
     self.on_tokens: Callable[[int], None] | None = None  # called with each delivery's count
 
   # -- the device programs --------------------------------------------------------------------
@@ -225,13 +222,6 @@ class Engine:
       donate_argnums=1,
     )
 
-  def _rows_on_mesh(self, rows: dict) -> dict:
-    """Host arrays [rows, ...] split over the mesh's batch axes."""
-    batch = self.layout.shardings.batch
-    return {
-      k: jax.make_array_from_callback(v.shape, batch, lambda i, v=v: v[i]) for k, v in rows.items()
-    }
-
   def _prefill_rows(
     self, chunk: list[Generation], slots: list[int], width: int, count: int = 0
   ) -> dict:
@@ -255,7 +245,7 @@ class Engine:
       columns["length"][r], columns["slot"][r] = len(ids), slot
       for name in ("cap", "seed", "temperature", "top_k", "top_p", "ignore_eos"):
         columns[name][r] = getattr(g, name)
-    return self._rows_on_mesh({"tokens": tokens, **columns})
+    return self.decoder.rows_on_mesh({"tokens": tokens, **columns})
 
   def _width(self, g: Generation) -> int:
     length = len(g.ids) + (self.task == "lm")  # an LM's inputs start with the start token
@@ -364,7 +354,6 @@ class Engine:
     by_width = collections.defaultdict(list)
     for g in taken:
       by_width[self._width(g)].append(g)
-    now = time.perf_counter()
     for width, group in by_width.items():
       for start in range(0, len(group), self.prefill_counts[-1]):
         chunk = group[start : start + self.prefill_counts[-1]]
@@ -373,7 +362,6 @@ class Engine:
         with self.decoder.dispatch_lock:
           self._state, *out = self._insert(self.decoder.params, self._state, rows)
         for g, slot in zip(chunk, slots):
-          g.admitted = now
           self._occupants[slot] = g
           # After the start token and the prompt (the insert picked the first output token).
           self._positions[slot] = len(g.ids) + 1 if self.task == "lm" else 0
@@ -424,7 +412,6 @@ class Engine:
     for slot, g in enumerate(self._occupants):  # cancelled while its tokens were on the way
       if g is not None and g.cancelled and not g.finished:
         self._free(slot, g)
-    self.tokens_out += delivered
     if self.on_tokens and delivered:
       self.on_tokens(delivered)
 

@@ -267,14 +267,14 @@ class Service:
   async def _from_batch(self, ids, cap, settings: api.RowSettings, beam_size: int):
     arrived = time.perf_counter()
     (row,) = await self.submit([ids], [cap], settings, beam_size)
-    row = row[len(ids) :] if self.task == "lm" else row
+    row, limit = row[len(ids) :] if self.task == "lm" else row, self.output_limit(ids, cap)
     if settings.ignore_eos:
-      tokens = [int(t) for t in row[: self.output_limit(ids, cap)]]
+      tokens = [int(t) for t in row[:limit]]
     else:
       tokens = until_end(row, self.decoder.specials.stops)
     if tokens:
       self.metrics.ttft.observe(time.perf_counter() - arrived)
-    yield tokens, "length" if len(tokens) >= self.output_limit(ids, cap) else "stop"
+    yield tokens, "length" if len(tokens) >= limit else "stop"
 
   def output_limit(self, ids: list[int], cap: int) -> int:
     """The most tokens a row's output may have: its cap within the model's limits."""
