@@ -207,13 +207,13 @@ def test_eval_decode_and_export_under_two_processes_equal_one(resumed_runs, tmp_
 
 
 def test_a_lost_process_ends_the_job_within_the_heartbeat_timeout(tmp_path):
-  """SIGKILL one of 2 processes mid-run, three times over, then freeze it (SIGSTOP: a hung or
+  """SIGKILL one of 2 processes mid-run, then, in the resumed job, freeze it (SIGSTOP: a hung or
   cut-off host, whose connections stay open and whose heartbeats stop): each time the other
   exits non-zero within the bound, naming what happened, and the next start resumes from the
   latest checkpoint."""
   workdir = tmp_path / "run"
   resumed_from = None
-  for round_, lost in enumerate(["SIGKILL"] * 3 + ["SIGSTOP"]):
+  for round_, lost in enumerate(["SIGKILL", "SIGSTOP"]):
     logdir = tmp_path / f"round{round_}"
     logdir.mkdir()
     job = _start_run(workdir, 2, logdir, "--heartbeat_timeout=10", train__total_steps=100000)
