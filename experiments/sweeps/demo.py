@@ -3,8 +3,8 @@
   python -m experiments.sweep --config=experiments/demo.py --space=experiments/sweeps/demo.py \
       --metric=bleu --trials=8 --sampler=tpe --study_dir=runs/sweep_demo
 Trials are shortened (FIXED): 160 steps instead of 800, evaluated every 40 steps on 128 held-out
-pairs (BLEU with the demo's beam 4), no periodic checkpoints: about 45 s a trial on 2 CPU
-cores, so 8 trials take about 7 minutes. Results: docs/sweeps.md.
+pairs (BLEU with the demo's beam 4), no periodic checkpoints: about 55 s a trial on 2 CPU
+cores, so 8 trials take 7.5 minutes. Results: docs/sweeps.md.
 """
 
 from experiments.sweep_space import Float, Int
