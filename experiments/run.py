@@ -244,6 +244,7 @@ NOT_EXPERIMENTS = (
   "sweep.py",
   "sweep_report.py",
   "sweep_space.py",
+  "sweep_study.py",
   "sweep_trial.py",
 )
 
