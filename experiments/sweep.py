@@ -238,11 +238,10 @@ def run_worker(sweep: Sweep, study: optuna.Study) -> int:
 
   signal.signal(signal.SIGTERM, interrupt)
   signal.signal(signal.SIGINT, interrupt)
-  started = time.time()
   try:
     while (claimed := claim_trial(sweep, study)) is not None:
       run_trial(sweep, study, *claimed)
-      log(progress(sweep, study, started))
+      log(progress(sweep, study))
   except Interrupted as e:
     log(f"worker {sweep.worker}: {e}: stopped; rerun the same command to continue")
     return 128 + signal.Signals[str(e)].value
@@ -311,7 +310,8 @@ def finish(sweep, study, trial, code: int, last, steps: int, records) -> None:
   log(f"trial {trial.number} complete: {sweep.metric} {last[1]:.4g} at step {last[0]}")
 
 
-def progress(sweep: Sweep, study: optuna.Study, started: float) -> str:
+def progress(sweep: Sweep, study: optuna.Study) -> str:
+  """Counts of the counted trials and an ETA: mean trial time over the trials running at once."""
   trials = counted(study.get_trials(deepcopy=False))
   states = [t.state for t in trials]
   done = [t for t in trials if t.state.is_finished()]
