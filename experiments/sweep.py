@@ -146,9 +146,9 @@ def resolve_flags(argv) -> Sweep:
 
 
 def storage_for(sweep: Sweep) -> optuna.storages.BaseStorage:
+  os.makedirs(sweep.study_dir, exist_ok=True)  # the claim lock, trials and results, either way
   if sweep.storage:
     return optuna.storages.RDBStorage(sweep.storage)
-  os.makedirs(sweep.study_dir, exist_ok=True)
   path = os.path.join(sweep.study_dir, "study.journal")
   # The open lock (O_EXCL lock files) holds on local disks and NFSv3+ shared filesystems.
   lock = optuna.storages.journal.JournalFileOpenLock(path)

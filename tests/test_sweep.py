@@ -297,6 +297,19 @@ def test_slurm_array_runs_two_workers_against_one_journal(tmp_path):
     assert f"started (worker {task})" in log
 
 
+def test_an_rdb_url_holds_the_study_instead_of_the_journal(tmp_path):
+  space = _space(tmp_path / "space.py", 'SPACE = {"optim.warmup_steps": Int(0, 8)}\n')
+  url = f"sqlite:///{tmp_path / 'study.db'}"
+  args = _sweep_args(tmp_path / "study", space, "--trials=1", f"--storage={url}")
+  result = _run_sweep(args, check_jax=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  (trial,) = optuna.load_study(study_name="sweep", storage=url).trials
+  assert trial.state == optuna.trial.TrialState.COMPLETE and trial.user_attrs["steps"] == 12
+  assert not (tmp_path / "study" / "study.journal").exists()
+  rows = list(csv.DictReader(open(tmp_path / "study" / "results.csv")))
+  assert [int(r["optim.warmup_steps"]) for r in rows] == [trial.params["optim.warmup_steps"]]
+
+
 @pytest.mark.parametrize(
   "extra,message",
   [
