@@ -241,6 +241,11 @@ NOT_EXPERIMENTS = (
   "bench_line_source.py",
   "compare_flax_wmt.py",
   "loadtest.py",
+  "sweep.py",
+  "sweep_report.py",
+  "sweep_space.py",
+  "sweep_study.py",
+  "sweep_trial.py",
 )
 
 
