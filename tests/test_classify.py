@@ -27,7 +27,7 @@ from tests.helpers import ROOT, serve_process
 STEPS = 4
 
 
-def _tiny(body: str = "encoder", mesh=(1, 1, 1), stage: int = 0, microbatches: int = 2):
+def _tiny(mesh=(1, 1, 1), stage: int = 0, microbatches: int = 2, body: str = "encoder"):
   cfg = lmc.classify_defaults()
   cfg.model.update(
     vocab_size=64,
@@ -80,13 +80,13 @@ def _losses(cfg) -> list[float]:
 
 @functools.cache
 def _reference(body: str) -> list[float]:
-  return _losses(_tiny(body))
+  return _losses(_tiny(body=body))
 
 
 @pytest.mark.parametrize("body", ["encoder", "decoder"])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_every_zero_stage_on_2x2x2_trains_like_one_device(body, stage):
-  losses = _losses(_tiny(body, (2, 2, 2), stage))
+  losses = _losses(_tiny((2, 2, 2), stage, body=body))
   np.testing.assert_allclose(losses, _reference(body), rtol=1e-5)
   assert losses[-1] < losses[0]
 
@@ -172,7 +172,7 @@ def test_imdb_reviews_loads_from_mocked_tfds():
 
 
 def test_mocked_sst2_trains_five_steps(tmp_path):
-  cfg = _tiny(microbatches=1)
+  cfg = _tiny((2, 2, 2), microbatches=1)
   cfg.model.update(num_classes=0, vocab_size=96)
   cfg.data.update(source="tfds:glue/sst2", eval_examples=16, tokenizer_sample=64)
   cfg.train.update(total_steps=5, log_every=1, global_batch_size=8)
