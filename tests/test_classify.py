@@ -198,7 +198,7 @@ def test_init_from_a_translation_model_with_lora_trains_only_lora_and_the_head(
   train.train(cfg, str(tmp_path))
   layout, tuned, _, _ = inference.restore_latest(str(tmp_path))
   _, source, _, _ = inference.restore_latest(str(trained_workdir))
-  assert layout.cfg.model.d_model == 64 and layout.cfg.model.classifier_body == "encoder"
+  assert layout.cfg.model.d_model == 128 and layout.cfg.model.classifier_body == "encoder"
   fresh = Trainer.build(layout.cfg, tokenizer_size=layout.vocab_limit).layout.init_params()
   changed = set()
   for path, x in zip(jax.tree.leaves(param_paths(tuned)), jax.tree.leaves(tuned)):
