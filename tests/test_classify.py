@@ -293,7 +293,8 @@ def test_the_service_answers_as_decode_mode_does(classifier_workdir, tmp_path):
   decoded = out.stdout.splitlines()
   assert len(decoded) == 4 and decoded[2] == ""
   names = lmc.label_names(_labels(classifier_workdir))
-  with serve_process(f"--workdir={classifier_workdir}", "--config.serve.max_batch=4") as (_, url):
+  flags = ["--config=experiments/demo.py:classify_tiny", "--config.serve.max_batch=4"]
+  with serve_process(f"--workdir={classifier_workdir}", *flags) as (_, url):
     answer = httpx.post(f"{url}/v1/classify", json={"text": [lines[i] for i in (0, 1, 3)]}).json()
     one = httpx.post(f"{url}/v1/classify", json={"text": lines[3]}).json()
     refusals = [
