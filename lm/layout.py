@@ -18,7 +18,8 @@ from flax import nnx
 
 from lm import config as lmc
 from lm import trees
-from lm.models.transformer import ModelDims, build_model, logical_names
+from lm.models.classifier import build_model
+from lm.models.transformer import ModelDims, logical_names
 from lm.parallel import mesh as lm_mesh
 from lm.parallel import pipeline as pp
 from lm.parallel import sharding

@@ -57,7 +57,7 @@ def _held_out_split(cfg, train):
   """(train, eval records): `data.eval_source`, or the first data.eval_examples examples."""
   limit = cfg.data.eval_examples
   if cfg.data.eval_source:
-    with sources.open_source(cfg.data.eval_source, cfg.data, cfg.task, cfg.seed + 1) as held_out:
+    with open_source(cfg.data.eval_source, cfg, cfg.seed + 1) as held_out:
       records = [r for r in (held_out[i] for i in range(min(limit, len(held_out)))) if r]
     return train, records
   if len(train) <= limit:
@@ -69,11 +69,18 @@ def _held_out_split(cfg, train):
   return train[limit:], records
 
 
+def open_source(spec: str, cfg: ml_collections.ConfigDict, seed: int) -> sources.Source:
+  """The source `spec` names for the config's task: labelled records for task=classify."""
+  if cfg.task == "classify":
+    return labelled.open_labelled(spec, cfg.data, seed)
+  return sources.open_source(spec, cfg.data, cfg.task, seed)
+
+
 def load(
   cfg: ml_collections.ConfigDict, workdir: str, log=print, tokenizer: tok.Tokenizer | None = None
 ) -> Data:
   """The run's data; `tokenizer` (a checkpoint's) instead of data.tokenizer / WORKDIR's."""
-  source = sources.open_source(cfg.data.source, cfg.data, cfg.task, cfg.seed)
+  source = open_source(cfg.data.source, cfg, cfg.seed)
   if cfg.task == "classify":  # its class order, for the held-out source and the checkpoint
     cfg = labelled.resolve_labels(cfg, source)
   if len(source) == 0:

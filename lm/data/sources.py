@@ -350,10 +350,6 @@ class SyntheticSource(Source):
 
 def open_source(spec: str, data_cfg, task: str, seed: int) -> Source:
   """The random-access source a config string names; raises ConfigError naming the field."""
-  if task == "classify":  # labelled records, with their class order (lm/data/labelled.py)
-    from lm.data import labelled
-
-    return labelled.open_labelled(spec, data_cfg, seed)
   kind, sep, arg = spec.partition(":")
   if not sep or not arg:
     raise ConfigError(

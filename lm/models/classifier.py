@@ -26,6 +26,9 @@ from lm.models.transformer import (
   segment_ids,
   shift_right,
 )
+from lm.models.transformer import (
+  build_model as build_transformer,
+)
 from lm.parallel.sharding import constrain
 
 
@@ -96,3 +99,11 @@ class Classifier(_Model):
     segments = segment_ids(batch, "inputs")
     pooled = self.pool(self.features(batch["inputs"], segments, k_body), segments)
     return self.head(dropout(pooled, self.dims.dropout_rate, k_pool))
+
+
+def build_model(task: str, dims: ModelDims, seed: int) -> nnx.Module:
+  """The model for any task (a classifier, or lm.models.transformer's); call inside
+  `nnx.use_eager_sharding(False)` or a jitted init."""
+  if task == "classify":
+    return Classifier(dims, nnx.Rngs(params=seed))
+  return build_transformer(task, dims, seed)

@@ -698,9 +698,6 @@ def _segments_and_positions(batch: dict, name: str):
 
 def build_model(task: str, dims: ModelDims, seed: int) -> nnx.Module:
   """The model for a task; call inside `nnx.use_eager_sharding(False)` or a jitted init."""
-  if task == "classify":
-    from lm.models.classifier import Classifier  # it builds on this module's stacks
-
-    return Classifier(dims, nnx.Rngs(params=seed))
+  assert task != "classify", "lm.models.classifier.build_model builds classifiers"
   model_cls = EncoderDecoder if task == "translation" else Decoder
   return model_cls(dims, nnx.Rngs(params=seed))
