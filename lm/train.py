@@ -160,11 +160,12 @@ def describe(trainer: Trainer, log) -> None:
   for line in layout.notes():
     log.info(line)
   smoothing = cfg.model.label_smoothing
+  per = "per example (tokens count examples)" if cfg.task == "classify" else "per target token"
   log.info(
     "loss: the training cross-entropy"
     + (f" with label smoothing {smoothing:g}" if smoothing else "")
-    + "; eval_loss: the plain negative log-likelihood per target token "
-    "(eval_perplexity = exp(eval_loss))"
+    + f"; eval_loss: the plain negative log-likelihood {per}"
+    + ("" if cfg.task == "classify" else " (eval_perplexity = exp(eval_loss))")
   )
   if cfg.zero_stage:
     whole = sharding.replicated_over_fsdp(layout.logical, layout.abstract_params, layout.mesh)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import random
 import struct
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from tensorboardX.proto import event_pb2
 from experiments import demo
 from lm import checkpoint, classify_metrics, inference, train
 from lm import config as lmc
-from lm.data import labelled
+from lm.data import labelled, synthetic
 from lm.train_step import Trainer
 from lm.trees import param_paths
 from tests.helpers import ROOT, serve_process
@@ -185,6 +186,20 @@ def test_mocked_sst2_trains_five_steps(tmp_path):
   assert sum(map(sum, results["confusion_matrix"])) == 16
   saved = checkpoint.meta_config(inference.source_meta(str(tmp_path)))
   assert saved.data.labels == "negative,positive" and saved.model.num_classes == 2
+
+
+def test_the_demo_variant_trains_on_a_users_tsv_file(tmp_path, capsys):
+  rng = random.Random(0)
+  rows = [synthetic.labelled_sentence(rng) for _ in range(200)]
+  names = synthetic.CLASSIFY_LABELS
+  lines = [f"{names[label]}\t{text}" for text, label in rows] + ["no tab", "odd\tlabel"]
+  (tmp_path / "train.tsv").write_text("\n".join(lines) + "\n")
+  cfg = demo.get_config("classify_tiny")
+  cfg.data.update(source=f"tsv:{tmp_path}/train.tsv", eval_examples=32, labels=",".join(names))
+  cfg.train.total_steps = 3
+  results = train.train(cfg, str(tmp_path / "run"))
+  assert "data: skipped 2 malformed lines" in capsys.readouterr().out
+  assert sum(map(sum, results["confusion_matrix"])) == 32
 
 
 def test_init_from_a_translation_model_with_lora_trains_only_lora_and_the_head(
