@@ -335,3 +335,27 @@ def test_the_service_answers_as_decode_mode_does(classifier_workdir, tmp_path):
     "beam_size",
     "text",
   ]
+
+
+def test_init_from_an_imported_gpt2_trains_lora_and_the_head_on_its_decoder(tmp_path):
+  from tests import hf_fixtures
+
+  base = tmp_path / "gpt2"
+  hf_fixtures.save_model("gpt2", base)
+  rng = random.Random(1)
+  rows = [synthetic.labelled_sentence(rng) for _ in range(120)]
+  (tmp_path / "train.tsv").write_text("".join(f"{label}\t{text}\n" for text, label in rows))
+  cfg = demo.get_config("classify_tiny")
+  cfg.model.lora_rank = 4
+  cfg.data.update(source=f"tsv:{tmp_path}/train.tsv", eval_examples=16)
+  cfg.train.update(init_from=f"hf:{base}", total_steps=3)
+  results = train.train(cfg, str(tmp_path / "run"))
+  layout, tuned, _, _ = inference.restore_latest(str(tmp_path / "run"))
+  _, imported, _, _ = inference.restore_model(f"hf:{base}", layout.cfg, "train.init_from")
+  assert (layout.cfg.model.classifier_body, layout.cfg.model.pooling) == ("decoder", "last")
+  assert layout.cfg.data.labels == "0,1,2,3"  # integer labels, in numeric order
+  for path, x in zip(jax.tree.leaves(param_paths(imported)), jax.tree.leaves(imported)):
+    if _at(tuned, path) is not None:  # the import's decoder and embedding: frozen under LoRA
+      np.testing.assert_array_equal(np.asarray(_at(tuned, path)), np.asarray(x), err_msg=path)
+  assert set(tuned) == set(imported) | {"head"}  # the import's stack, and a fresh head
+  assert np.isfinite(results["eval_loss"])
