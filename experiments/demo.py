@@ -13,6 +13,15 @@ Hardware: 2 CPU cores. Time: 1.5 minutes (600 steps). Expected: eval perplexity 
 2.397, token accuracy 0.27) and grammatical continuations. That is the floor: the grammar draws
 28.6 bits a sentence, over 8.3 tokens with EOS, so the held-out sentences' own perplexity under
 the generator is 10.92 at one word a token. Variant `lm_tiny` (20 steps) is for tests.
+
+Variant `classify`: text classification (task=classify) of the pair's English sentences
+(`synthetic:classify`) into 4 classes, the subject's number x whether the object is definite,
+by a 2-layer encoder with a mean-pooled head. The same variant trains on a file with
+--config.data.source=tsv:PATH (label<TAB>text per line).
+  python -m experiments.run --config=experiments/demo.py:classify --workdir=runs/demo_classify
+Hardware: 2 CPU cores. Time: about 1 minute (400 steps). Expected: held-out accuracy and
+macro-F1 1.000 (measured), the confusion matrix all diagonal. Variant `classify_tiny` (20 steps)
+is for tests.
 """
 
 from lm import config as lmc
