@@ -203,12 +203,15 @@ def decode_lines(input_path: str, output_path: str) -> None:
 
 
 def model_task() -> str:
-  """The task of the model --workdir (or --export) holds, read from its meta alone."""
+  """The task of the model --workdir (or --export) holds, read from its meta alone; "" when
+  there is none (the decoder's restore then says what is missing)."""
   from lm import checkpoint, inference
 
-  meta = inference.source_meta(
-    _EXPORT.value or _WORKDIR.value, "--export" if _EXPORT.value else "--workdir"
-  )
+  path = _EXPORT.value or _WORKDIR.value
+  try:
+    meta = inference.source_meta(path, "--export" if _EXPORT.value else "--workdir")
+  except ConfigError:
+    return ""
   return checkpoint.meta_config(meta).task
 
 
