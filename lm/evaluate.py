@@ -44,8 +44,8 @@ class Evaluator:
     # never above training's; rounded up to fill every batch shard (padding rows count nothing).
     train, shards = layout.cfg.train, layout.batch_multiple
     self.rows = -(-train.global_batch_size // train.microbatches // shards) * shards
-    self.classes = None  # task=classify: its confusion matrix and scores, instead of decoding
-    if layout.cfg.task == "classify":
+    self.classes, self.decoder = None, None
+    if layout.cfg.task == "classify":  # its confusion matrix and scores, instead of decoding
       self.classes = HeldOutClasses(layout, data, self.rows)
       return
     options = DecodeOptions.from_config(layout.cfg.decode)
