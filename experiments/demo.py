@@ -13,11 +13,20 @@ Hardware: 2 CPU cores. Time: 1.5 minutes (600 steps). Expected: eval perplexity 
 2.397, token accuracy 0.27) and grammatical continuations. That is the floor: the grammar draws
 28.6 bits a sentence, over 8.3 tokens with EOS, so the held-out sentences' own perplexity under
 the generator is 10.92 at one word a token. Variant `lm_tiny` (20 steps) is for tests.
+
+Variant `classify`: text classification (task=classify) of the pair's English sentences
+(`synthetic:classify`) into 4 classes, the subject's number x whether the object is definite,
+by a 2-layer encoder with a mean-pooled head. The same variant trains on a file with
+--config.data.source=tsv:PATH (label<TAB>text per line).
+  python -m experiments.run --config=experiments/demo.py:classify --workdir=runs/demo_classify
+Hardware: 2 CPU cores. Time: about 1 minute (400 steps). Expected: held-out accuracy and
+macro-F1 1.000 (measured), the confusion matrix all diagonal. Variant `classify_tiny` (20 steps)
+is for tests.
 """
 
 from lm import config as lmc
 
-VARIANTS = ("default", "tiny", "lm", "lm_tiny")
+VARIANTS = ("default", "tiny", "lm", "lm_tiny", "classify", "classify_tiny")
 
 
 def get_config(variant: str = "default"):
@@ -25,6 +34,8 @@ def get_config(variant: str = "default"):
     raise ValueError(f"variant {variant!r}: choose {', '.join(map(repr, VARIANTS))}")
   if variant.startswith("lm"):
     return lm_config(variant)
+  if variant.startswith("classify"):
+    return classify_config(variant)
   cfg = lmc.translation_defaults()
   cfg.data.source = "synthetic:demo"
   cfg.data.update(seq_len=32, spm_model_type="word", tokenizer_sample=20_000)
@@ -68,4 +79,29 @@ def lm_config(variant: str):
     cfg.train.update(total_steps=20, log_every=5)
     cfg.optim.update(warmup_steps=5)
     cfg.data.eval_examples = 64
+  return cfg
+
+
+def classify_config(variant: str):
+  """Text classification (task=classify) of the demo's English sentences (synthetic:classify)
+  into 4 classes: the subject's number x the object's definiteness."""
+  cfg = lmc.classify_defaults()
+  cfg.data.source = "synthetic:classify"
+  cfg.data.update(seq_len=32, spm_model_type="word", tokenizer_sample=20_000)
+  cfg.model.update(
+    vocab_size=128,
+    d_model=64,
+    num_heads=4,
+    mlp_dim=256,
+    enc_layers=2,
+    dropout_rate=0.0,
+    label_smoothing=0.0,
+  )
+  cfg.optim.update(learning_rate=2e-3, schedule="rsqrt", warmup_steps=100)
+  cfg.train.update(total_steps=400, global_batch_size=64, log_every=50)
+  cfg.eval.examples = 0
+  if variant == "classify_tiny":
+    cfg.train.update(total_steps=20, log_every=5)
+    cfg.optim.update(warmup_steps=5)
+    cfg.data.update(eval_examples=64, tokenizer_sample=2000)
   return cfg

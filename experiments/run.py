@@ -175,7 +175,13 @@ def decode_lines(input_path: str, output_path: str) -> None:
   if input_path != "-" and not os.path.exists(input_path):
     raise ConfigError(f"--input: {input_path!r} does not exist")
   settings = inference_settings("decode")
-  decoder = Decoder.from_workdir(_WORKDIR.value, export=_EXPORT.value, settings=settings)
+  classifying = model_task() == "classify"
+  if classifying:
+    from lm.classify import Classifier, format_answer
+
+    decoder = Classifier.from_workdir(_WORKDIR.value, export=_EXPORT.value, settings=settings)
+  else:
+    decoder = Decoder.from_workdir(_WORKDIR.value, export=_EXPORT.value, settings=settings)
   source = sys.stdin if input_path == "-" else open(input_path, encoding="utf-8")
   with source:
     lines = [line.rstrip("\n") for line in source]
@@ -187,11 +193,26 @@ def decode_lines(input_path: str, output_path: str) -> None:
       print(f"\rdecoded {done}/{total} lines", end="" if done < total else "\n", file=sys.stderr)
 
   outputs = decoder(lines, progress=progress)
+  if classifying:  # LABEL<TAB>{"name": probability, ...} per line
+    outputs = [format_answer(answer) for answer in outputs]
   if not writer:
     return
   sink = sys.stdout if output_path == "-" else open(output_path, "w", encoding="utf-8")
   with sink:
     sink.writelines(line + "\n" for line in outputs)
+
+
+def model_task() -> str:
+  """The task of the model --workdir (or --export) holds, read from its meta alone; "" when
+  there is none (the decoder's restore then says what is missing)."""
+  from lm import checkpoint, inference
+
+  path = _EXPORT.value or _WORKDIR.value
+  try:
+    meta = inference.source_meta(path, "--export" if _EXPORT.value else "--workdir")
+  except ConfigError:
+    return ""
+  return checkpoint.meta_config(meta).task
 
 
 def serve_model() -> None:
@@ -211,6 +232,21 @@ def serve_model() -> None:
     _WORKDIR.value, _EXPORT.value, settings=settings
   )
   cfg = layout.cfg
+  if cfg.task == "classify":  # /v1/classify: static batches, no decode engine
+    from lm import serve_classify
+    from lm.classify import Classifier
+
+    classifier = Classifier(layout, params, tokenizer, cfg.serve.max_batch)
+    serve_classify.serve(
+      classifier,
+      step,
+      cfg.serve,
+      _HOST.value,
+      _PORT.value,
+      api_keys=keys,
+      guard_probes=_KEYS_FOR_PROBES.value,
+    )
+    return
   options = DecodeOptions.from_config(cfg.decode)
   buckets = tuple(cfg.serve.length_buckets) or options.length_buckets
   options = dataclasses.replace(options, length_buckets=buckets)

@@ -11,7 +11,7 @@ import re
 
 import ml_collections
 
-TASKS = ("translation", "lm")
+TASKS = ("translation", "lm", "classify")
 ACTIVATIONS = ("relu", "gelu", "gelu_exact", "silu", "swiglu")
 POSITIONS = ("sinusoidal", "learned", "rotary")
 NORMS = ("layernorm", "rmsnorm")
@@ -19,7 +19,9 @@ REMAT = ("auto", "none", "full", "save_dots")
 DTYPES = ("auto", "float32", "bfloat16")
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "adafactor")
 SCHEDULES = ("constant", "rsqrt", "cosine", "linear")
-EVAL_METRICS = ("eval_loss", "eval_perplexity", "eval_accuracy", "bleu")
+EVAL_METRICS = ("eval_loss", "eval_perplexity", "eval_accuracy", "bleu", "eval_macro_f1")
+# task=classify: the stack under the pooled head, and the poolings each body allows.
+CLASSIFIER_POOLING = {"encoder": ("mean", "first"), "decoder": ("last",)}
 
 # Published Transformer sizes ("Attention is all you need", table 3) and GPT-2.
 TRANSFORMER_SIZES = {
@@ -103,6 +105,13 @@ def _base() -> ml_collections.ConfigDict:
       # dec_layers / (stage * repeats) layers, and microbatches loop over the stages this many
       # times: a smaller bubble for more stage-to-stage traffic. Checkpoints keep layer order.
       pipeline_repeats=1,
+      # task=classify: a head of num_classes logits (0 = one per data.labels name, or per label
+      # the training data holds) over the pooled output of an "encoder" stack (enc_layers;
+      # pooling "mean" over the example's tokens or its "first") or a causal "decoder" stack
+      # (dec_layers; pooling "last": the last token, the only one that has seen the whole text).
+      num_classes=0,
+      classifier_body="encoder",
+      pooling="mean",
     )
   )
   # stage: pipeline stages (consecutive groups of layers) within a slice; dcn_stage: across
@@ -224,7 +233,11 @@ def _base() -> ml_collections.ConfigDict:
       source="synthetic:demo",  # tfds:NAME[/CONFIG][:SPLIT], tsv:GLOB, text:, jsonl:, synthetic:
       eval_source="",  # "" = hold out the first eval_examples examples of `source`
       direction="",  # translation direction for tfds/jsonl records, e.g. "en->de"
-      fields="",  # jsonl keys: "src_key,tgt_key" (translation) or "text_key" (LM)
+      # jsonl keys: "src_key,tgt_key" (translation), "text_key" (LM), "label_key,text_key"
+      fields="",
+      # task=classify: the label names, comma-separated, in class order; "" = the sorted labels
+      # found in data.source (saved with the checkpoint, so every mode uses the same order).
+      labels="",
       tfds_data_dir="",  # "" = TFDS_DATA_DIR or ~/tensorflow_datasets
       seq_len=64,
       pack=True,  # several examples per row, with segment ids and positions
@@ -251,6 +264,15 @@ def lm_defaults() -> ml_collections.ConfigDict:
   cfg.task = "lm"
   cfg.model.update(activation="gelu", positions="learned", dropout_rate=0.0, label_smoothing=0.0)
   cfg.optim.update(schedule="cosine", warmup_steps=2000, b2=0.95, eps=1e-8, weight_decay=0.1)
+  cfg.lock()
+  return cfg
+
+
+def classify_defaults() -> ml_collections.ConfigDict:
+  """Text classification: an encoder with a mean-pooled head; one example per row."""
+  cfg = _base()
+  cfg.task = "classify"
+  cfg.data.pack = False
   cfg.lock()
   return cfg
 
@@ -287,7 +309,8 @@ SHAPE_FIELDS = (
 def adopt_model(cfg, source, overridden=()) -> ml_collections.ConfigDict:
   """A copy of `cfg` with the source config's task and shape fields; a field in `overridden`
   (set on the command line) that differs from the source's is an error."""
-  if cfg.task != source.task:
+  body = CLASSIFIER_BODIES.get(source.task) if cfg.task == "classify" else None
+  if cfg.task != source.task and body is None:
     _fail("task", f"{cfg.task!r}, but train.init_from is a {source.task!r} model")
   if cfg.data.tokenizer:
     _fail("data.tokenizer", "train.init_from brings its own tokenizer; leave this empty")
@@ -300,7 +323,32 @@ def adopt_model(cfg, source, overridden=()) -> ml_collections.ConfigDict:
         f"({source.model[field]!r}); drop the override",
       )
     cfg.model[field] = source.model[field]
+  if cfg.task == "classify":
+    _adopt_classifier_body(cfg, source, body, overridden)
   return cfg
+
+
+# task=classify from init_from: a translation model's encoder or a language model's decoder.
+CLASSIFIER_BODIES = {"translation": "encoder", "lm": "decoder"}
+
+
+def _adopt_classifier_body(cfg, source, body: str | None, overridden) -> None:
+  """The classifier's body is the source's stack (a classifier's own: its body, pooling and
+  classes); pooling follows a decoder body ("last") unless set on the command line."""
+  if body is None:  # a classifier: continue with its head
+    fields = ("classifier_body", "pooling", "num_classes")
+    cfg.model.update({f: source.model[f] for f in fields})
+    cfg.data.labels = cfg.data.labels or source.data.labels
+    return
+  if "model.classifier_body" in overridden and cfg.model.classifier_body != body:
+    _fail(
+      "model.classifier_body",
+      f"{cfg.model.classifier_body!r}, but train.init_from is a {source.task!r} model, whose "
+      f"stack is a {body!r}; drop the override",
+    )
+  cfg.model.classifier_body = body
+  if "model.pooling" not in overridden:
+    cfg.model.pooling = CLASSIFIER_POOLING[body][0]
 
 
 # What eval, decode and serve take from --config: the model and its training data come from the
@@ -470,8 +518,38 @@ def validate(cfg: ml_collections.ConfigDict, training: bool = True) -> None:
     _fail("data.seq_len", f"{cfg.data.seq_len} exceeds model.max_len={m.max_len}")
   if not cfg.data.source:
     _fail("data.source", "empty; name a source such as 'synthetic:demo'")
+  if cfg.task == "classify":
+    _validate_classify(cfg)
   if training:
     _validate_training(cfg)
+
+
+def _validate_classify(cfg: ml_collections.ConfigDict) -> None:
+  m = cfg.model
+  _check_choice(cfg, "model.classifier_body", tuple(CLASSIFIER_POOLING))
+  _check_choice(cfg, "model.pooling", CLASSIFIER_POOLING[m.classifier_body])
+  if m.classifier_body == "encoder" and m.enc_layers == 0:
+    _fail("model.enc_layers", "an encoder classifier needs at least one encoder layer")
+  _check_positive(cfg, "model.num_classes", allow_zero=True)
+  names = label_names(cfg.data.labels)
+  if len(set(names)) != len(names) or not all(names):
+    _fail("data.labels", f"{cfg.data.labels!r} must name distinct, non-empty labels")
+  if m.num_classes == 1 or (names and len(names) < 2):
+    _fail("model.num_classes", "a classifier needs at least 2 classes")
+  if names and m.num_classes and m.num_classes != len(names):
+    _fail(
+      "model.num_classes",
+      f"{m.num_classes}, but data.labels names {len(names)}; set one to agree or 0 (from labels)",
+    )
+  if cfg.data.pack:
+    _fail("data.pack", "a classification row holds one example (its pooled label); set False")
+  if cfg.mesh.stage * cfg.mesh.dcn_stage > 1:
+    _fail("mesh.stage", "classification does not run pipeline stages; set mesh.stage=1")
+
+
+def label_names(labels: str) -> list[str]:
+  """data.labels as a list of names ("" = none given)."""
+  return [name.strip() for name in labels.split(",")] if labels.strip() else []
 
 
 def _validate_training(cfg: ml_collections.ConfigDict) -> None:

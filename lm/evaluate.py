@@ -15,6 +15,7 @@ import numpy as np
 import sacrebleu
 
 from lm import inference, objective, paths
+from lm.classify import HeldOutClasses
 from lm.data import pipeline
 from lm.decode import DecodeOptions, Decoder
 from lm.layout import Layout
@@ -39,12 +40,16 @@ class Evaluator:
     self.layout, self.data, self.log = layout, data, log
     self.stopping = stopping or (lambda: False)
     self._nll_sums = jax.jit(lambda p, b: objective.nll_sums(layout, p, b))
-    options = DecodeOptions.from_config(layout.cfg.decode)
-    self.decoder = Decoder(layout, None, data.tokenizer, options, layout.cfg.decode.batch_size)
     # Rows per evaluation batch: training's microbatch, so that evaluation's peak memory is
     # never above training's; rounded up to fill every batch shard (padding rows count nothing).
     train, shards = layout.cfg.train, layout.batch_multiple
     self.rows = -(-train.global_batch_size // train.microbatches // shards) * shards
+    self.classes, self.decoder = None, None
+    if layout.cfg.task == "classify":  # its confusion matrix and scores, instead of decoding
+      self.classes = HeldOutClasses(layout, data, self.rows)
+      return
+    options = DecodeOptions.from_config(layout.cfg.decode)
+    self.decoder = Decoder(layout, None, data.tokenizer, options, layout.cfg.decode.batch_size)
 
   def teacher_forced(self, params: Any) -> dict:
     """NLL, perplexity and accuracy over every held-out row (last batch padded, none dropped)."""
@@ -69,6 +74,10 @@ class Evaluator:
     """Teacher-forced metrics, BLEU for translation (eval.bleu), and a few logged examples."""
     results = self.teacher_forced(params)
     cfg, log = self.layout.cfg, self.log
+    if self.classes:
+      del results["eval_perplexity"]  # of one label: no use
+      results.update(self.classes(params, self._check_stop, log))
+      return results
     shown = cfg.eval.examples if log else 0
     try:
       self._decode(params, results, shown)

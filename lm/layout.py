@@ -18,7 +18,8 @@ from flax import nnx
 
 from lm import config as lmc
 from lm import trees
-from lm.models.transformer import ModelDims, build_model, logical_names
+from lm.models.classifier import build_model
+from lm.models.transformer import ModelDims, logical_names
 from lm.parallel import mesh as lm_mesh
 from lm.parallel import pipeline as pp
 from lm.parallel import sharding
@@ -53,6 +54,11 @@ class Layout:
       assert devices is None and lm_mesh.mesh_shape(cfg.mesh, mesh.size) == mesh.devices.shape
     mesh = mesh or lm_mesh.make_mesh(cfg.mesh, devices)
     lm_mesh.check_divisibility(cfg, mesh)
+    if cfg.task == "classify" and not cfg.model.num_classes:
+      raise lmc.ConfigError(
+        "config.model.num_classes: 0 is resolved from data.labels or the training data when "
+        "training loads it; set it (or data.labels) to build a classifier without data"
+      )
     vocab_limit = tokenizer_size or cfg.model.vocab_size
     rows = lm_mesh.padded_vocab_size(max(cfg.model.vocab_size, vocab_limit), mesh)
     schedule = None
@@ -199,12 +205,19 @@ class Layout:
     rows = global_batch or self.cfg.train.global_batch_size
     shape = (rows, self.cfg.data.seq_len)
     keys = batch_keys(self.cfg.task, self.cfg.data.pack if packed is None else packed)
-    return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.shardings.batch) for k in keys}
+    batch = self.shardings.batch
+    return {
+      k: jax.ShapeDtypeStruct(shape[:1] if k == "labels" else shape, jnp.int32, sharding=batch)
+      for k in keys
+    }
 
 
 def batch_keys(task: str, packed: bool) -> tuple[str, ...]:
   """The [batch, seq_len] int32 arrays of a training batch: tokens and segment ids (0 marks
-  padding) per side, and positions when packed (else 0, 1, ...)."""
+  padding) per side, and positions when packed (else 0, 1, ...); a classifier's rows, one
+  example each, and their `labels` [batch]."""
+  if task == "classify":
+    return ("inputs", "inputs_segment_ids", "labels")
   sides = ("targets",) if task == "lm" else ("inputs", "targets")
   parts = ("", "_segment_ids", "_positions") if packed else ("", "_segment_ids")
   return tuple(side + part for side in sides for part in parts)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from tensorboardX import SummaryWriter
 
-from lm import paths, trees
+from lm import classify_metrics, paths, trees
 
 # Dense bfloat16 matmul peak per chip, FLOP/s (vendor figures), by a substring of device_kind.
 PEAK_FLOPS = {
@@ -91,7 +91,12 @@ class Logger:
     }
     self.jsonl.append(json.dumps({"step": step, **values}))
     self.tensorboard(step, {k: v for k, v in values.items() if isinstance(v, float)})
-    shown = "  ".join(f"{k} {_fmt(v)}" for k, v in values.items() if k != "eta")
+    matrices = {k: v for k, v in values.items() if isinstance(v, list)}  # confusion matrices
+    for k, matrix in matrices.items():
+      self.tb.add_image(k, classify_metrics.image(np.asarray(matrix)), step, dataformats="HWC")
+    shown = "  ".join(
+      f"{k} {_fmt(v)}" for k, v in values.items() if k != "eta" and k not in matrices
+    )
     eta = f"  eta {values['eta']}" if "eta" in values else ""
     self.info(f"step {step:>6}  {shown}{eta}")
 

@@ -33,16 +33,24 @@ class Teacher:
 def loss_sums(
   layout: Layout, params, batch: dict, dropout_key, label_smoothing: float, teacher_logits=None
 ):
-  """(loss sum, (target tokens, correct tokens)) of one batch; with `teacher_logits`, the
+  """(loss sum, (target tokens, correct tokens)) of one batch (task=classify: examples, not
+  tokens); with `teacher_logits`, the
   distillation mix (train.distill_weight, train.distill_temperature)."""
   logits = layout.logits(params, batch, dropout_key)  # [batch, length, vocab] float32
-  weights = (segment_ids(batch, "targets") > 0).astype(jnp.float32)
-  loss, tokens, correct = cross_entropy_sums(
-    logits, batch["targets"], weights, label_smoothing, layout.vocab_limit
-  )
+  targets, limit = batch.get("targets"), layout.vocab_limit
+  if layout.cfg.task == "classify":
+    # One label per row: its class logits [batch, classes] as one position; the counts are
+    # examples (padding rows, all segment 0, count none), so the step's mean is per example.
+    weights = (segment_ids(batch, "inputs").max(axis=1, keepdims=True) > 0).astype(jnp.float32)
+    logits, targets, limit = logits[:, None], batch["labels"][:, None], None
+    if teacher_logits is not None:
+      teacher_logits = teacher_logits[:, None]
+  else:
+    weights = (segment_ids(batch, "targets") > 0).astype(jnp.float32)
+  loss, tokens, correct = cross_entropy_sums(logits, targets, weights, label_smoothing, limit)
   if teacher_logits is not None:
     t = layout.cfg.train
-    kl = distill_sums(logits, teacher_logits, weights, t.distill_temperature, layout.vocab_limit)
+    kl = distill_sums(logits, teacher_logits, weights, t.distill_temperature, limit)
     loss = (1.0 - t.distill_weight) * loss + t.distill_weight * kl
   return loss, (tokens, correct)
 

@@ -101,6 +101,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, overridden=()) -> dict:
     tokenizer = None  # data.tokenizer, or the workdir's (trained on the data if absent)
   log = metrics.Logger(workdir, cfg)
   data = pipeline.load(cfg, workdir, log.info, tokenizer)
+  cfg = data.cfg  # task=classify: with its labels and class count, as the checkpoint keeps them
   trainer = Trainer.build(
     cfg, tokenizer_size=data.tokenizer.vocab_size, teacher=load_teacher(cfg, data, log)
   )
@@ -159,11 +160,12 @@ def describe(trainer: Trainer, log) -> None:
   for line in layout.notes():
     log.info(line)
   smoothing = cfg.model.label_smoothing
+  per = "per example (tokens count examples)" if cfg.task == "classify" else "per target token"
   log.info(
     "loss: the training cross-entropy"
     + (f" with label smoothing {smoothing:g}" if smoothing else "")
-    + "; eval_loss: the plain negative log-likelihood per target token "
-    "(eval_perplexity = exp(eval_loss))"
+    + f"; eval_loss: the plain negative log-likelihood {per}"
+    + ("" if cfg.task == "classify" else " (eval_perplexity = exp(eval_loss))")
   )
   if cfg.zero_stage:
     whole = sharding.replicated_over_fsdp(layout.logical, layout.abstract_params, layout.mesh)
@@ -202,6 +204,8 @@ def restore_or_init(
   if step is None and cfg.train.init_from:
     source = cfg.train.init_from
     _, params, _, source_step = inference.restore_model(source, cfg, "train.init_from")
+    # A classifier takes a translation model's encoder or an LM's stack: the parts it has.
+    params = {k: v for k, v in params.items() if k in trainer.layout.abstract_params}
     log.info(f"initialized from {source} (its step {source_step}); training starts at step 0")
     return trainer.init_state(params)
   if step is None:

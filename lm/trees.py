@@ -11,6 +11,7 @@ from lm import config as lmc
 
 # With LoRA or adapters on and train.trainable empty, only their parameters train.
 ADAPTATION_PARAMS = r"_lora/|_adapter/"
+CLASSIFIER_HEAD = r"^head/"  # task=classify: trains with whatever train.trainable selects
 
 
 def param_paths(tree) -> dict:
@@ -42,6 +43,8 @@ def trainable_mask(cfg, abstract_params) -> dict:
   pattern = cfg.train.trainable
   if not pattern and (cfg.model.lora_rank or cfg.model.adapter_dim):
     pattern = ADAPTATION_PARAMS
+  if pattern and cfg.task == "classify":
+    pattern = f"{CLASSIFIER_HEAD}|(?:{pattern})"  # a fresh head always trains
   mask = jax.tree.map(lambda path: bool(re.search(pattern, path)), param_paths(abstract_params))
   if not any(jax.tree.leaves(mask)):
     raise lmc.ConfigError(

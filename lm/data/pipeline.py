@@ -22,7 +22,7 @@ import numpy as np
 from absl import flags
 
 from lm.config import ConfigError
-from lm.data import sources
+from lm.data import labelled, sources
 from lm.data import tokenizer as tok
 
 MAX_PIECES = 64  # data.too_long=split: tokens past 64 x seq_len of one document are cut
@@ -57,7 +57,7 @@ def _held_out_split(cfg, train):
   """(train, eval records): `data.eval_source`, or the first data.eval_examples examples."""
   limit = cfg.data.eval_examples
   if cfg.data.eval_source:
-    with sources.open_source(cfg.data.eval_source, cfg.data, cfg.task, cfg.seed + 1) as held_out:
+    with open_source(cfg.data.eval_source, cfg, cfg.seed + 1) as held_out:
       records = [r for r in (held_out[i] for i in range(min(limit, len(held_out)))) if r]
     return train, records
   if len(train) <= limit:
@@ -69,11 +69,20 @@ def _held_out_split(cfg, train):
   return train[limit:], records
 
 
+def open_source(spec: str, cfg: ml_collections.ConfigDict, seed: int) -> sources.Source:
+  """The source `spec` names for the config's task: labelled records for task=classify."""
+  if cfg.task == "classify":
+    return labelled.open_labelled(spec, cfg.data, seed)
+  return sources.open_source(spec, cfg.data, cfg.task, seed)
+
+
 def load(
   cfg: ml_collections.ConfigDict, workdir: str, log=print, tokenizer: tok.Tokenizer | None = None
 ) -> Data:
   """The run's data; `tokenizer` (a checkpoint's) instead of data.tokenizer / WORKDIR's."""
-  source = sources.open_source(cfg.data.source, cfg.data, cfg.task, cfg.seed)
+  source = open_source(cfg.data.source, cfg, cfg.seed)
+  if cfg.task == "classify":  # its class order, for the held-out source and the checkpoint
+    cfg = labelled.resolve_labels(cfg, source)
   if len(source) == 0:
     raise ConfigError(f"config.data.source: {cfg.data.source!r} has no usable example")
   if source.skipped:
@@ -92,7 +101,7 @@ def load(
     for i in np.sort(picks):
       record = train[int(i)]
       if record:
-        yield from record.values()
+        yield from (v for v in record.values() if isinstance(v, str))  # not a class index
 
   if tokenizer is None:
     tokenizer = tok.load_or_train(cfg.data, cfg.model.vocab_size, workdir, sample_texts, log)
@@ -123,11 +132,14 @@ class _Tokenize(grain.transforms.Map):
     if not record:
       return {}
     keep = self.keep
-    out = {k: encode(self.tokenizer, text, keep + 1, k) for k, text in record.items()}
+    texts = {k: v for k, v in record.items() if k != "label"}
+    out = {k: encode(self.tokenizer, text, keep + 1, k) for k, text in texts.items()}
     if any(len(v) > keep for v in out.values()):
       if self.drop_long:
         return {}
       out = {k: v[:keep] for k, v in out.items()}
+    if "label" in record:  # task=classify: the row's class index
+      out["labels"] = np.int32(record["label"])
     return out
 
 
@@ -179,7 +191,9 @@ def _pad_to(seq_len: int):
   def pad(example):
     out = {SKIPPED: example[SKIPPED]}
     for k, v in example.items():
-      if k != SKIPPED:
+      if k == "labels":  # one per row, not per position
+        out[k] = v
+      elif k != SKIPPED:
         out[k] = np.pad(v, (0, seq_len - len(v)))
         out[k + "_segment_ids"] = (np.arange(seq_len) < len(v)).astype(np.int32)
     return out
@@ -329,6 +343,9 @@ def eval_arrays(tokenizer, records: list[dict], seq_len: int) -> dict[str, np.nd
   none dropped)."""
   arrays = {}
   for key in records[0] if records else ("targets",):
+    if key == "label":  # task=classify: one class index per row
+      arrays["labels"] = np.asarray([r["label"] for r in records], np.int32)
+      continue
     rows = np.zeros((len(records), seq_len), np.int32)
     segments = np.zeros((len(records), seq_len), np.int32)
     for r, record in enumerate(records):
@@ -358,5 +375,5 @@ def eval_batches(
     batch = {k: v[b * rows : (b + 1) * rows] for k, v in share.items()}
     short = rows - len(next(iter(batch.values())))
     if short:
-      batch = {k: np.pad(v, ((0, short), (0, 0))) for k, v in batch.items()}
+      batch = {k: np.pad(v, [(0, short)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
     yield batch

@@ -134,6 +134,43 @@ class DemoSource:
     return sentence_pair(random.Random(self.seed << 32 | int(index)), self.variant)
 
 
+# synthetic:classify (task=classify): a demo source sentence labelled by two facts found at two
+# places: its subject's number (which only the verb's agreement tells for "the fish") and
+# whether its object is definite ("the" after the verb; the subject may have one too). No word
+# alone decides the label.
+CLASSIFY_LABELS = (
+  "plural-definite",
+  "plural-indefinite",
+  "singular-definite",
+  "singular-indefinite",
+)
+
+
+def labelled_sentence(rng: random.Random) -> tuple[str, int]:
+  """(sentence, its CLASSIFY_LABELS index)."""
+  subject, obj = _noun_phrase(rng), _noun_phrase(rng)
+  verb = rng.choice(VERBS)
+  adverb = [rng.choice(ADVERBS)] if rng.random() < 0.3 else []
+  verb = verb if subject["plural"] else third_person(verb)
+  words = [*_source_np(subject), verb, *_source_np(obj), *adverb]
+  number = "plural" if subject["plural"] else "singular"
+  article = "definite" if obj["definite"] else "indefinite"
+  return " ".join(words), CLASSIFY_LABELS.index(f"{number}-{article}")
+
+
+class LabelledSource:
+  """Random-access labelled sentences: sentence i is a pure function of (seed, i)."""
+
+  def __init__(self, size: int, seed: int):
+    self.size, self.seed = size, seed
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, index: int) -> tuple[str, int]:
+    return labelled_sentence(random.Random(self.seed << 32 | int(index)))
+
+
 def random_batch(cfg, seed: int = 0, padding: int = 0, packed: bool = False) -> dict:
   """A global batch of random token rows (ids 4 .. vocab_size - 1) for the config's task, one
   example per row, for tests and benchmarks. `padding` > 0 pads the last `padding` columns and

@@ -84,6 +84,9 @@ class ModelDims:
   adapter_dim: int = 0
   quantized: bool = False  # int8 matmul kernels with float scales (an int8 export)
   pipeline: pp.Schedule | None = None  # the decoder stack split over mesh.stage > 1
+  num_classes: int = 0  # task=classify (lm/models/classifier.py)
+  classifier_body: str = "encoder"
+  pooling: str = "mean"
 
   @classmethod
   def from_config(
@@ -143,6 +146,9 @@ class ModelDims:
       adapter_dim=m.adapter_dim,
       quantized=m.quantize == "int8",
       pipeline=pipeline,
+      num_classes=m.num_classes,
+      classifier_body=m.classifier_body,
+      pooling=m.pooling,
     )
 
 
@@ -510,17 +516,20 @@ class _Model(nnx.Module):
       self.logits_bias = nnx.Param(
         jnp.zeros((dims.vocab_size,), dims.param_dtype), out_sharding=("vocab",)
       )
-    if dims.positions == "learned":
-      init = jax.nn.initializers.normal(stddev=0.02)
-      self.pos_table = nnx.Param(
-        init(rngs.params(), (dims.max_len, dims.d_model), dims.param_dtype),
-        out_sharding=("length", "embed"),
-      )
+    self._init_positions(dims, rngs)
     if not dims.tie_embeddings:
       init = jax.nn.initializers.normal(stddev=dims.d_model**-0.5)
       self.output = nnx.Param(
         init(rngs.params(), (dims.d_model, dims.vocab_size), dims.param_dtype),
         out_sharding=("embed", "vocab"),
+      )
+
+  def _init_positions(self, dims: ModelDims, rngs: nnx.Rngs):
+    if dims.positions == "learned":
+      init = jax.nn.initializers.normal(stddev=0.02)
+      self.pos_table = nnx.Param(
+        init(rngs.params(), (dims.max_len, dims.d_model), dims.param_dtype),
+        out_sharding=("length", "embed"),
       )
 
   def embed_tokens(self, tokens, positions) -> jax.Array:
@@ -689,5 +698,6 @@ def _segments_and_positions(batch: dict, name: str):
 
 def build_model(task: str, dims: ModelDims, seed: int) -> nnx.Module:
   """The model for a task; call inside `nnx.use_eager_sharding(False)` or a jitted init."""
+  assert task != "classify", "lm.models.classifier.build_model builds classifiers"
   model_cls = EncoderDecoder if task == "translation" else Decoder
   return model_cls(dims, nnx.Rngs(params=seed))

@@ -29,6 +29,7 @@ RULES = (
   ("layers", "stage"),  # a stack's layers split over pipeline stages (1: all on every device)
   ("lora", None),  # LoRA's rank: small; A and B shard on their other dims
   ("adapter", None),  # an adapter's bottleneck
+  ("classes", None),  # a classifier head's outputs: few; its kernel shards on embed
 )
 _RULES = dict(RULES)
 
