@@ -45,6 +45,12 @@ _EXPORT = flags.DEFINE_string(
   "eval, decode, serve: an export directory instead of WORKDIR's checkpoint, or a Hugging Face "
   "model (hf:DIR, or hf:ORG/NAME downloaded when a network exists).",
 )
+_TARGET_LANG = flags.DEFINE_string(
+  "target_lang",
+  None,
+  "decode: the target language of a model trained on several pairs (its tag is prepended to "
+  "each line); a model with one target language takes it by default.",
+)
 _INPUT = flags.DEFINE_string("input", "-", "decode: one source (or prompt) per line; - = stdin.")
 _OUTPUT = flags.DEFINE_string(
   "output", None, "decode: one output per input line (- = stdout); export: a new directory."
@@ -105,6 +111,10 @@ def main(argv):
   from lm import evaluate, inference, metrics, train
 
   try:
+    if _TARGET_LANG.value is not None and _MODE.value != "decode":
+      raise ConfigError(
+        "--target_lang: only --mode=decode takes it (a request to the service names its own)"
+      )
     if _MODE.value == "train":
       if _CONFIG.value is None:
         raise ConfigError("--config: required to train; e.g. --config=experiments/demo.py")
@@ -170,15 +180,24 @@ def decode_lines(input_path: str, output_path: str) -> None:
   of them) and process 0 writes the output."""
   import jax  # after main's jax set-up, as there
 
+  from lm.data import multilingual
   from lm.decode import Decoder
 
   if input_path != "-" and not os.path.exists(input_path):
     raise ConfigError(f"--input: {input_path!r} does not exist")
   settings = inference_settings("decode")
+  languages = target_languages()  # checked before the model loads
+  problem = multilingual.language_error(languages, _TARGET_LANG.value)
+  if problem:
+    raise ConfigError(f"--target_lang: {problem}")
   decoder = Decoder.from_workdir(_WORKDIR.value, export=_EXPORT.value, settings=settings)
   source = sys.stdin if input_path == "-" else open(input_path, encoding="utf-8")
   with source:
     lines = [line.rstrip("\n") for line in source]
+  lines = [
+    multilingual.prefixed(line, languages, _TARGET_LANG.value) if line.strip() else line
+    for line in lines
+  ]
 
   writer = jax.process_index() == 0
 
@@ -192,6 +211,17 @@ def decode_lines(input_path: str, output_path: str) -> None:
   sink = sys.stdout if output_path == "-" else open(output_path, "w", encoding="utf-8")
   with sink:
     sink.writelines(line + "\n" for line in outputs)
+
+
+def target_languages() -> tuple[str, ...]:
+  """The target languages of the model decode reads, from its saved config (meta) alone."""
+  from lm import inference
+  from lm.checkpoint import meta_config
+  from lm.data import multilingual
+
+  field = "--export" if _EXPORT.value else "--workdir"
+  meta = inference.source_meta(_EXPORT.value or _WORKDIR.value, field)
+  return multilingual.target_languages(meta_config(meta))
 
 
 def serve_model() -> None:
