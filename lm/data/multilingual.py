@@ -208,10 +208,12 @@ def _open_pair(pair: Pair, cfg, seed: int, field: str) -> sources.Source:
 
 
 def _held_out(pairs: list[Pair], parts, limit: int) -> tuple[list[dict], list[str]]:
+  """The first `limit` usable examples of each pair, tagged, taking the pairs in turn (so that
+  the few examples an evaluation logs show every pair); and each one's pair."""
   records, names = [], []
-  for pair, part in zip(pairs, parts):
-    for i in range(min(limit, len(part))):
-      if part[i]:
+  for i in range(limit):
+    for pair, part in zip(pairs, parts):
+      if i < len(part) and part[i]:
         records.append({**part[i], "inputs": tagged(part[i]["inputs"], pair.tgt)})
         names.append(pair.name)
   return records, names
