@@ -19,8 +19,10 @@ default's) and en->xb (verb first, other words and inflections), from `synthetic
 each source carries its target's tag, <2xa> or <2xb>, and eval reports BLEU per pair.
   python -m experiments.run --config=experiments/demo.py:multi --workdir=runs/demo_multi
   python -m experiments.run --mode=decode --workdir=runs/demo_multi --target_lang=xb
-Hardware: 2 CPU cores. Time and BLEU per pair: see the README's "Several languages in one
-model". Variant `multi_tiny` (40 steps) is for tests.
+Hardware: 2 CPU cores. Time: about 4 minutes alone (1000 steps; 7:41 measured with other jobs on
+the cores). Expected: BLEU 99.16 (en-xa) and 99.74 (en-xb), mean 99.45, eval token accuracy
+0.998 (the README's "Several languages in one model"). Variant `multi_tiny` (40 steps) is for
+tests.
 """
 
 from lm import config as lmc
@@ -61,7 +63,7 @@ def multi_config(cfg, variant: str) -> None:
   """Both target languages in one model: the default's model, trained longer."""
   cfg.data.source = "synthetic:demo_multi"
   cfg.data.eval_examples = 256  # per pair
-  cfg.train.update(total_steps=1600)
+  cfg.train.update(total_steps=1000)
   if variant == "multi_tiny":
     cfg.train.update(total_steps=40, log_every=5)
     cfg.optim.update(warmup_steps=10)

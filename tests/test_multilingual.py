@@ -283,6 +283,24 @@ def test_the_service_translates_into_each_language_as_decode_target_lang_does(mu
       assert refused.status_code == 400
       assert refused.json()["error"]["field"] == "target_lang"
       assert message in refused.json()["error"]["message"]
+    # OpenAI's completions take the same field: greedy, as /v1/translate with beam_size 1.
+    for lang in ("xa", "xb"):
+      greedy = httpx.post(
+        f"{url}/v1/translate",
+        json={"text": lines[0], "target_lang": lang, "beam_size": 1},
+        timeout=120,
+      ).json()["translations"][0]
+      completion = httpx.post(
+        f"{url}/v1/completions",
+        json={"model": "zerolm", "prompt": lines[0], "target_lang": lang, "temperature": 0},
+        timeout=120,
+      )
+      assert completion.status_code == 200, completion.text
+      assert completion.json()["choices"][0]["text"] == greedy
+    refused = httpx.post(
+      f"{url}/v1/completions", json={"model": "zerolm", "prompt": "a cat", "temperature": 0}
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "target_lang"
 
 
 def test_a_bad_target_lang_is_one_line_before_the_model_loads(multi_workdir):
