@@ -187,10 +187,11 @@ def decode_lines(input_path: str, output_path: str) -> None:
     raise ConfigError(f"--input: {input_path!r} does not exist")
   settings = inference_settings("decode")
   languages = target_languages()  # checked before the model loads
-  problem = multilingual.language_error(languages, _TARGET_LANG.value)
-  if problem:
-    raise ConfigError(f"--target_lang: {problem}")
+  check_target_lang(languages)
   decoder = Decoder.from_workdir(_WORKDIR.value, export=_EXPORT.value, settings=settings)
+  if languages is None:  # read from no meta: the model's own config
+    languages = multilingual.target_languages(decoder.layout.cfg)
+    check_target_lang(languages)
   source = sys.stdin if input_path == "-" else open(input_path, encoding="utf-8")
   with source:
     lines = [line.rstrip("\n") for line in source]
@@ -213,14 +214,28 @@ def decode_lines(input_path: str, output_path: str) -> None:
     sink.writelines(line + "\n" for line in outputs)
 
 
-def target_languages() -> tuple[str, ...]:
-  """The target languages of the model decode reads, from its saved config (meta) alone."""
+def check_target_lang(languages: tuple[str, ...] | None) -> None:
+  from lm.data import multilingual
+
+  problem = (
+    multilingual.language_error(languages, _TARGET_LANG.value) if languages is not None else ""
+  )
+  if problem:
+    raise ConfigError(f"--target_lang: {problem}")
+
+
+def target_languages() -> tuple[str, ...] | None:
+  """The target languages of the model decode reads, from its saved config (meta) alone; None
+  where no model is found (loading it then says why, in its own words)."""
   from lm import inference
   from lm.checkpoint import meta_config
   from lm.data import multilingual
 
   field = "--export" if _EXPORT.value else "--workdir"
-  meta = inference.source_meta(_EXPORT.value or _WORKDIR.value, field)
+  try:
+    meta = inference.source_meta(_EXPORT.value or _WORKDIR.value, field)
+  except ConfigError:
+    return None
   return multilingual.target_languages(meta_config(meta))
 
 
