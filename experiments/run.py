@@ -45,6 +45,12 @@ _EXPORT = flags.DEFINE_string(
   "eval, decode, serve: an export directory instead of WORKDIR's checkpoint, or a Hugging Face "
   "model (hf:DIR, or hf:ORG/NAME downloaded when a network exists).",
 )
+_TARGET_LANG = flags.DEFINE_string(
+  "target_lang",
+  None,
+  "decode: the target language of a model trained on several pairs (its tag is prepended to "
+  "each line); a model with one target language takes it by default.",
+)
 _INPUT = flags.DEFINE_string("input", "-", "decode: one source (or prompt) per line; - = stdin.")
 _OUTPUT = flags.DEFINE_string(
   "output", None, "decode: one output per input line (- = stdout); export: a new directory."
@@ -105,6 +111,10 @@ def main(argv):
   from lm import evaluate, inference, metrics, train
 
   try:
+    if _TARGET_LANG.value is not None and _MODE.value != "decode":
+      raise ConfigError(
+        "--target_lang: only --mode=decode takes it (a request to the service names its own)"
+      )
     if _MODE.value == "train":
       if _CONFIG.value is None:
         raise ConfigError("--config: required to train; e.g. --config=experiments/demo.py")
@@ -170,21 +180,32 @@ def decode_lines(input_path: str, output_path: str) -> None:
   of them) and process 0 writes the output."""
   import jax  # after main's jax set-up, as there
 
+  from lm.data import multilingual
   from lm.decode import Decoder
 
   if input_path != "-" and not os.path.exists(input_path):
     raise ConfigError(f"--input: {input_path!r} does not exist")
   settings = inference_settings("decode")
-  classifying = model_task() == "classify"
+  saved = saved_config()  # checked before the model loads
+  classifying = saved is not None and saved.task == "classify"
+  languages = multilingual.target_languages(saved) if saved is not None else None
+  check_target_lang(languages)
   if classifying:
     from lm.classify import Classifier, format_answer
 
     decoder = Classifier.from_workdir(_WORKDIR.value, export=_EXPORT.value, settings=settings)
   else:
     decoder = Decoder.from_workdir(_WORKDIR.value, export=_EXPORT.value, settings=settings)
+  if languages is None:  # read from no meta: the model's own config
+    languages = multilingual.target_languages(decoder.layout.cfg)
+    check_target_lang(languages)
   source = sys.stdin if input_path == "-" else open(input_path, encoding="utf-8")
   with source:
     lines = [line.rstrip("\n") for line in source]
+  lines = [
+    multilingual.prefixed(line, languages, _TARGET_LANG.value) if line.strip() else line
+    for line in lines
+  ]
 
   writer = jax.process_index() == 0
 
@@ -202,17 +223,27 @@ def decode_lines(input_path: str, output_path: str) -> None:
     sink.writelines(line + "\n" for line in outputs)
 
 
-def model_task() -> str:
-  """The task of the model --workdir (or --export) holds, read from its meta alone; "" when
-  there is none (the decoder's restore then says what is missing)."""
+def saved_config():
+  """The config of the model --workdir (or --export) holds, read from its meta alone; None
+  where there is none (loading the model then says what is missing, in its own words)."""
   from lm import checkpoint, inference
 
   path = _EXPORT.value or _WORKDIR.value
   try:
     meta = inference.source_meta(path, "--export" if _EXPORT.value else "--workdir")
   except ConfigError:
-    return ""
-  return checkpoint.meta_config(meta).task
+    return None
+  return checkpoint.meta_config(meta)
+
+
+def check_target_lang(languages: tuple[str, ...] | None) -> None:
+  from lm.data import multilingual
+
+  problem = (
+    multilingual.language_error(languages, _TARGET_LANG.value) if languages is not None else ""
+  )
+  if problem:
+    raise ConfigError(f"--target_lang: {problem}")
 
 
 def serve_model() -> None:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from lm.data import multilingual
 from lm.decode import DecodeOptions
 
 
@@ -51,6 +52,18 @@ class RowSettings:
   def of(cls, options: DecodeOptions) -> RowSettings:
     """The decode options' defaults."""
     return cls(options.seed, options.temperature, options.top_k, options.top_p, options.alpha)
+
+
+def target_language(body: dict, languages: tuple[str, ...]) -> str | None:
+  """A translation request's target_lang, checked against the model's target languages (a
+  single-pair model has none and takes none; see lm/data/multilingual.py)."""
+  language = body.get("target_lang")
+  if language is not None and not isinstance(language, str):
+    raise RequestError("target_lang must be a string", "target_lang")
+  problem = multilingual.language_error(languages, language)
+  if problem:
+    raise RequestError(f"target_lang: {problem}", "target_lang")
+  return language
 
 
 def known_fields(body: dict, fields: set[str]) -> None:

@@ -248,6 +248,7 @@ def _base() -> ml_collections.ConfigDict:
       tokenizer_sample=200_000,  # training examples sampled to train the tokenizer
       prefetch=4,  # batches prepared ahead by a background thread; 0 = none
       workers=0,  # > 0: grain worker processes build batches (for hosts with many cores)
+      mix_temperature=1.0,  # several pairs: pair i drawn with p ∝ n_i^(1/T); 1 = proportional
     )
   )
   return cfg
@@ -510,6 +511,7 @@ def validate(cfg: ml_collections.ConfigDict, training: bool = True) -> None:
     _check_positive(cfg, "data." + field)
   _check_positive(cfg, "data.prefetch", allow_zero=True)
   _check_positive(cfg, "data.workers", allow_zero=True)
+  _check_positive(cfg, "data.mix_temperature")
   _check_choice(cfg, "data.too_long", ("truncate", "drop", "split"))
   if cfg.data.too_long == "split" and cfg.task != "lm":
     _fail("data.too_long", "'split' cuts LM documents; for translation use truncate or drop")

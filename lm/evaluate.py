@@ -1,5 +1,8 @@
 """Held-out loss, perplexity and token accuracy; sacreBLEU of decoded translations; examples.
 
+A multi-pair model (lm/data/multilingual.py) reports each metric per pair as METRIC/PAIR
+(bleu/en-de, eval_loss/en-de) and, under the plain name, their mean over the pairs.
+
 The loss here is the plain negative log-likelihood per target token (no label smoothing, no
 dropout), so that eval_perplexity = exp(eval_loss); the training loss may be smoothed.
 """
@@ -51,11 +54,12 @@ class Evaluator:
     options = DecodeOptions.from_config(layout.cfg.decode)
     self.decoder = Decoder(layout, None, data.tokenizer, options, layout.cfg.decode.batch_size)
 
-  def teacher_forced(self, params: Any) -> dict:
-    """NLL, perplexity and accuracy over every held-out row (last batch padded, none dropped)."""
+  def teacher_forced(self, params: Any, arrays: dict[str, np.ndarray] | None = None) -> dict:
+    """NLL, perplexity and accuracy over every held-out row (last batch padded, none dropped);
+    `arrays`: some of the rows (one pair's) instead of all."""
     totals = np.zeros(3)
     with jax.set_mesh(self.layout.mesh):
-      for local in pipeline.eval_batches(self.data.eval, self.rows):
+      for local in pipeline.eval_batches(self.data.eval if arrays is None else arrays, self.rows):
         self._check_stop()
         loss, (tokens, correct) = self._nll_sums(params, self.layout.shard_batch(local))
         totals += np.array([float(loss), float(tokens), float(correct)])
@@ -72,7 +76,12 @@ class Evaluator:
 
   def __call__(self, params: Any) -> dict:
     """Teacher-forced metrics, BLEU for translation (eval.bleu), and a few logged examples."""
-    results = self.teacher_forced(params)
+    if self.data.eval_pairs:
+      results = per_pair_means(
+        self._pair_rows(), lambda rows: self._teacher_forced_rows(params, rows)
+      )
+    else:
+      results = self.teacher_forced(params)
     cfg, log = self.layout.cfg, self.log
     if self.classes:
       del results["eval_perplexity"]  # of one label: no use
@@ -100,7 +109,15 @@ class Evaluator:
         [source for source, _ in pairs], warn=lambda _: None, progress=self._check_stop
       )
       if cfg.eval.bleu:
-        results["bleu"], signature = bleu(hypotheses, [target for _, target in pairs])
+        references = [target for _, target in pairs]
+        if self.data.eval_pairs:
+          results |= per_pair_means(
+            self._pair_rows(),
+            lambda rows: {"bleu": self._pair_bleu(hypotheses, references, rows)},
+          )
+          signature = bleu(hypotheses[:1], references[:1])[1]  # the same for every pair
+        else:
+          results["bleu"], signature = bleu(hypotheses, references)
         if log:
           log.info(f"sacreBLEU signature: {signature}")
       for (source, target), hypothesis in list(zip(pairs, hypotheses))[:shown]:
@@ -109,6 +126,30 @@ class Evaluator:
       prompts = [" ".join(text.split()[:4]) for _, text in self.data.eval_text[:shown]]
       for prompt, continuation in zip(prompts, self.decoder(prompts, warn=lambda _: None)):
         log.info(f"prompt:       {prompt}\ncontinuation: {continuation}")
+
+  def _pair_rows(self) -> dict[str, np.ndarray]:
+    names = np.array(self.data.eval_pairs)
+    return {name: np.flatnonzero(names == name) for name in dict.fromkeys(self.data.eval_pairs)}
+
+  def _teacher_forced_rows(self, params: Any, rows: np.ndarray) -> dict:
+    return self.teacher_forced(params, {k: v[rows] for k, v in self.data.eval.items()})
+
+  @staticmethod
+  def _pair_bleu(hypotheses: list[str], references: list[str], rows: np.ndarray) -> float:
+    return bleu([hypotheses[r] for r in rows], [references[r] for r in rows])[0]
+
+
+def per_pair_means(pair_rows: dict[str, np.ndarray], metrics_of) -> dict:
+  """METRIC/PAIR for each pair's metrics (`metrics_of(rows)`), and under METRIC their mean
+  (eval_perplexity: exp of the mean eval_loss, as for one pair)."""
+  results, per_pair = {}, [metrics_of(rows) for rows in pair_rows.values()]
+  for name, values in zip(pair_rows, per_pair):
+    results.update({f"{key}/{name}": value for key, value in values.items()})
+  for key in per_pair[0]:
+    results[key] = float(np.mean([values[key] for values in per_pair]))
+  if "eval_loss" in per_pair[0]:
+    results["eval_perplexity"] = math.exp(min(results["eval_loss"], 50.0))
+  return results
 
 
 def evaluate_workdir(workdir: str, log=None, export=None, settings: dict | None = None) -> dict:

@@ -9,7 +9,8 @@ as vLLM takes a model's generation config. Fields this server does not know are 
 ignored and logged (clients send extras); known ones it cannot honour (n > 1, echo, logprobs,
 penalties, logit_bias, suffix) get a 400. Errors have OpenAI's shape,
 {"error": {"message", "type", "param", "code"}}. For a translation model, the prompt is the
-source text and the completion its (greedy) translation.
+source text and the completion its (greedy) translation; a model trained on several pairs takes
+/v1/translate's `target_lang` here too.
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ import time
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from lm.api import RequestError, RowSettings, flag, gather_or_cancel, integer, number, sse
+from lm.api import (
+  RequestError,
+  RowSettings,
+  flag,
+  gather_or_cancel,
+  integer,
+  number,
+  sse,
+  target_language,
+)
 from lm.data import tokenizer as tok
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's
@@ -40,6 +50,7 @@ UNSUPPORTED = {
 }
 KNOWN = {
   "model",
+  "target_lang",  # zerolm's: a multi-pair translation model's target language (/v1/translate's)
   "prompt",
   "max_tokens",
   "temperature",
@@ -144,7 +155,8 @@ class Completions:
       raise RequestError("prompt as token ids is not supported: send text", "prompt")
     if len(prompts) > s.cfg.max_items:
       raise RequestError(f"{len(prompts)} prompts, limit {s.cfg.max_items}", "prompt")
-    rows = [s._encode(p, "prompt") for p in prompts]
+    target_lang = target_language(body, s.languages) if s.task == "translation" else None
+    rows = [s._encode(p, "prompt", target_lang) for p in prompts]
     default = s.decoder.options
     lm = s.task == "lm"
     settings = RowSettings.of(default)

@@ -36,13 +36,14 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from lm import api, metrics, openai_api
+from lm.data import multilingual
 from lm.data import tokenizer as tok
 from lm.decode import Decoder, until_end
 from lm.engine import Engine, Generation
 from lm.trees import param_count
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
-TRANSLATE_FIELDS = {"text", "beam_size", "alpha", "max_length"}
+TRANSLATE_FIELDS = {"text", "beam_size", "alpha", "max_length", "target_lang"}
 DISCONNECT_POLL_S = 0.05  # how often a waiting request checks that its client is still there
 GENERATE_FIELDS = {"prompt", "max_tokens", "temperature", "top_k", "top_p", "seed", "stream"}
 TOKENS_PER_SECOND_WINDOW_S = 10.0  # zerolm_tokens_per_second counts the tokens of this window
@@ -137,6 +138,7 @@ class Service:
   def __init__(self, decoder: Decoder, step: int, serve_cfg, log=print):
     self.step, self.cfg, self.log = step, serve_cfg, log
     self.task = decoder.layout.cfg.task
+    self.languages = multilingual.target_languages(decoder.layout.cfg)  # () for one pair
     self.max_batch = serve_cfg.max_batch
     d = decoder  # the model, tokenizer and default settings, batched up to max_batch rows
     self.decoder = Decoder(
@@ -440,7 +442,7 @@ class Service:
 
   # -- requests -------------------------------------------------------------------------------
 
-  def _encode(self, text: Any, field: str) -> list[int]:
+  def _encode(self, text: Any, field: str, target_lang: str | None = None) -> list[int]:
     if not isinstance(text, str):
       raise api.RequestError(f"{field} must be a string, not {type(text).__name__}", field)
     if not text.strip():
@@ -450,6 +452,8 @@ class Service:
     except UnicodeEncodeError:
       raise api.RequestError(f"{field} is not valid Unicode (a lone surrogate)", field) from None
     translation = self.task == "translation"
+    if translation:  # a multi-pair model's source starts with its target's tag
+      text = multilingual.prefixed(text, self.languages, target_lang)
     ids = self.decoder.tokenizer.encode(text, "inputs" if translation else "targets")
     limit = self.max_input_tokens
     if len(ids) > limit:
@@ -466,7 +470,8 @@ class Service:
       raise api.RequestError("text is an empty list", "text")
     if len(texts) > self.cfg.max_items:
       raise api.RequestError(f"{len(texts)} texts, limit {self.cfg.max_items}", "text")
-    rows = [self._encode(t, "text") for t in texts]
+    target_lang = api.target_language(body, self.languages)
+    rows = [self._encode(t, "text", target_lang) for t in texts]
     default = self.decoder.options
     beam = api.choice(body, "beam_size", default.beam_size, self.beam_sizes)
     alpha = api.number(body, "alpha", default.alpha, 0.0, 2.0)
@@ -530,6 +535,7 @@ class Service:
       "max_output_tokens": self.decoder.max_output_tokens,
       **({"max_total_tokens": self.decoder.shapes[0][1]} if self.task == "lm" else {}),
       "beam_sizes": list(self.beam_sizes),
+      **({"target_languages": list(self.languages)} if self.task == "translation" else {}),
       "batching": self.cfg.batching,
       **(self._engine_info() if self.engine is not None else {}),
       "compiled_shapes": [list(s) for s in self.compiled_shapes],

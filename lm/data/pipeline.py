@@ -22,7 +22,7 @@ import numpy as np
 from absl import flags
 
 from lm.config import ConfigError
-from lm.data import labelled, sources
+from lm.data import labelled, multilingual, sources
 from lm.data import tokenizer as tok
 
 MAX_PIECES = 64  # data.too_long=split: tokens past 64 x seq_len of one document are cut
@@ -43,6 +43,7 @@ class Data:
   eval: dict[str, np.ndarray]  # eval_records as padded token rows
   skipped_at_load: int  # malformed lines found while indexing local files
   source: sources.Source  # what `train` reads; `close()` closes its files
+  eval_pairs: list[str] = dataclasses.field(default_factory=list)  # each record's, multi-pair
 
   @property
   def eval_text(self) -> list[tuple[str, str]]:
@@ -80,14 +81,18 @@ def load(
   cfg: ml_collections.ConfigDict, workdir: str, log=print, tokenizer: tok.Tokenizer | None = None
 ) -> Data:
   """The run's data; `tokenizer` (a checkpoint's) instead of data.tokenizer / WORKDIR's."""
-  source = open_source(cfg.data.source, cfg, cfg.seed)
+  pairs = multilingual.open_pairs(cfg) if multilingual.names_pairs(cfg.data.source) else None
+  source = pairs.source if pairs else open_source(cfg.data.source, cfg, cfg.seed)
   if cfg.task == "classify":  # its class order, for the held-out source and the checkpoint
     cfg = labelled.resolve_labels(cfg, source)
   if len(source) == 0:
     raise ConfigError(f"config.data.source: {cfg.data.source!r} has no usable example")
   if source.skipped:
     log(f"data: skipped {source.skipped} malformed lines in {cfg.data.source}")
-  train, eval_records = _held_out_split(cfg, grain.MapDataset.source(source))
+  if pairs:  # held out per pair before mixing
+    train, eval_records = grain.MapDataset.source(source), pairs.eval_records
+  else:
+    train, eval_records = _held_out_split(cfg, grain.MapDataset.source(source))
   probe = [train[i] for i in range(min(PROBE_EXAMPLES, len(train)))]
   if not any(probe):
     raise ConfigError(
@@ -103,10 +108,16 @@ def load(
       if record:
         yield from (v for v in record.values() if isinstance(v, str))  # not a class index
 
+  tags = [multilingual.tag(lang) for lang in pairs.languages] if pairs else []
   if tokenizer is None:
-    tokenizer = tok.load_or_train(cfg.data, cfg.model.vocab_size, workdir, sample_texts, log)
+    tokenizer = tok.load_or_train(
+      cfg.data, cfg.model.vocab_size, workdir, sample_texts, log, symbols=tags
+    )
+  if pairs:
+    multilingual.check_tokenizer(tokenizer, pairs.languages)
   eval_tokens = eval_arrays(tokenizer, eval_records, cfg.data.seq_len)
-  return Data(cfg, tokenizer, train, eval_records, eval_tokens, source.skipped, source)
+  eval_pairs = pairs.eval_pairs if pairs else []
+  return Data(cfg, tokenizer, train, eval_records, eval_tokens, source.skipped, source, eval_pairs)
 
 
 def encode(tokenizer: tok.Tokenizer, text: str, seq_len: int, side: str = "targets") -> np.ndarray:

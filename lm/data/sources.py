@@ -7,6 +7,8 @@
   synthetic:demo               the generated language pair of experiments/demo.py
   synthetic:demo_shifted       that pair with the verb second (experiments/demo_adapt.py)
   synthetic:demo_english       the pair's English side alone, for an LM (experiments/demo.py:lm)
+  synthetic:demo_xb            the demo's English into a second language, xb
+  KIND:SRC-TGT=ARG,...         several pairs in one model: see lm/data/multilingual.py
 
 A record is {"inputs": str, "targets": str} for translation and {"targets": str} for an LM,
 or {} for a malformed example, which the pipeline skips and counts (not None, which grain
@@ -323,6 +325,7 @@ SYNTHETIC = {
   "demo": ("translation", ""),
   "demo_shifted": ("translation", "shifted"),
   "demo_english": ("lm", ""),
+  "demo_xb": ("translation", "xb"),  # the second target language (lm/data/multilingual.py)
 }
 
 

@@ -8,6 +8,12 @@ the subject. Learning it needs reordering, agreement and lexical translation, no
 The "shifted" variant (a domain shift, for adaptation) puts the target's verb second, after
 the subject (subject-verb-object, as in the source), with the same words and inflections: a
 model trained on the demo translates it with every word right and the verb in the wrong place.
+
+The "xb" variant is a second target language for the same English (the demo's own is "xa"):
+other invented words (lexicon salts 11-14), verb-subject-object order with the verb's plural
+agreement as its own suffix, a definite article before the noun phrase, adjectives before the
+noun, number marked on the noun alone, and the object introduced by a preposition. One model
+translating into both must read the target tag (lm/data/multilingual.py) to know which.
 """
 
 from __future__ import annotations
@@ -101,7 +107,27 @@ def _target_np(p, is_object: bool) -> list[str]:
   return words
 
 
-VARIANTS = ("", "shifted")
+XB_NOUN_T = _lexicon(NOUNS, 11)
+XB_ADJ_T = _lexicon(ADJECTIVES, 12)
+XB_VERB_T = _lexicon(VERBS, 13)
+XB_ADV_T = _lexicon(ADVERBS, 14)
+XB_PLURAL, XB_VERB_PLURAL, XB_DEFINITE, XB_OBJECT = "-i", "-an", "el", "na"
+
+
+def _xb_np(p, is_object: bool) -> list[str]:
+  words = [XB_ADJ_T[a] for a in p["adjectives"]] + [XB_NOUN_T[p["noun"]]]
+  words += [XB_PLURAL] if p["plural"] else []
+  words = [XB_DEFINITE, *words] if p["definite"] else words
+  return [XB_OBJECT, *words] if is_object else words
+
+
+def _xb_sentence(subject, obj, verb: str, adverb: list[str]) -> list[str]:
+  """Verb-subject-object, then the adverb."""
+  target_verb = [XB_VERB_T[verb]] + ([XB_VERB_PLURAL] if subject["plural"] else [])
+  return [*target_verb, *_xb_np(subject, False), *_xb_np(obj, True)] + [XB_ADV_T[a] for a in adverb]
+
+
+VARIANTS = ("", "shifted", "xb")
 
 
 def sentence_pair(rng: random.Random, variant: str = "") -> tuple[str, str]:
@@ -110,6 +136,8 @@ def sentence_pair(rng: random.Random, variant: str = "") -> tuple[str, str]:
   adverb = [rng.choice(ADVERBS)] if rng.random() < 0.3 else []
   source_verb = verb if subject["plural"] else third_person(verb)
   source = [*_source_np(subject), source_verb, *_source_np(obj), *adverb]
+  if variant == "xb":
+    return " ".join(source), " ".join(_xb_sentence(subject, obj, verb, adverb))
   target_verb = [VERB_T[verb]] + ([PLURAL] if subject["plural"] else [])
   adverbs = [ADV_T[a] for a in adverb]
   if variant == "shifted":

@@ -84,7 +84,10 @@ def from_meta(value):
   return hf_tokenizer.from_meta(value)
 
 
-def train(texts: Iterable[str], vocab_size: int, model_type: str) -> Tokenizer:
+def train(
+  texts: Iterable[str], vocab_size: int, model_type: str, symbols: Iterable[str] = ()
+) -> Tokenizer:
+  """`symbols`: pieces always kept whole (user-defined symbols: a multi-pair run's tags)."""
   proto = io.BytesIO()
   spm.SentencePieceTrainer.train(
     sentence_iterator=iter(texts),
@@ -100,6 +103,7 @@ def train(texts: Iterable[str], vocab_size: int, model_type: str) -> Tokenizer:
     input_sentence_size=2_000_000,
     shuffle_input_sentence=True,
     minloglevel=2,
+    user_defined_symbols=list(symbols),
   )
   return Tokenizer(proto.getvalue())
 
@@ -118,10 +122,13 @@ def save(tokenizer: Tokenizer, workdir: str) -> None:
   partial.replace(path)
 
 
-def load_or_train(data_cfg, vocab_size: int, workdir: str, sample_texts, log=print) -> Tokenizer:
+def load_or_train(
+  data_cfg, vocab_size: int, workdir: str, sample_texts, log=print, symbols: Iterable[str] = ()
+) -> Tokenizer:
   """`data.tokenizer` if set; else WORKDIR/tokenizer.model, trained by process 0 if absent.
 
   `sample_texts()` returns the training texts; it is called only when training is needed.
+  `symbols`: user-defined pieces a trained one holds whole (see `train`).
   """
   if data_cfg.tokenizer:
     if not paths.resolve(data_cfg.tokenizer).exists():
@@ -133,7 +140,7 @@ def load_or_train(data_cfg, vocab_size: int, workdir: str, sample_texts, log=pri
     return Tokenizer.load(path)
   if jax.process_index() == 0:
     started = time.time()
-    tokenizer = train(sample_texts(), vocab_size, data_cfg.spm_model_type)
+    tokenizer = train(sample_texts(), vocab_size, data_cfg.spm_model_type, symbols)
     save(tokenizer, workdir)
     log(
       f"tokenizer: trained {tokenizer.vocab_size} pieces in {time.time() - started:.1f}s -> {path}"
