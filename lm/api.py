@@ -66,6 +66,19 @@ def target_language(body: dict, languages: tuple[str, ...]) -> str | None:
   return language
 
 
+def text(value, field: str) -> str:
+  """A request's text field: a non-empty string that a tokenizer takes."""
+  if not isinstance(value, str):
+    raise RequestError(f"{field} must be a string, not {type(value).__name__}", field)
+  if not value.strip():
+    raise RequestError(f"{field} is empty", field)
+  try:  # JSON may carry a lone surrogate (\ud800), which no tokenizer takes
+    value.encode("utf-8")
+  except UnicodeEncodeError:
+    raise RequestError(f"{field} is not valid Unicode (a lone surrogate)", field) from None
+  return value
+
+
 def known_fields(body: dict, fields: set[str]) -> None:
   for name in body:
     if name not in fields:

@@ -443,14 +443,7 @@ class Service:
   # -- requests -------------------------------------------------------------------------------
 
   def _encode(self, text: Any, field: str, target_lang: str | None = None) -> list[int]:
-    if not isinstance(text, str):
-      raise api.RequestError(f"{field} must be a string, not {type(text).__name__}", field)
-    if not text.strip():
-      raise api.RequestError(f"{field} is empty", field)
-    try:  # JSON may carry a lone surrogate (\ud800), which no tokenizer takes
-      text.encode("utf-8")
-    except UnicodeEncodeError:
-      raise api.RequestError(f"{field} is not valid Unicode (a lone surrogate)", field) from None
+    text = api.text(text, field)
     translation = self.task == "translation"
     if translation:  # a multi-pair model's source starts with its target's tag
       text = multilingual.prefixed(text, self.languages, target_lang)
@@ -715,8 +708,6 @@ def serve(
 ) -> None:
   """Warms up, then serves until SIGTERM/SIGINT (uvicorn stops taking connections, finishes
   the requests in flight, streams included, then returns)."""
-  import uvicorn
-
   service = Service(decoder, step, serve_cfg, log)
   for line in decoder.layout.notes():
     log(f"serve: {line}")
@@ -738,16 +729,17 @@ def serve(
     f"{service.compiled_shapes} x beam sizes {list(service.batched_beam_sizes)}{slots}, "
     f"in {seconds:.1f}s; {serve_cfg.batching} batching; listening on http://{host}:{port}"
   )
+  run_until_stopped(app(service, api_keys, guard_probes), host, port, log)
+
+
+def run_until_stopped(asgi, host: str, port: int, log=print) -> None:
+  """Serves `asgi` with uvicorn until SIGTERM/SIGINT."""
+  import uvicorn
+
   # uvicorn handles SIGTERM/SIGINT (stop accepting, finish what is in flight), then raises the
   # signal again for the handler that was there before: this one lets the process exit 0.
   stopped = []
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda number, frame: stopped.append(number))
-  uvicorn.run(
-    app(service, api_keys, guard_probes),
-    host=host,
-    port=port,
-    log_level="warning",
-    timeout_graceful_shutdown=60,
-  )
+  uvicorn.run(asgi, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
   log(f"serve: stopped by {signal.Signals(stopped[0]).name}" if stopped else "serve: stopped")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import signal
 import time
 from typing import Any
 
@@ -25,7 +24,7 @@ from starlette.routing import Route
 
 from lm import api, metrics
 from lm.classify import Classifier
-from lm.serve import LOOPBACK, ApiKeys
+from lm.serve import LOOPBACK, ApiKeys, run_until_stopped
 from lm.trees import param_count
 
 CLASSIFY_FIELDS = {"text"}
@@ -62,14 +61,7 @@ class ClassifyService:
     return len(compiles), time.perf_counter() - start
 
   def _encode(self, text: Any, field: str) -> list[int]:
-    if not isinstance(text, str):
-      raise api.RequestError(f"{field} must be a string, not {type(text).__name__}", field)
-    if not text.strip():
-      raise api.RequestError(f"{field} is empty", field)
-    try:  # JSON may carry a lone surrogate (\ud800), which no tokenizer takes
-      text.encode("utf-8")
-    except UnicodeEncodeError:
-      raise api.RequestError(f"{field} is not valid Unicode (a lone surrogate)", field) from None
+    text = api.text(text, field)
     return self.classifier.encode(text)
 
   async def classify(self, body: dict) -> dict:
@@ -230,8 +222,6 @@ def serve(
   guard_probes: bool = False,
 ) -> None:
   """Warms up, then serves until SIGTERM/SIGINT."""
-  import uvicorn
-
   service = ClassifyService(classifier, step, serve_cfg, log)
   if host not in LOOPBACK and not api_keys:
     log(f"serve: warning: listening on {host} without API keys; pass --api_key_file")
@@ -241,14 +231,4 @@ def serve(
     f"{service.model_info()['compiled_shapes']} in {seconds:.1f}s; labels "
     f"{', '.join(service.classifier.labels)}; listening on http://{host}:{port}"
   )
-  stopped = []
-  for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, lambda number, frame: stopped.append(number))
-  uvicorn.run(
-    app(service, api_keys, guard_probes),
-    host=host,
-    port=port,
-    log_level="warning",
-    timeout_graceful_shutdown=60,
-  )
-  log(f"serve: stopped by {signal.Signals(stopped[0]).name}" if stopped else "serve: stopped")
+  run_until_stopped(app(service, api_keys, guard_probes), host, port, log)
