@@ -189,6 +189,8 @@ def decode_lines(input_path: str, output_path: str) -> None:
   saved = saved_config()  # checked before the model loads
   classifying = saved is not None and saved.task == "classify"
   languages = multilingual.target_languages(saved) if saved is not None else None
+  if saved is not None and saved.task != "translation" and _TARGET_LANG.value is not None:
+    raise ConfigError(f"--target_lang: a {saved.task!r} model translates nothing; omit it")
   check_target_lang(languages)
   if classifying:
     from lm.classify import Classifier, format_answer

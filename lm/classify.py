@@ -155,9 +155,3 @@ class HeldOutClasses:
       **classify_metrics.scores(confusion, self.labels),
       "confusion_matrix": confusion.tolist(),
     }
-
-
-def classify_lines(workdir: str, lines: list[str], export=None, settings=None, progress=None):
-  """--mode=decode for a classifier: one output line per input line."""
-  classifier = Classifier.from_workdir(workdir, export=export, settings=settings)
-  return [format_answer(a) for a in classifier(lines, progress)]

@@ -19,7 +19,6 @@ REMAT = ("auto", "none", "full", "save_dots")
 DTYPES = ("auto", "float32", "bfloat16")
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "adafactor")
 SCHEDULES = ("constant", "rsqrt", "cosine", "linear")
-EVAL_METRICS = ("eval_loss", "eval_perplexity", "eval_accuracy", "bleu", "eval_macro_f1")
 # task=classify: the stack under the pooled head, and the poolings each body allows.
 CLASSIFIER_POOLING = {"encoder": ("mean", "first"), "decoder": ("last",)}
 
@@ -549,6 +548,35 @@ def _validate_classify(cfg: ml_collections.ConfigDict) -> None:
     _fail("mesh.stage", "classification does not run pipeline stages; set mesh.stage=1")
 
 
+def task_metrics(task: str) -> tuple[str, ...]:
+  """The eval metrics a task's evaluation reports (under these names; a classifier also has
+  eval_precision/NAME and eval_recall/NAME per class)."""
+  if task == "classify":
+    return ("eval_loss", "eval_accuracy", "eval_macro_f1")
+  return ("eval_loss", "eval_perplexity", "eval_accuracy") + (
+    ("bleu",) if task == "translation" else ()
+  )
+
+
+def check_best_metric(cfg) -> None:
+  metric, allowed = cfg.checkpoint.best_metric, task_metrics(cfg.task)
+  if metric == "bleu" and cfg.task == "translation" and not cfg.eval.bleu:
+    _fail("checkpoint.best_metric", "'bleu' needs eval.bleu=True")
+  if not metric or metric in allowed:
+    return
+  kind, _, name = metric.partition("/")
+  if cfg.task == "classify" and kind in ("eval_precision", "eval_recall"):
+    names = label_names(cfg.data.labels)
+    if name and (not names or name in names):
+      return
+    _fail("checkpoint.best_metric", f"{metric!r}: no class {name!r}; classes are {names}")
+  _fail(
+    "checkpoint.best_metric",
+    f"{metric!r} is not reported for task {cfg.task!r}; choose one of {', '.join(allowed)}"
+    + (", eval_precision/CLASS, eval_recall/CLASS" if cfg.task == "classify" else ""),
+  )
+
+
 def label_names(labels: str) -> list[str]:
   """data.labels as a list of names ("" = none given)."""
   return [name.strip() for name in labels.split(",")] if labels.strip() else []
@@ -578,7 +606,7 @@ def _validate_training(cfg: ml_collections.ConfigDict) -> None:
     _fail("train.sync_every", "local SGD trains every parameter; set it to 0 to freeze some")
   _check_positive(cfg, "checkpoint.every", allow_zero=True)
   _check_positive(cfg, "checkpoint.keep")
-  _check_choice(cfg, "checkpoint.best_metric", ("", *EVAL_METRICS))
+  check_best_metric(cfg)
   _check_choice(cfg, "checkpoint.on_corrupt", ("fallback", "fail"))
   if cfg.checkpoint.best_metric and not cfg.eval.every:
     _fail("checkpoint.best_metric", "needs periodic evaluation; set eval.every")

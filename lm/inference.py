@@ -210,6 +210,11 @@ def _check_hf_export(workdir: str, output: str, dtype: str) -> None:
   meta = source_meta(workdir, "--workdir")
   cfg = meta_config(meta).copy_and_resolve_references()
   cfg.model.update(lora_rank=0)  # merged first
+  if cfg.task == "classify":
+    raise lmc.ConfigError(
+      "--format=hf: a classifier (task=classify) has no transformers architecture here; export "
+      "--format=zerolm"
+    )
   architectures.architecture_of(cfg)
   if isinstance(meta["tokenizer"], str):  # zerolm's own, base64 (see lm.data.tokenizer)
     raise lmc.ConfigError(hf_models.OWN_TOKENIZER)

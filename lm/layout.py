@@ -57,7 +57,7 @@ class Layout:
     if cfg.task == "classify" and not cfg.model.num_classes:
       raise lmc.ConfigError(
         "config.model.num_classes: 0 is resolved from data.labels or the training data when "
-        "training loads it; set it (or data.labels) to build a classifier without data"
+        "training loads it; set it to build a classifier without data"
       )
     vocab_limit = tokenizer_size or cfg.model.vocab_size
     rows = lm_mesh.padded_vocab_size(max(cfg.model.vocab_size, vocab_limit), mesh)

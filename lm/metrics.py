@@ -74,9 +74,14 @@ class Logger:
       return
     directory = paths.resolve(workdir)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    self.write_config(cfg)
     self.jsonl = _JsonLines(directory / "metrics.jsonl")
     self.tb = SummaryWriter(os.fspath(directory / "tb"))
+
+  def write_config(self, cfg) -> None:
+    """WORKDIR/config.json: the run's config (again once the data resolves fields of it)."""
+    if self.active:
+      (paths.resolve(self.workdir) / "config.json").write_text(cfg.to_json_best_effort(indent=2))
 
   def info(self, message: str) -> None:
     if self.active:
@@ -226,7 +231,11 @@ def model_flops(cfg, params) -> float:
   m, rows, length = cfg.model, cfg.train.global_batch_size, cfg.data.seq_len
   tokens = rows * length
   d = m.num_heads * (m.head_dim or m.d_model // m.num_heads)
-  attention_layers = m.dec_layers * (2 if cfg.task == "translation" else 1)
-  attention_layers += m.enc_layers if cfg.task == "translation" else 0
+  if cfg.task == "translation":  # encoder self-, decoder self- and cross-attention
+    attention_layers = m.enc_layers + 2 * m.dec_layers
+  elif cfg.task == "classify":  # one body
+    attention_layers = m.enc_layers if m.classifier_body == "encoder" else m.dec_layers
+  else:
+    attention_layers = m.dec_layers
   scores = attention_layers * 2 * 2 * rows * length * length * d  # QK^T and AV, forward
   return 6.0 * matmul_param_count(params) * tokens + 3.0 * scores

@@ -155,7 +155,12 @@ class Completions:
       raise RequestError("prompt as token ids is not supported: send text", "prompt")
     if len(prompts) > s.cfg.max_items:
       raise RequestError(f"{len(prompts)} prompts, limit {s.cfg.max_items}", "prompt")
-    target_lang = target_language(body, s.languages) if s.task == "translation" else None
+    if s.task == "translation":
+      target_lang = target_language(body, s.languages)
+    elif body.get("target_lang") is not None:
+      raise RequestError("target_lang: a language model translates nothing; omit it", "target_lang")
+    else:
+      target_lang = None
     rows = [s._encode(p, "prompt", target_lang) for p in prompts]
     default = s.decoder.options
     lm = s.task == "lm"

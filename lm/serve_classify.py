@@ -19,12 +19,12 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from lm import api, metrics
 from lm.classify import Classifier
-from lm.serve import LOOPBACK, ApiKeys, run_until_stopped
+from lm.serve import LOOPBACK, PAGE, ApiKeys, run_until_stopped
 from lm.trees import param_count
 
 CLASSIFY_FIELDS = {"text"}
@@ -202,7 +202,11 @@ def app(service: ClassifyService, api_keys: list[str] | None = None, guard_probe
   async def model(request: Request) -> Response:
     return JSONResponse(service.model_info())
 
+  async def page(request: Request) -> Response:  # the service's page, which asks /v1/model
+    return FileResponse(PAGE, media_type="text/html")
+
   routes = [
+    Route("/", page),
     Route("/healthz", health),
     Route("/v1/model", model),
     Route("/v1/classify", classify, methods=["POST"]),

@@ -101,7 +101,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, overridden=()) -> dict:
     tokenizer = None  # data.tokenizer, or the workdir's (trained on the data if absent)
   log = metrics.Logger(workdir, cfg)
   data = pipeline.load(cfg, workdir, log.info, tokenizer)
-  cfg = data.cfg  # task=classify: with its labels and class count, as the checkpoint keeps them
+  if data.cfg is not cfg:  # task=classify: with its labels and class count, as the checkpoint
+    cfg = data.cfg
+    log.write_config(cfg)
   trainer = Trainer.build(
     cfg, tokenizer_size=data.tokenizer.vocab_size, teacher=load_teacher(cfg, data, log)
   )
@@ -131,6 +133,18 @@ def load_teacher(cfg, data: pipeline.Data, log) -> Teacher | None:
   if not (cfg.train.teacher and cfg.train.distill_weight > 0):
     return None
   layout, params, tokenizer, step = inference.restore_model(cfg.train.teacher, cfg, "train.teacher")
+  taught = layout.cfg
+  if taught.task != cfg.task or (cfg.task == "classify" and taught.data.labels != cfg.data.labels):
+    what = f"task {taught.task!r}" + (
+      f", classes {taught.data.labels!r}" if taught.task == "classify" else ""
+    )
+    mine = f"task {cfg.task!r}" + (
+      f", classes {cfg.data.labels!r}" if cfg.task == "classify" else ""
+    )
+    raise lmc.ConfigError(
+      f"config.train.teacher: it is a {what} model, this run {mine}; a teacher must predict "
+      "what the student predicts"
+    )
   if tokenizer.fingerprint() != data.tokenizer.fingerprint():
     raise lmc.ConfigError(
       f"config.train.teacher: its tokenizer ({tokenizer.vocab_size} pieces) is not this run's "

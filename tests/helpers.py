@@ -1,13 +1,16 @@
 """Tiny configs shared by the tests."""
 
 import contextlib
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 
 import httpx
+import websockets.sync.client
 
 from lm import config as lmc
 
@@ -110,3 +113,92 @@ def serve_process(*args, env=None):
     if proc.poll() is None:
       proc.kill()
     proc.wait(timeout=30)
+
+
+def chromium() -> str | None:
+  for name in ("chromium", "chromium-browser"):
+    path = shutil.which(name)
+    if path:
+      return path
+  return None
+
+
+class Page:
+  """One headless Chromium tab driven over the DevTools protocol."""
+
+  def __init__(self, browser: str, profile):
+    port = free_port()
+    self.proc = subprocess.Popen(
+      [
+        browser,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        f"--remote-debugging-port={port}",
+        f"--user-data-dir={profile}",
+        "--window-size=900,700",
+        "about:blank",
+      ],
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 60
+    while True:
+      with contextlib.suppress(httpx.TransportError):
+        targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=5).json()
+        pages = [t for t in targets if t["type"] == "page"]
+        if pages:
+          break
+      assert time.time() < deadline, "Chromium did not open its debugging port"
+      time.sleep(0.2)
+    self.connection = contextlib.ExitStack()
+    self.socket = self.connection.enter_context(
+      websockets.sync.client.connect(pages[0]["webSocketDebuggerUrl"], max_size=None)
+    )
+    self.next_id = 0
+
+  def call(self, method: str, **params) -> dict:
+    self.next_id += 1
+    self.socket.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+    while True:
+      message = json.loads(self.socket.recv(timeout=60))
+      if message.get("id") == self.next_id:
+        assert "error" not in message, message
+        return message["result"]
+
+  def js(self, expression: str):
+    return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get(
+      "value"
+    )
+
+  def wait_for(self, expression: str, timeout: float = 60):
+    deadline = time.time() + timeout
+    while not (value := self.js(expression)):
+      assert time.time() < deadline, f"never true: {expression}"
+      time.sleep(0.1)
+    return value
+
+  def close(self):
+    self.connection.close()
+    self.proc.kill()
+    self.proc.wait(timeout=30)
+
+
+def page_output(url: str, text: str, profile, choice: str | None = None) -> str:
+  """What the service's page at `url` shows for `text` typed in a headless Chromium, with
+  `choice` picked in its language menu (which must then be shown)."""
+  page = Page(chromium(), profile)
+  try:
+    page.call("Page.navigate", url=url + "/")
+    page.wait_for("document.getElementById('about').textContent.includes('model step')")
+    if choice is not None:
+      assert page.js("document.getElementById('lang').hidden") is False
+      page.js(f"document.getElementById('lang').value = {json.dumps(choice)}")
+    page.js("document.getElementById('input').focus()")
+    page.call("Input.insertText", text=text)
+    page.js("document.getElementById('go').click()")
+    page.wait_for("document.getElementById('status').textContent")
+    assert not page.js("document.getElementById('error').textContent")
+    return page.js("document.getElementById('output').textContent")
+  finally:
+    page.close()

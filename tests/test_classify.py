@@ -18,12 +18,12 @@ import tensorflow_datasets as tfds
 from tensorboardX.proto import event_pb2
 
 from experiments import demo
-from lm import checkpoint, classify_metrics, inference, train
+from lm import checkpoint, classify_metrics, evaluate, inference, train
 from lm import config as lmc
 from lm.data import labelled, synthetic
 from lm.train_step import Trainer
 from lm.trees import param_paths
-from tests.helpers import ROOT, serve_process
+from tests.helpers import ROOT, chromium, page_output, serve_process
 
 STEPS = 4
 
@@ -253,8 +253,8 @@ def _at(tree, path: str):
 
 @pytest.fixture(scope="module")
 def classifier_workdir(tmp_path_factory):
-  """The classification demo (classify_tiny) on (2, 2, 2) ZeRO-2, evaluated every 10 steps and
-  keeping its best checkpoint by macro-F1."""
+  """The classification demo (classify_tiny) on (2, 2, 2) ZeRO-2, evaluated every 10 steps, with
+  checkpoint.best_metric=eval_macro_f1 (the saves need the metric)."""
   workdir = tmp_path_factory.mktemp("classify")
   cfg = demo.get_config("classify_tiny")
   cfg.mesh.update(data=2, fsdp=2, tensor=2)
@@ -294,6 +294,25 @@ def test_training_logs_the_metrics_and_a_confusion_image(classifier_workdir):
   assert _images(classifier_workdir) == {"confusion_matrix": (4 * 24, 4 * 24)}
 
 
+def test_eval_mode_reports_the_last_evaluation_and_the_run_keeps_its_classes(
+  classifier_workdir, tmp_path
+):
+  """--mode=eval's metrics are training's final evaluation's; config.json and the checkpoint
+  name the classes found in the data; an hf export is refused in one line."""
+  with open(classifier_workdir / "metrics.jsonl") as f:
+    last = [m for m in map(json.loads, f) if "eval_macro_f1" in m][-1]
+  results = evaluate.evaluate_workdir(str(classifier_workdir))
+  assert results["step"] == last["step"] == 20
+  assert results["confusion_matrix"] == last["confusion_matrix"]
+  for key in ("eval_loss", "eval_accuracy", "eval_macro_f1"):
+    assert results[key] == pytest.approx(last[key], rel=1e-5), key
+  saved = json.loads((classifier_workdir / "config.json").read_text())
+  assert saved["data"]["labels"] == _labels(classifier_workdir)
+  assert saved["model"]["num_classes"] == 4
+  with pytest.raises(lmc.ConfigError, match="--format=hf: a classifier"):
+    inference.export(str(classifier_workdir), str(tmp_path / "hf"), to="hf")
+
+
 def _labels(workdir) -> str:
   return checkpoint.meta_config(inference.source_meta(str(workdir))).data.labels
 
@@ -317,7 +336,11 @@ def test_the_service_answers_as_decode_mode_does(classifier_workdir, tmp_path):
       for body in ({}, {"text": 3}, {"text": []}, {"text": "a", "beam_size": 2}, {"text": " "})
     ]
     info = httpx.get(f"{url}/v1/model").json()
+    shown = page_output(url, lines[3], tmp_path / "profile") if chromium() else None
   assert info["task"] == "classify" and info["labels"] == names
+  if shown is not None:  # the page: the label, then each class's probability
+    assert shown.splitlines()[0] == one["results"][0]["label"]
+    assert len(shown.splitlines()) == 1 + len(names)
   for line, result in zip([decoded[i] for i in (0, 1, 3)], answer["results"]):
     label, probabilities = line.split("\t")
     assert result["label"] == label and label in names

@@ -19,7 +19,7 @@ from lm import api
 from lm import train as lm_train
 from lm.config import ConfigError
 from lm.data import multilingual, pipeline, synthetic
-from tests.helpers import ROOT, serve_process, tiny_config
+from tests.helpers import ROOT, chromium, page_output, serve_process, tiny_config
 from tests.test_data import _global_batches
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
@@ -245,7 +245,9 @@ def _run(*args, input_text=None):
   )
 
 
-def test_the_service_translates_into_each_language_as_decode_target_lang_does(multi_workdir):
+def test_the_service_translates_into_each_language_as_decode_target_lang_does(
+  multi_workdir, tmp_path
+):
   source = synthetic.DemoSource(6, 23)
   lines = [source[i][0] for i in range(6)]
   decoded = {}
@@ -264,6 +266,10 @@ def test_the_service_translates_into_each_language_as_decode_target_lang_does(mu
   with serve_process(f"--workdir={multi_workdir}") as (_, url):
     info = httpx.get(f"{url}/v1/model", timeout=30).json()
     assert info["target_languages"] == ["xa", "xb"]
+    if chromium():  # the page's language menu
+      for lang in ("xa", "xb"):
+        shown = page_output(url, lines[0], tmp_path / f"profile_{lang}", choice=lang)
+        assert shown == decoded[lang][0], lang
     for lang in ("xa", "xb"):
       response = httpx.post(
         f"{url}/v1/translate", json={"text": lines, "target_lang": lang}, timeout=120

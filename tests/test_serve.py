@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
-import shutil
 import signal
-import subprocess
 import threading
 import time
 
@@ -20,13 +17,12 @@ import httpx
 import jax
 import numpy as np
 import pytest
-import websockets.sync.client
 
 from lm import api, decode, inference, serve
 from lm.data import synthetic
 from lm.data import tokenizer as tok
 from lm.layout import Layout
-from tests.helpers import free_port, serve_process, tiny_config
+from tests.helpers import Page, chromium, serve_process, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -567,79 +563,10 @@ def test_healthz_answers_503_once_the_batching_loop_has_died(lm_service, monkeyp
   assert generate.status_code == 503 and generate.json()["error"]["message"] == died
 
 
-def _chromium() -> str | None:
-  for name in ("chromium", "chromium-browser"):
-    path = shutil.which(name)
-    if path:
-      return path
-  return None
-
-
-class _Page:
-  """One headless Chromium tab driven over the DevTools protocol."""
-
-  def __init__(self, browser: str, profile):
-    port = free_port()
-    self.proc = subprocess.Popen(
-      [
-        browser,
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        f"--remote-debugging-port={port}",
-        f"--user-data-dir={profile}",
-        "--window-size=900,700",
-        "about:blank",
-      ],
-      stdout=subprocess.DEVNULL,
-      stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 60
-    while True:
-      with contextlib.suppress(httpx.TransportError):
-        targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=5).json()
-        pages = [t for t in targets if t["type"] == "page"]
-        if pages:
-          break
-      assert time.time() < deadline, "Chromium did not open its debugging port"
-      time.sleep(0.2)
-    self.connection = contextlib.ExitStack()
-    self.socket = self.connection.enter_context(
-      websockets.sync.client.connect(pages[0]["webSocketDebuggerUrl"], max_size=None)
-    )
-    self.next_id = 0
-
-  def call(self, method: str, **params) -> dict:
-    self.next_id += 1
-    self.socket.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-    while True:
-      message = json.loads(self.socket.recv(timeout=60))
-      if message.get("id") == self.next_id:
-        assert "error" not in message, message
-        return message["result"]
-
-  def js(self, expression: str):
-    return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get(
-      "value"
-    )
-
-  def wait_for(self, expression: str, timeout: float = 60):
-    deadline = time.time() + timeout
-    while not (value := self.js(expression)):
-      assert time.time() < deadline, f"never true: {expression}"
-      time.sleep(0.1)
-    return value
-
-  def close(self):
-    self.connection.close()
-    self.proc.kill()
-    self.proc.wait(timeout=30)
-
-
-@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (.ci/run installs it)")
+@pytest.mark.skipif(chromium() is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_the_page_translates_what_is_typed_in_a_real_browser(translation_server, tmp_path):
   _, url = translation_server
-  page = _Page(_chromium(), tmp_path / "profile")
+  page = Page(chromium(), tmp_path / "profile")
   try:
     page.call("Page.navigate", url=url + "/")
     page.wait_for("document.getElementById('about').textContent.includes('model step 20')")

@@ -25,7 +25,7 @@ import os
 import ml_collections
 import numpy as np
 
-from lm.config import ConfigError, label_names
+from lm.config import ConfigError, check_best_metric, label_names
 from lm.data import synthetic
 from lm.data.sources import SYNTHETIC_DEMO_SIZE, Source, _text
 
@@ -217,4 +217,5 @@ def resolve_labels(cfg: ml_collections.ConfigDict, source: Source) -> ml_collect
   cfg = cfg.copy_and_resolve_references()
   cfg.data.labels = ",".join(labels)
   cfg.model.num_classes = len(labels)
+  check_best_metric(cfg)  # e.g. one naming a class the data lacks
   return cfg

@@ -55,19 +55,31 @@ class Data:
 
 
 def _held_out_split(cfg, train):
-  """(train, eval records): `data.eval_source`, or the first data.eval_examples examples."""
+  """(train, eval records): `data.eval_source`, or the first data.eval_examples examples
+  (task=classify: of a seeded permutation, since labelled files are often sorted by label)."""
   limit = cfg.data.eval_examples
+  classify = cfg.task == "classify"
   if cfg.data.eval_source:
-    with open_source(cfg.data.eval_source, cfg, cfg.seed + 1) as held_out:
+    with open_source(cfg.data.eval_source, cfg, cfg.seed + 1) as source:
+      held_out = grain.MapDataset.source(source)
+      held_out = held_out.shuffle(seed=cfg.seed + 1) if classify else held_out
       records = [r for r in (held_out[i] for i in range(min(limit, len(held_out)))) if r]
-    return train, records
-  if len(train) <= limit:
+  else:
+    if len(train) <= limit:
+      raise ConfigError(
+        f"config.data.eval_examples: {limit} leaves no training example of the {len(train)} "
+        "in data.source; lower it or set data.eval_source"
+      )
+    train = train.shuffle(seed=cfg.seed + 1) if classify else train
+    records = [r for r in (train[i] for i in range(limit)) if r]
+    train = train[limit:]
+  if not records:
+    field = "data.eval_source" if cfg.data.eval_source else "data.source"
     raise ConfigError(
-      f"config.data.eval_examples: {limit} leaves no training example of the {len(train)} "
-      "in data.source; lower it or set data.eval_source"
+      f"config.{field}: its held-out examples hold no usable one (malformed, or labels outside "
+      "the classes, as GLUE's unlabelled test split); name another split or file"
     )
-  records = [r for r in (train[i] for i in range(limit)) if r]
-  return train[limit:], records
+  return train, records
 
 
 def open_source(spec: str, cfg: ml_collections.ConfigDict, seed: int) -> sources.Source:

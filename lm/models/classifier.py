@@ -50,7 +50,7 @@ class ClassHead(nnx.Module):
     return constrain(out + self.bias[...].astype(jnp.float32), ("batch", "classes"))
 
 
-class Classifier(_Model):
+class SequenceClassifier(_Model):
   def __init__(self, dims: ModelDims, rngs: nnx.Rngs):
     assert dims.num_classes >= 2, "resolve model.num_classes before building the model"
     self.dims = dims
@@ -105,5 +105,5 @@ def build_model(task: str, dims: ModelDims, seed: int) -> nnx.Module:
   """The model for any task (a classifier, or lm.models.transformer's); call inside
   `nnx.use_eager_sharding(False)` or a jitted init."""
   if task == "classify":
-    return Classifier(dims, nnx.Rngs(params=seed))
+    return SequenceClassifier(dims, nnx.Rngs(params=seed))
   return build_transformer(task, dims, seed)
