@@ -238,4 +238,6 @@ def model_flops(cfg, params) -> float:
   else:
     attention_layers = m.dec_layers
   scores = attention_layers * 2 * 2 * rows * length * length * d  # QK^T and AV, forward
+  if cfg.task == "classify":  # the embedding is only gathered (no logits over the vocabulary)
+    params = {k: v for k, v in params.items() if k != "embed"}
   return 6.0 * matmul_param_count(params) * tokens + 3.0 * scores
