@@ -133,11 +133,11 @@ def check_fields(space: Space, cfg, overridden: set[str]) -> None:
       node = node[part]
     entry = f"SPACE[{field!r}]" if field in space.params else f"FIXED[{field!r}]"
     values = _values(space.params[field]) if field in space.params else [space.fixed[field]]
-    for value in values:
+    for value in [*values, *space.grid.get(field, [])]:
       if not fits(value, node):
         raise SpaceError(
-          f"--space: {space.path}: {entry}: {value!r} does not fit the config's "
-          f"{type(node).__name__} {node!r}; give a {type(node).__name__}"
+          f"--space: {space.path}: {entry}: {value!r} does not fit the field's type "
+          f"({type(node).__name__}, now {node!r}); give a value of that type"
         )
   if clash := sorted(overridden & set(space.params)):
     raise SpaceError(

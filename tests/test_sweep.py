@@ -180,6 +180,8 @@ def test_report_only_rewrites_the_results_without_loading_jax(two_workers):
   assert result.returncode == 0, result.stderr[-2000:]
   assert "jax loaded: False" in result.stdout
   assert len((study_dir / "results.csv").read_text().splitlines()) == 5
+  assert sorted(os.listdir(study_dir / "tb")) == [f"trial_{n:04d}" for n in range(4)]  # kept
+  assert not [name for name in os.listdir(study_dir) if name.endswith(".tmp")]
 
 
 def _grid_seed_with_first(grid, value):
