@@ -27,7 +27,16 @@ from optuna.trial import TrialState
 
 from experiments import sweep_report, sweep_trial
 from experiments.sweep_space import SpaceError, check_fields, load_space, override_flag
-from experiments.sweep_study import Sweep, claim_lock, claim_trial, counted, log, requeue, tell
+from experiments.sweep_study import (
+  Sweep,
+  claim_lock,
+  claim_trial,
+  counted,
+  local_worker_argv,
+  log,
+  requeue,
+  tell,
+)
 from lm import config as lmc
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The experiment: module.py[:variant].")
@@ -66,8 +75,14 @@ _STALE_AFTER = flags.DEFINE_float(
   "retried (on this host, a dead worker pid is enough).",
 )
 
+# By the metric's name before any "/PAIR" or "/LABEL" (bleu/en-de, eval_precision/spam).
 DIRECTIONS = {"bleu": "maximize", "eval_accuracy": "maximize", "eval_loss": "minimize",
-              "eval_perplexity": "minimize"}  # fmt: skip
+              "eval_perplexity": "minimize", "eval_macro_f1": "maximize",
+              "eval_precision": "maximize", "eval_recall": "maximize"}  # fmt: skip
+# The eval metrics a task's runs never report.
+ABSENT = {"classify": ("bleu", "eval_perplexity"),
+          "lm": ("bleu", "eval_macro_f1", "eval_precision", "eval_recall"),
+          "translation": ("eval_macro_f1", "eval_precision", "eval_recall")}  # fmt: skip
 HEARTBEAT_S = 60.0
 POLL_S = 1.0
 
@@ -113,16 +128,15 @@ def resolve_flags(argv) -> Sweep:
     fail(str(e))
   cfg = _CONFIG.value  # with the command line's overrides; FIXED goes under them
   cfg.update_from_flattened_dict({f: v for f, v in space.fixed.items() if f not in overrides})
+  check_metric(_METRIC.value, cfg)
   try:
     lmc.validate(cfg)  # the base config with FIXED and the overrides; jax-free
   except lmc.ConfigError as e:
     fail(f"--config (with the space's FIXED and the overrides): {e}")
   metric = _METRIC.value
-  direction = _DIRECTION.value or DIRECTIONS.get(metric)
+  direction = _DIRECTION.value or DIRECTIONS.get(metric.split("/")[0])
   if direction is None:
     fail(f"--direction: required for --metric={metric} (maximize or minimize)")
-  if metric == "bleu" and not cfg.eval.bleu:
-    fail("--metric=bleu: the config's eval.bleu is False; set --config.eval.bleu=True")
   if _PRUNER.value != "none" and not cfg.eval.every:
     fail(f"--pruner={_PRUNER.value}: trials evaluate only at the end; set --config.eval.every")
   if _TRIALS.value < 1:
@@ -143,6 +157,15 @@ def resolve_flags(argv) -> Sweep:
     os.path.abspath(_STUDY_DIR.value), _STORAGE.value, _STUDY_NAME.value, _SAMPLER.value,
     _SEED.value, worker, _STALE_AFTER.value,
   )  # fmt: skip
+
+
+def check_metric(metric: str, cfg) -> None:
+  """Refuses a metric the trials will never report, before they run."""
+  base = metric.split("/")[0]
+  if base in ABSENT.get(cfg.task, ()):
+    fail(f"--metric={metric}: task={cfg.task} runs do not report {base}; e.g. --metric=eval_loss")
+  if base == "bleu" and not cfg.eval.bleu:
+    fail(f"--metric={metric}: the config's eval.bleu is False; set --config.eval.bleu=True")
 
 
 def storage_for(sweep: Sweep) -> optuna.storages.BaseStorage:
@@ -171,14 +194,22 @@ def open_study(sweep: Sweep) -> optuna.Study:
     pruner=pruner_for(_PRUNER.value),
   )
   settings = {k: getattr(sweep, k) for k in SETTINGS} | {"space": repr(sweep.space.params)}
+  settings["overrides"] = sorted(sweep.overrides.values())  # FIXED and --config.* flags
   saved = study.user_attrs.get("settings")
   if saved is None:
     study.set_user_attr("settings", settings)
     return study
   for key, value in settings.items():
-    if saved.get(key) != value:
+    if key == "overrides" and key in saved and saved[key] != value:
+      before, now = sorted(set(saved[key]) - set(value)), sorted(set(value) - set(saved[key]))
       fail(
-        f"--{key if key != 'direction' else 'direction'}: the study {sweep.study_name!r} in "
+        f"--config.* (with the space's FIXED): the study {sweep.study_name!r} in "
+        f"{sweep.storage or sweep.study_dir} was started with {before or 'none'} where this run "
+        f"has {now or 'none'}; use the same flags or another --study_dir / --study_name"
+      )
+    if key != "overrides" and saved.get(key) != value:
+      fail(
+        f"--{key}: the study {sweep.study_name!r} in "
         f"{sweep.storage or sweep.study_dir} was started with {saved.get(key)!r}, not {value!r}; "
         f"use the same flags or another --study_dir / --study_name"
       )
@@ -210,7 +241,7 @@ def pruner_for(name: str) -> optuna.pruners.BasePruner:
 
 def run_local_workers(count: int) -> int:
   """K worker processes of this command (--workers=1 --worker_index=i); each dies with this one."""
-  argv = [a for a in sys.argv[1:] if not a.startswith(("--workers", "--worker_index", "--report"))]
+  argv = local_worker_argv(sys.argv[1:])
   command = [sys.executable, "-m", "experiments.sweep", *argv, "--workers=1", "--noreport"]
   workers = [
     subprocess.Popen(
@@ -240,7 +271,11 @@ def run_worker(sweep: Sweep, study: optuna.Study) -> int:
   signal.signal(signal.SIGINT, interrupt)
   try:
     while (claimed := claim_trial(sweep, study)) is not None:
-      run_trial(sweep, study, *claimed)
+      try:
+        run_trial(sweep, study, *claimed)
+      except optuna.exceptions.UpdateFinishedTrialError:  # run_trial stopped its process
+        number = claimed[0].number
+        log(f"trial {number}: another worker judged it stale and queued it again; stopped")
       log(progress(sweep, study))
   except Interrupted as e:
     log(f"worker {sweep.worker}: {e}: stopped; rerun the same command to continue")
@@ -278,7 +313,10 @@ def run_trial(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, values: di
   except Interrupted:
     sweep_trial.stop(process, _KILL_GRACE.value)
     with claim_lock(sweep):
-      requeue(study, study._storage.get_trial(trial._trial_id), "interrupted; retried")
+      requeue(study, study._storage.get_trial(trial._trial_id), "interrupted by a signal")
+    raise
+  except optuna.exceptions.UpdateFinishedTrialError:  # finished by another worker's claim
+    sweep_trial.stop(process, _KILL_GRACE.value)
     raise
   trial.set_user_attr("steps", steps := sweep_trial.steps_reached(workdir, records))
   trial.set_user_attr("wall_s", round(time.time() - started, 1))

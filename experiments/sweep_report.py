@@ -3,11 +3,13 @@ PNG plots by optuna.visualization.matplotlib, and TensorBoard HParams under tb/.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import math
 import os
 import shutil
+import socket
 import warnings
 
 import matplotlib
@@ -86,7 +88,7 @@ def write_plots(study: optuna.Study, metric: str, study_dir: str) -> list[str]:
       messages.append(
         f"{name}: not plotted: needs 2 complete trials, the study has {len(complete)}"
       )
-      if os.path.exists(path):
+      with contextlib.suppress(FileNotFoundError):  # another worker's report may remove it too
         os.remove(path)
       continue
     with warnings.catch_warnings():
@@ -102,18 +104,31 @@ def write_plots(study: optuna.Study, metric: str, study_dir: str) -> list[str]:
 
 
 def write_hparams(trials, metric: str, fields: list[str], directory: str) -> str:
-  """One HParams session per trial with a value (rewritten whole: a rerun adds no duplicates)."""
-  shutil.rmtree(directory, ignore_errors=True)
+  """One HParams session per trial with a value, DIRECTORY/trial_NNNN. A finished trial's
+  session never changes, so each is written once: into a temporary directory, then renamed
+  into place unless another worker's report already put it there."""
   written = 0
-  with SummaryWriter(directory) as writer:
-    for t in trials:
-      if not t.values or not math.isfinite(t.value):
-        continue
-      hparams = {f: t.params[f] for f in fields if f in t.params}
-      hparams["state"] = t.state.name.lower()
-      steps = {"steps": float(t.user_attrs.get("steps", 0))}
-      writer.add_hparams(hparams, {metric: t.value, **steps}, name=f"trial_{t.number:04d}")
-      written += 1
+  for t in trials:
+    if not t.values or not math.isfinite(t.value):
+      continue
+    written += 1
+    name = f"trial_{t.number:04d}"
+    if os.path.isdir(os.path.join(directory, name)):
+      continue
+    hparams = {f: t.params[f] for f in fields if f in t.params}
+    hparams["state"] = t.state.name.lower()
+    steps = {"steps": float(t.user_attrs.get("steps", 0))}
+    temporary = _temporary(directory)
+    try:
+      with SummaryWriter(temporary) as writer:
+        writer.add_hparams(hparams, {metric: t.value, **steps}, name=name)
+      os.makedirs(directory, exist_ok=True)
+      os.rename(os.path.join(temporary, name), os.path.join(directory, name))
+    except OSError:  # written meanwhile by another worker's report
+      if not os.path.isdir(os.path.join(directory, name)):
+        raise
+    finally:
+      shutil.rmtree(temporary, ignore_errors=True)
   return f"TensorBoard HParams: {written} trials in {directory} (tensorboard --logdir {directory})"
 
 
@@ -124,8 +139,14 @@ def _csv(f, header, rows) -> None:
 
 
 def _replace(path: str, write, binary: bool = False) -> None:
-  """Written to a temporary file then renamed: workers finishing together never mix files."""
-  temporary = f"{path}.{os.getpid()}.tmp"
+  """Written to a temporary file then renamed: workers finishing together, on any hosts, never
+  mix files."""
+  temporary = _temporary(path)
   with open(temporary, "wb" if binary else "w", newline=None if binary else "") as f:
     write(f)
   os.replace(temporary, path)
+
+
+def _temporary(path: str) -> str:
+  """A temporary name beside `path` that no other process, on any host, uses."""
+  return f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"

@@ -123,18 +123,45 @@ def _check_param(path: str, field: str, p) -> None:
 
 
 def check_fields(space: Space, cfg, overridden: set[str]) -> None:
-  """Every searched or fixed field exists in the experiment's config, and the command line does
-  not also set a searched one."""
+  """Every searched or fixed field exists in the experiment's config with a type its values
+  fit, and the command line does not also set a searched one."""
   for field in [*space.params, *space.fixed]:
     node = cfg
     for part in field.split("."):
       if not hasattr(node, "keys") or part not in node:
         raise SpaceError(f"--space: {space.path}: {field!r} is not a config field of --config")
       node = node[part]
+    entry = f"SPACE[{field!r}]" if field in space.params else f"FIXED[{field!r}]"
+    values = _values(space.params[field]) if field in space.params else [space.fixed[field]]
+    for value in [*values, *space.grid.get(field, [])]:
+      if not fits(value, node):
+        raise SpaceError(
+          f"--space: {space.path}: {entry}: {value!r} does not fit the field's type "
+          f"({type(node).__name__}, now {node!r}); give a value of that type"
+        )
   if clash := sorted(overridden & set(space.params)):
     raise SpaceError(
       f"--config.{clash[0]}: the space searches this field; drop the override or the SPACE entry"
     )
+
+
+def _values(p) -> list:
+  """Values that stand for the parameter's type: a range's bounds, a choice's values."""
+  if isinstance(p, Choice):
+    return list(p.values)
+  return [float(p.low), float(p.high)] if isinstance(p, Float) else [p.low, p.high]
+
+
+def fits(value, current) -> bool:
+  """Whether a config field holding `current` takes `value` (ml_collections' rules: an int fits a
+  float field; None, and fields of other types, are left to the config's own checks)."""
+  if value is None or current is None or not isinstance(current, (bool, int, float, str)):
+    return True
+  if isinstance(current, bool) or isinstance(value, bool):
+    return isinstance(current, bool) and isinstance(value, bool)
+  if isinstance(current, float):
+    return isinstance(value, (int, float))
+  return type(value) is type(current)
 
 
 def override_flag(field: str, value) -> str:

@@ -12,12 +12,16 @@ import sys
 import time
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from experiments import sweep_trial
 from experiments.sweep_space import Space, override_flag
 
 HOST = socket.gethostname()
+MAX_RETRIES = 2  # a trial interrupted more often than this stays FAIL (it counts)
+# A claim holds the lock for about a second; one left by a killed worker is broken after this
+# (Optuna's default of 30 s could break a claim stalled on a slow shared filesystem).
+CLAIM_LOCK_GRACE_S = 300
 
 
 @dataclasses.dataclass
@@ -47,8 +51,9 @@ class Sweep:
 @contextlib.contextmanager
 def claim_lock(sweep: Sweep):
   """One worker at a time counts, recovers and asks (a lock file in STUDY_DIR; one left by a
-  killed worker is broken after 30 s)."""
-  lock = optuna.storages.journal.JournalFileOpenLock(os.path.join(sweep.study_dir, "claim"))
+  killed worker is broken after CLAIM_LOCK_GRACE_S)."""
+  path = os.path.join(sweep.study_dir, "claim")
+  lock = optuna.storages.journal.JournalFileOpenLock(path, grace_period=CLAIM_LOCK_GRACE_S)
   lock.acquire()
   try:
     yield
@@ -116,27 +121,66 @@ def retry_stale_trials(sweep: Sweep, study: optuna.Study) -> None:
     if attrs.get("host") == HOST and attrs.get("trial_pid"):
       sweep_trial.signal_group(attrs["trial_pid"], signal.SIGKILL)
     where = f"{attrs.get('host', '?')} pid {attrs.get('pid', '?')}"
-    requeue(study, trial, f"interrupted: its worker ({where}) stopped; retried")
-    log(f"trial {trial.number}: its worker ({where}) is gone; marked failed and queued again")
+    queued = requeue(study, trial, f"interrupted: its worker ({where}) stopped")
+    again = "and queued again" if queued else f"(not queued again: {MAX_RETRIES} retries)"
+    log(f"trial {trial.number}: its worker ({where}) is gone; marked failed {again}")
 
 
-def requeue(study: optuna.Study, trial, reason: str) -> None:
-  # Another worker's trial: only the storage sets its attributes (Optuna's own retry callback
-  # does the same).
-  study._storage.set_trial_user_attr(trial._trial_id, "retried", True)
-  study._storage.set_trial_user_attr(trial._trial_id, "error", reason)
+def requeue(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
+  """Marks an interrupted trial FAIL and `retried` and queues its parameters again as a new
+  trial (True); after MAX_RETRIES retries it stays FAIL (and counts) instead."""
+  retries = trial.user_attrs.get("retries", 0)
+  storage = study._storage  # another worker's trial: only the storage sets its attributes
+  try:
+    if retries >= MAX_RETRIES:
+      reason += f"; interrupted {retries + 1} times, not retried again"
+    else:
+      reason += "; retried"
+      storage.set_trial_user_attr(trial._trial_id, "retried", True)
+    storage.set_trial_user_attr(trial._trial_id, "error", reason)
+  except optuna.exceptions.UpdateFinishedTrialError:
+    return False  # its worker finished it meanwhile
   tell(study, trial.number, state=TrialState.FAIL)
-  study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+  if retries >= MAX_RETRIES:
+    return False
+  # GridSampler.after_trial reads a trial's grid_id: the retry takes its original's grid point
+  # (enqueue_trial would give it none).
+  system = storage.get_trial_system_attrs(trial._trial_id)
+  grid = {k: system[k] for k in ("grid_id", "search_space") if k in system}
+  user = {"retry_of": trial.number, "retries": retries + 1}
+  fixed = {"fixed_params": trial.params, **grid}
+  study.add_trial(create_trial(state=TrialState.WAITING, system_attrs=fixed, user_attrs=user))
+  return True
 
 
 def tell(study: optuna.Study, trial, *args, **kwargs) -> None:
-  """study.tell. GridSampler calls study.stop() once its grid is done, which only works inside
+  """study.tell; a trial another worker has already finished (judged stale and retried) is left
+  as it is. GridSampler calls study.stop() once its grid is done, which only works inside
   study.optimize; the state is stored before that, and the workers' own count ends the sweep."""
   try:
-    study.tell(trial, *args, **kwargs)
+    study.tell(trial, *args, skip_if_finished=True, **kwargs)
   except RuntimeError as e:
     if "Study.stop" not in str(e):
       raise
+
+
+LOCAL_ONLY_FLAGS = {"workers": True, "worker_index": True, "report": False, "noreport": False}
+
+
+def local_worker_argv(argv: list[str]) -> list[str]:
+  """`argv` without the flags a local worker sets itself (flag name -> takes a value), in
+  either of absl's forms: --workers=2 or --workers 2."""
+  kept, value_next = [], False
+  for arg in argv:
+    if value_next:  # the value of a dropped two-token flag
+      value_next = False
+      continue
+    name = arg.lstrip("-").split("=", 1)[0]
+    if arg.startswith("-") and name in LOCAL_ONLY_FLAGS:
+      value_next = LOCAL_ONLY_FLAGS[name] and "=" not in arg
+      continue
+    kept.append(arg)
+  return kept
 
 
 def log(message: str) -> None:

@@ -162,6 +162,16 @@ def test_tensorboard_hparams_has_one_session_per_trial(two_workers):
     assert sessions[f"trial_{n:04d}/eval_loss"] == pytest.approx(trial.value)
 
 
+def test_a_rerun_with_other_overrides_is_refused_in_one_line(two_workers):
+  study_dir, _ = two_workers
+  args = _sweep_args(study_dir, study_dir.parent / "space.py", "--sampler=grid", "--trials=4")
+  result = _run_sweep([*args, "--config.train.total_steps=13", "--report_only"], check_jax=False)
+  assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+  assert result.stderr.startswith("error: --config.* (with the space's FIXED): the study 'sweep'")
+  changed = "['--config.train.total_steps=12'] where this run has ['--config.train.total_steps=13']"
+  assert changed in result.stderr
+
+
 def test_report_only_rewrites_the_results_without_loading_jax(two_workers):
   study_dir, _ = two_workers
   os.remove(study_dir / "results.csv")
@@ -170,6 +180,8 @@ def test_report_only_rewrites_the_results_without_loading_jax(two_workers):
   assert result.returncode == 0, result.stderr[-2000:]
   assert "jax loaded: False" in result.stdout
   assert len((study_dir / "results.csv").read_text().splitlines()) == 5
+  assert sorted(os.listdir(study_dir / "tb")) == [f"trial_{n:04d}" for n in range(4)]  # kept
+  assert not [name for name in os.listdir(study_dir) if name.endswith(".tmp")]
 
 
 def _grid_seed_with_first(grid, value):
@@ -322,6 +334,8 @@ def test_an_rdb_url_holds_the_study_instead_of_the_journal(tmp_path):
     ),
     (["--trials=2", "--config.optim.learning_rate=1"], "--config.optim.learning_rate: the space"),
     (["--trials=2", "--config.optim.b1=2.0"], "config.optim.b1: 2.0 must lie in [0, 1)"),
+    (["--trials=2", "--config.task=lm", "--metric=bleu/en-de"], "task=lm runs do not report bleu"),
+    (["--trials=2", "--metric=eval_macro_f1"], "task=translation runs do not report eval_macro"),
   ],
 )
 def test_bad_flags_fail_in_one_line_before_any_trial(tmp_path, extra, message):
@@ -343,12 +357,68 @@ def test_a_space_field_missing_from_the_config_is_named(tmp_path):
   )
 
 
-def test_demo_space_module_loads_over_the_demo_config():
-  """The shipped space: a log range for the learning rate, an int range for warmup, short trials."""
-  from experiments.sweep_space import Float, Int, load_space
+def test_demo_space_module_fits_the_demo_config():
+  """The shipped space: a log range for the learning rate, an int range for warmup, short trials;
+  every searched and fixed field is a field of experiments/demo.py of the value's type."""
+  from experiments import demo
+  from experiments.sweep_space import Float, Int, SpaceError, check_fields, load_space
 
   space = load_space(os.path.join(ROOT, "experiments/sweeps/demo.py"), grid_needed=True)
   assert space.params["optim.learning_rate"] == Float(3e-4, 3e-2, log=True)
   assert isinstance(space.params["optim.warmup_steps"], Int)
   assert space.fixed["train.total_steps"] == 160 and space.fixed["eval.every"] == 40
   assert space.grid_size() == 9
+  cfg = demo.get_config()
+  kinds = {Float: float, Int: int}
+  fields = {f: kinds[type(p)] for f, p in space.params.items()}
+  fields |= {f: type(v) for f, v in space.fixed.items()}
+  for field, kind in fields.items():
+    assert type(cfg[field.split(".")[0]][field.split(".")[1]]) is kind, field
+  for field, values in space.grid.items():
+    assert {type(v) for v in values} == {fields[field]}, field
+  check_fields(space, cfg, set())
+  space.fixed["train.total_steps"] = "160"  # a FIXED value of the wrong type: one line
+  with pytest.raises(SpaceError, match=r"FIXED\['train.total_steps'\]: '160' does not fit"):
+    check_fields(space, cfg, set())
+
+
+def test_local_workers_drop_the_worker_flags_in_either_form():
+  from experiments.sweep_study import local_worker_argv
+
+  argv = ["--workers", "2", "--trials=4", "--worker_index=1", "--noreport", "--report"]
+  argv += ["--workers=3", "--worker_index", "0", "--config.train.total_steps=12", "--seed", "5"]
+  kept = ["--trials=4", "--config.train.total_steps=12", "--seed", "5"]
+  assert local_worker_argv(argv) == kept
+
+
+def test_a_requeued_grid_trial_keeps_its_grid_point_and_retries_are_capped():
+  """At Optuna level: the retry of an interrupted grid trial finishes with one grid point left
+  (GridSampler.after_trial reads its grid_id); a trial interrupted MAX_RETRIES + 1 times stays
+  FAIL and counts; telling a trial another worker already finished is no error."""
+  from experiments.sweep_study import MAX_RETRIES, counted, requeue, tell
+
+  grid = {"x": [1, 2]}
+  optuna.logging.set_verbosity(optuna.logging.WARNING)
+  study = optuna.create_study(sampler=optuna.samplers.GridSampler(grid, seed=0))
+  first = study.ask()
+  first.suggest_categorical("x", grid["x"])
+  assert requeue(study, study._storage.get_trial(first._trial_id), "interrupted")
+  tell(study, first, 1.0)  # its worker, still alive, is left with a finished trial: skipped
+  retry = study.ask()
+  assert retry.suggest_categorical("x", grid["x"]) == first.params["x"]
+  tell(study, retry, 1.0)
+  assert study.trials[1].state == optuna.trial.TrialState.COMPLETE
+  assert study.trials[0].state == optuna.trial.TrialState.FAIL and study.trials[0].value is None
+
+  trial = study.ask()  # the other grid point, interrupted again and again
+  trial.suggest_categorical("x", grid["x"])
+  for _ in range(MAX_RETRIES):
+    assert requeue(study, study._storage.get_trial(trial._trial_id), "interrupted")
+    trial = study.ask()
+    trial.suggest_categorical("x", grid["x"])
+  assert not requeue(study, study._storage.get_trial(trial._trial_id), "interrupted")
+  last = study.trials[-1]
+  assert last.state == optuna.trial.TrialState.FAIL and not last.user_attrs.get("retried")
+  assert last.user_attrs["error"] == "interrupted; interrupted 3 times, not retried again"
+  assert len(study.trials) == 5 and [t.number for t in counted(study.trials)] == [1, 4]
+  assert all(t.params == {"x": last.params["x"]} for t in study.trials[2:])
