@@ -280,9 +280,9 @@ def test_sigterm_exits_within_a_step_and_a_save(tmp_path):
   out, _ = proc.communicate(timeout=120)
   elapsed = time.time() - sent
   assert proc.returncode == 0 and "SIGTERM: stopped after step" in out
-  # Two steps in flight plus the step that sees the signal, the save, and a margin for start-up
-  # noise of this shared machine.
-  assert elapsed < 3 * step_seconds + 3.0, (elapsed, step_seconds)
+  # Two steps in flight plus the step that sees the signal, the save, and a margin for the save
+  # and exit on this shared machine (measured 2-6 s); unbounded, the stop took 9.2 s + the queue.
+  assert elapsed < 3 * step_seconds + 5.0, (elapsed, step_seconds)
 
 
 def _flip_fingerprint(step_dir, path: str) -> None:
