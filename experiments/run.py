@@ -269,24 +269,15 @@ def serve_model() -> None:
     from lm import serve_classify
     from lm.classify import Classifier
 
-    classifier = Classifier(layout, params, tokenizer, cfg.serve.max_batch)
-    serve_classify.serve(
-      classifier,
-      step,
-      cfg.serve,
-      _HOST.value,
-      _PORT.value,
-      api_keys=keys,
-      guard_probes=_KEYS_FOR_PROBES.value,
-    )
-    return
-  options = DecodeOptions.from_config(cfg.decode)
-  buckets = tuple(cfg.serve.length_buckets) or options.length_buckets
-  options = dataclasses.replace(options, length_buckets=buckets)
-  decoder = Decoder(layout, params, tokenizer, options, cfg.serve.max_batch)
-  del params  # the decoder's: with pipeline stages a copy on a layout without them
-  serve.serve(
-    decoder,
+    model, service = Classifier(layout, params, tokenizer, cfg.serve.max_batch), serve_classify
+  else:
+    options = DecodeOptions.from_config(cfg.decode)
+    buckets = tuple(cfg.serve.length_buckets) or options.length_buckets
+    options = dataclasses.replace(options, length_buckets=buckets)
+    model, service = Decoder(layout, params, tokenizer, options, cfg.serve.max_batch), serve
+  del params  # the model's: with pipeline stages a copy on a layout without them
+  service.serve(
+    model,
     step,
     cfg.serve,
     _HOST.value,
