@@ -17,8 +17,15 @@ from lm import config as lmc
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+TASK_DEFAULTS = {
+  "translation": lmc.translation_defaults,
+  "lm": lmc.lm_defaults,
+  "classify": lmc.classify_defaults,
+}
+
+
 def tiny_config(task: str = "translation", **model):
-  cfg = lmc.translation_defaults() if task == "translation" else lmc.lm_defaults()
+  cfg = TASK_DEFAULTS[task]()
   cfg.model.update(
     vocab_size=64,
     d_model=32,

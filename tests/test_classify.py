@@ -23,33 +23,24 @@ from lm import config as lmc
 from lm.data import labelled, synthetic
 from lm.train_step import Trainer
 from lm.trees import param_paths
-from tests.helpers import ROOT, chromium, page_output, serve_process
+from tests.helpers import ROOT, chromium, page_output, serve_process, tiny_config
 
 STEPS = 4
 
 
 def _tiny(mesh=(1, 1, 1), stage: int = 0, microbatches: int = 2, body: str = "encoder"):
-  cfg = lmc.classify_defaults()
-  cfg.model.update(
-    vocab_size=64,
-    d_model=32,
-    num_heads=4,
-    mlp_dim=64,
-    enc_layers=2,
-    dec_layers=2,
-    max_len=32,
+  cfg = tiny_config(
+    "classify",
     dropout_rate=0.1,  # per-row keys: the same masks on any mesh
     label_smoothing=0.1,
-    dtype="float32",
     num_classes=3,
     classifier_body=body,
     pooling="mean" if body == "encoder" else "last",
   )
   cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
   cfg.zero_stage = stage
-  cfg.data.seq_len = 16
   cfg.train.update(global_batch_size=16, microbatches=microbatches)
-  cfg.optim.update(name="adamw", learning_rate=1e-3, eps=1e-6, weight_decay=0.1, warmup_steps=0)
+  cfg.optim.update(name="adamw", learning_rate=1e-3, eps=1e-6, weight_decay=0.1)
   return cfg
 
 
