@@ -21,7 +21,7 @@ from lm import classify_metrics, inference
 from lm.config import label_names
 from lm.data import pipeline
 from lm.data import tokenizer as tok
-from lm.decode import source_buckets
+from lm.decode import row_counts, source_buckets
 from lm.layout import Layout
 
 
@@ -39,12 +39,8 @@ class Classifier:
   ):
     self.layout, self.params, self.tokenizer = layout, params, tokenizer
     self.labels = label_names(layout.cfg.data.labels)
-    multiple = layout.batch_multiple
-    self.batch_size = -(-batch_size // multiple) * multiple
-    counts = {self.batch_size}
-    if row_buckets:  # a server's batches are as large as the traffic
-      counts |= {multiple << i for i in range(self.batch_size.bit_length())}
-    self.row_counts = tuple(sorted(c for c in counts if c <= self.batch_size))
+    self.row_counts = row_counts(batch_size, layout.batch_multiple, row_buckets)
+    self.batch_size = self.row_counts[-1]
     self.max_input_tokens = layout.cfg.data.seq_len - 1  # and the EOS training appended
     self.buckets = source_buckets(layout.cfg.data.seq_len, length_buckets)
     replicated = layout.shardings.replicated  # every process reads every row's answer
@@ -81,12 +77,8 @@ class Classifier:
     tokens, segments = np.zeros((padded, width), np.int32), np.zeros((padded, width), np.int32)
     for r, ids in enumerate(batch_ids):
       tokens[r, : len(ids)], segments[r, : len(ids)] = ids, 1
-    sharding = self.layout.shardings.batch
     with jax.set_mesh(self.layout.mesh):
-      batch = {
-        name: jax.make_array_from_callback(a.shape, sharding, lambda i, a=a: a[i])
-        for name, a in (("inputs", tokens), ("inputs_segment_ids", segments))
-      }
+      batch = self.layout.rows_on_mesh({"inputs": tokens, "inputs_segment_ids": segments})
       with self.dispatch_lock:
         out = self._probabilities(self.params, batch)
     return np.asarray(out.addressable_data(0))[:rows]

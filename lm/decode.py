@@ -340,6 +340,17 @@ class DecodeOptions:
 MIN_BUCKET = 8
 
 
+def row_counts(batch_size: int, multiple: int, buckets: bool) -> tuple[int, ...]:
+  """The row counts a batch is padded to, ascending: batch_size rounded up to the mesh's batch
+  divisor `multiple` and, with `buckets`, the powers of two times it below that (a few rows
+  need not pay for a full batch: a server's batches are as large as the traffic)."""
+  full = -(-batch_size // multiple) * multiple
+  counts = {full}
+  if buckets:
+    counts |= {multiple << i for i in range(full.bit_length())}
+  return tuple(sorted(c for c in counts if c <= full))
+
+
 def source_buckets(seq_len: int, buckets: tuple[int, ...] = ()) -> tuple[int, ...]:
   """The source widths a translation batch is padded to: the given sizes, or powers of two from
   MIN_BUCKET, always ending at seq_len (the longest source the model takes)."""
@@ -371,14 +382,8 @@ class Decoder:
     self.source_layout, layout, self._move = layout, layout.unpipelined(), None
     self.layout, self.params, self.tokenizer, self.options = layout, params, tokenizer, options
     self.specials = Specials.of(tokenizer, layout.dims.start_id)
-    rows_multiple = layout.batch_multiple
-    self.batch_size = -(-batch_size // rows_multiple) * rows_multiple
-    # Row counts a batch is padded to: a few rows need not pay for a full batch (a server's
-    # batches are as large as the traffic); powers of two times the mesh's batch divisor.
-    counts = {self.batch_size}
-    if row_buckets:
-      counts |= {rows_multiple << i for i in range(self.batch_size.bit_length())}
-    self.row_counts = tuple(sorted(c for c in counts if c <= self.batch_size))
+    self.row_counts = row_counts(batch_size, layout.batch_multiple, row_buckets)
+    self.batch_size = self.row_counts[-1]
     self.src_len = layout.cfg.data.seq_len
     self.buckets = source_buckets(self.src_len, options.length_buckets)
     self._jitted = {}
@@ -465,14 +470,6 @@ class Decoder:
       )
     return self._jitted[max_len, beam]
 
-  def rows_on_mesh(self, rows):
-    """A tree of host arrays [rows, ...], every process holding all rows, split over the
-    mesh's batch axes."""
-    batch = self.layout.shardings.batch
-    return jax.tree.map(
-      lambda x: jax.make_array_from_callback(x.shape, batch, lambda i: x[i]), rows
-    )
-
   def _encode(self, line: str, warn: Callable[[str], None]) -> list[int]:
     translation = self.layout.cfg.task == "translation"
     ids = self.tokenizer.encode(line, "inputs" if translation else "targets")
@@ -531,7 +528,7 @@ class Decoder:
     per_row = {name: _column(*setting, rows, padded) for name, setting in settings.items()}
     beam = 1 if self.layout.cfg.task == "lm" else beam_size or self.options.beam_size
     with jax.set_mesh(self.layout.mesh):
-      array, per_row = self.rows_on_mesh((tokens, per_row))
+      array, per_row = self.layout.rows_on_mesh((tokens, per_row))
       with self.dispatch_lock:
         out = self._compiled(max_len, beam)(self.params, array, per_row)
     return np.asarray(out.addressable_data(0))[:rows]

@@ -245,7 +245,7 @@ class Engine:
       columns["length"][r], columns["slot"][r] = len(ids), slot
       for name in ("cap", "seed", "temperature", "top_k", "top_p", "ignore_eos"):
         columns[name][r] = getattr(g, name)
-    return self.decoder.rows_on_mesh({"tokens": tokens, **columns})
+    return self.decoder.layout.rows_on_mesh({"tokens": tokens, **columns})
 
   def _width(self, g: Generation) -> int:
     length = len(g.ids) + (self.task == "lm")  # an LM's inputs start with the start token

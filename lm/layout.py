@@ -201,6 +201,14 @@ class Layout:
       for k, v in local_batch.items()
     }
 
+  def rows_on_mesh(self, rows):
+    """A tree of host arrays [rows, ...], every process holding all rows (decoding, serving),
+    split over the mesh's batch axes."""
+    batch = self.shardings.batch
+    return jax.tree.map(
+      lambda x: jax.make_array_from_callback(x.shape, batch, lambda i: x[i]), rows
+    )
+
   def abstract_batch(self, global_batch: int | None = None, packed: bool | None = None) -> dict:
     rows = global_batch or self.cfg.train.global_batch_size
     shape = (rows, self.cfg.data.seq_len)
