@@ -209,3 +209,63 @@ def page_output(url: str, text: str, profile, choice: str | None = None) -> str:
     return page.js("document.getElementById('output').textContent")
   finally:
     page.close()
+
+
+# Importing a command-line module and what its main imports takes seconds (experiments.run's
+# ~10 s of CPU), most of a bad command line's time. One process imports them once and forks a
+# child per command line: each child parses its flags afresh and exits through app.run as
+# `python -m MODULE` would, its exit code and stderr its own. The fork is safe only with one
+# thread and no jax backend in the parent: the runner checks both.
+FORKING_RUNNER = """
+import importlib, json, os, sys, threading, traceback
+from absl import app
+module, preload, jobs = json.loads(sys.stdin.read())
+cli = importlib.import_module(module)
+for name in preload:
+  importlib.import_module(name)
+assert threading.active_count() == 1, threading.enumerate()
+if "jax" in sys.modules:
+  from jax._src import xla_bridge
+  assert not xla_bridge.backends_are_initialized()
+parser = {"flags_parser": cli.parse_flags} if hasattr(cli, "parse_flags") else {}
+for argv, err in jobs:
+  pid = os.fork()
+  if pid == 0:
+    code = 1
+    try:
+      null, log = os.open(os.devnull, os.O_RDWR), os.open(err, os.O_WRONLY | os.O_CREAT)
+      os.dup2(null, 0), os.dup2(null, 1), os.dup2(log, 2)
+      sys.argv = [module, *argv]
+      app.run(cli.main, **parser)
+      code = 0
+    except SystemExit as e:
+      code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+      if isinstance(e.code, str):
+        print(e.code, file=sys.stderr)
+    except BaseException:
+      traceback.print_exc()
+    finally:
+      sys.stdout.flush(), sys.stderr.flush()
+      os._exit(code)
+  print(os.waitpid(pid, 0)[1] >> 8, flush=True)
+"""
+
+
+def forked_command_lines(
+  module: str, argvs: list[list[str]], logdir, preload: tuple[str, ...] = (), env=None
+) -> list[tuple[int, str]]:
+  """(exit code, stderr) of `python -m MODULE ARGV` for each argv, with an empty stdin, from
+  children of one process that imported `module` and `preload` (FORKING_RUNNER)."""
+  jobs = [(argv, os.path.join(str(logdir), f"{i}.stderr")) for i, argv in enumerate(argvs)]
+  result = subprocess.run(
+    [sys.executable, "-c", FORKING_RUNNER],
+    cwd=ROOT,
+    env=env,
+    input=json.dumps([module, list(preload), jobs]),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  codes = result.stdout.split()
+  assert result.returncode == 0 and len(codes) == len(argvs), result.stderr[-3000:]
+  return [(int(code), open(err).read()) for code, (_, err) in zip(codes, jobs, strict=True)]

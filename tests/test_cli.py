@@ -1,12 +1,13 @@
 """Every bad command line ends with exit code 2 and one line on stderr, never a traceback."""
 
-import json
 import os
 import subprocess
 import sys
 import types
 
 import pytest
+
+from tests.helpers import forked_command_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = "--config=experiments/demo.py:tiny"
@@ -103,59 +104,17 @@ def _run(args, workdir):
   )
 
 
-# One process imports experiments.run and the modules its main imports (~10 s, most of each
-# command line's time), then forks a child per command line: each child parses its flags afresh
-# and exits through app.run as `python -m experiments.run` does, its code and stderr its own.
-# The imports start no thread and no jax backend, so the fork is safe.
-FORKING_RUNNER = """
-import json, os, sys, traceback
-from absl import app
-from experiments import run
-from lm import evaluate, inference, metrics, train
-for argv, err in json.loads(sys.stdin.read()):
-  pid = os.fork()
-  if pid == 0:
-    code = 1
-    try:
-      null, log = os.open(os.devnull, os.O_RDWR), os.open(err, os.O_WRONLY | os.O_CREAT)
-      os.dup2(null, 0), os.dup2(null, 1), os.dup2(log, 2)
-      sys.argv = ["experiments.run", *argv]
-      app.run(run.main, flags_parser=run.parse_flags)
-      code = 0
-    except SystemExit as e:
-      code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-      if isinstance(e.code, str):
-        print(e.code, file=sys.stderr)
-    except BaseException:
-      traceback.print_exc()
-    finally:
-      sys.stdout.flush(), sys.stderr.flush()
-      os._exit(code)
-  print(os.waitpid(pid, 0)[1] >> 8, flush=True)
-"""
-
-
 def _run_forked(cases, tmp_path) -> list[tuple[int, str]]:
   """(exit code, stderr) of each argument list after `python -m experiments.run --workdir=W`,
   each with a workdir of its own and an empty stdin."""
-  jobs = []
+  argvs = []
   for i, args in enumerate(cases):
     workdir = str(tmp_path / str(i))
-    argv = [f"--workdir={workdir}", *(a.replace("OUT", os.path.join(workdir, "out")) for a in args)]
-    jobs.append((argv, str(tmp_path / f"{i}.stderr")))
+    argvs.append([f"--workdir={workdir}", *(a.replace("OUT", f"{workdir}/out") for a in args)])
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  result = subprocess.run(
-    [sys.executable, "-c", FORKING_RUNNER],
-    cwd=ROOT,
-    env=env,
-    input=json.dumps(jobs),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  codes = result.stdout.split()
-  assert result.returncode == 0 and len(codes) == len(cases), result.stderr[-3000:]
-  return [(int(code), open(err).read()) for code, (_, err) in zip(codes, jobs, strict=True)]
+  # What main imports, so that no child imports it again.
+  preload = ("lm.evaluate", "lm.inference", "lm.metrics", "lm.train")
+  return forked_command_lines("experiments.run", argvs, tmp_path, preload, env)
 
 
 def _one_line_failure(name, expected, returncode, stderr) -> str | None:
