@@ -15,6 +15,8 @@ import optuna
 import pytest
 from tensorboardX.proto import event_pb2, plugin_hparams_pb2
 
+from tests.helpers import forked_command_lines
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRIAL_FLAGS = [
   "--config=experiments/demo.py:tiny",
@@ -322,39 +324,61 @@ def test_an_rdb_url_holds_the_study_instead_of_the_journal(tmp_path):
   assert [int(r["optim.warmup_steps"]) for r in rows] == [trial.params["optim.warmup_steps"]]
 
 
-@pytest.mark.parametrize(
-  "extra,message",
-  [
-    (["--trials=0"], "--trials=0: must be at least 1"),
-    (["--trials=2", "--sampler=grid"], "--sampler=grid needs a GRID dict"),
-    (["--trials=2", "--metric=loss_x"], "--direction: required for --metric=loss_x"),
-    (
-      ["--trials=2", "--pruner=median", "--config.eval.every=0"],
-      "--pruner=median: trials evaluate",
-    ),
-    (["--trials=2", "--config.optim.learning_rate=1"], "--config.optim.learning_rate: the space"),
-    (["--trials=2", "--config.optim.b1=2.0"], "config.optim.b1: 2.0 must lie in [0, 1)"),
-    (["--trials=2", "--config.task=lm", "--metric=bleu/en-de"], "task=lm runs do not report bleu"),
-    (["--trials=2", "--metric=eval_macro_f1"], "task=translation runs do not report eval_macro"),
-  ],
-)
-def test_bad_flags_fail_in_one_line_before_any_trial(tmp_path, extra, message):
-  space = _space(
-    tmp_path / "space.py", 'SPACE = {"optim.learning_rate": Float(1e-3, 1e-2, log=True)}\n'
+BAD_FLAGS = [
+  (["--trials=0"], "--trials=0: must be at least 1"),
+  (["--trials=2", "--sampler=grid"], "--sampler=grid needs a GRID dict"),
+  (["--trials=2", "--metric=loss_x"], "--direction: required for --metric=loss_x"),
+  (
+    ["--trials=2", "--pruner=median", "--config.eval.every=0"],
+    "--pruner=median: trials evaluate",
+  ),
+  (["--trials=2", "--config.optim.learning_rate=1"], "--config.optim.learning_rate: the space"),
+  (["--trials=2", "--config.optim.b1=2.0"], "config.optim.b1: 2.0 must lie in [0, 1)"),
+  (["--trials=2", "--config.task=lm", "--metric=bleu/en-de"], "task=lm runs do not report bleu"),
+  (["--trials=2", "--metric=eval_macro_f1"], "task=translation runs do not report eval_macro"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_sweeps(tmp_path_factory):
+  """(study dir, exit code, stderr) of each BAD_FLAGS sweep, then of one whose space names a
+  field the config lacks (space path last): children of one process that imported the sweep
+  (tests/helpers.py:forked_command_lines), each `python -m experiments.sweep` but for the
+  import."""
+  tmp = tmp_path_factory.mktemp("bad_sweeps")
+  space = _space(tmp / "space.py", 'SPACE = {"optim.learning_rate": Float(1e-3, 1e-2, log=True)}\n')
+  argvs = [_sweep_args(tmp / f"study{i}", space, *extra) for i, (extra, _) in enumerate(BAD_FLAGS)]
+  typo = _space(tmp / "typo.py", 'SPACE = {"optim.learnin_rate": Float(1e-3, 1e-2)}\n')
+  argvs.append(_sweep_args(tmp / "study_typo", typo, "--trials=2"))
+  results = forked_command_lines("experiments.sweep", argvs, tmp, env=_env())
+  studies = [tmp / f"study{i}" for i in range(len(BAD_FLAGS))] + [tmp / "study_typo"]
+  return [(study, *result) for study, result in zip(studies, results, strict=True)], typo
+
+
+@pytest.mark.parametrize("case", range(len(BAD_FLAGS)), ids=[m for _, m in BAD_FLAGS])
+def test_bad_flags_fail_in_one_line_before_any_trial(bad_sweeps, case):
+  study_dir, returncode, stderr = bad_sweeps[0][case]
+  assert returncode == 2 and BAD_FLAGS[case][1] in stderr, stderr[-2000:]
+  assert len(stderr.strip().splitlines()) == 1
+  assert not (study_dir / "trials").exists()
+
+
+def test_a_space_field_missing_from_the_config_is_named(bad_sweeps):
+  results, space = bad_sweeps
+  _, returncode, stderr = results[-1]
+  assert returncode == 2
+  assert stderr.strip() == (
+    f"error: --space: {space}: 'optim.learnin_rate' is not a config field of --config"
   )
+
+
+def test_a_bad_flag_of_its_own_sweep_process_fails_in_one_line(tmp_path):
+  """One of BAD_FLAGS through `python -m experiments.sweep` itself."""
+  space = _space(tmp_path / "space.py", 'SPACE = {"optim.learning_rate": Float(1e-3, 1e-2)}\n')
+  extra, message = BAD_FLAGS[2]
   result = _run_sweep(_sweep_args(tmp_path / "study", space, *extra), check_jax=False)
   assert result.returncode == 2 and message in result.stderr
   assert len(result.stderr.strip().splitlines()) == 1
-  assert not (tmp_path / "study" / "trials").exists()
-
-
-def test_a_space_field_missing_from_the_config_is_named(tmp_path):
-  space = _space(tmp_path / "space.py", 'SPACE = {"optim.learnin_rate": Float(1e-3, 1e-2)}\n')
-  result = _run_sweep(_sweep_args(tmp_path / "study", space, "--trials=2"), check_jax=False)
-  assert result.returncode == 2
-  assert result.stderr.strip() == (
-    f"error: --space: {space}: 'optim.learnin_rate' is not a config field of --config"
-  )
 
 
 def test_demo_space_module_fits_the_demo_config():
