@@ -251,6 +251,11 @@ for argv, err in jobs:
 """
 
 
+# What experiments.run's main imports (after --distributed has set up the processes): a
+# preload for its command lines, so that no child imports it again.
+RUN_IMPORTS = ("lm.evaluate", "lm.inference", "lm.metrics", "lm.train")
+
+
 def forked_command_lines(
   module: str, argvs: list[list[str]], logdir, preload: tuple[str, ...] = (), env=None
 ) -> list[tuple[int, str]]:

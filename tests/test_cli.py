@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from tests.helpers import forked_command_lines
+from tests.helpers import RUN_IMPORTS, forked_command_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = "--config=experiments/demo.py:tiny"
@@ -112,9 +112,7 @@ def _run_forked(cases, tmp_path) -> list[tuple[int, str]]:
     workdir = str(tmp_path / str(i))
     argvs.append([f"--workdir={workdir}", *(a.replace("OUT", f"{workdir}/out") for a in args)])
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  # What main imports, so that no child imports it again.
-  preload = ("lm.evaluate", "lm.inference", "lm.metrics", "lm.train")
-  return forked_command_lines("experiments.run", argvs, tmp_path, preload, env)
+  return forked_command_lines("experiments.run", argvs, tmp_path, RUN_IMPORTS, env)
 
 
 def _one_line_failure(name, expected, returncode, stderr) -> str | None:

@@ -19,7 +19,15 @@ from lm import api
 from lm import train as lm_train
 from lm.config import ConfigError
 from lm.data import multilingual, pipeline, synthetic
-from tests.helpers import ROOT, chromium, page_output, serve_process, tiny_config
+from tests.helpers import (
+  ROOT,
+  RUN_IMPORTS,
+  chromium,
+  forked_command_lines,
+  page_output,
+  serve_process,
+  tiny_config,
+)
 from tests.test_data import _global_batches
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
@@ -309,15 +317,21 @@ def test_the_service_translates_into_each_language_as_decode_target_lang_does(
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "target_lang"
 
 
-def test_a_bad_target_lang_is_one_line_before_the_model_loads(multi_workdir):
-  for args, message in [
-    (["--mode=decode", "--target_lang=xq"], "--target_lang: 'xq' is not a target language"),
-    (["--mode=decode"], "--target_lang: required: name one of xa, xb"),
-    (["--mode=eval", "--target_lang=xa"], "--target_lang: only --mode=decode takes it"),
-  ]:
-    done = _run(f"--workdir={multi_workdir}", *args, input_text="a cat\n")
-    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-2000:]
-    assert message in done.stderr
+BAD_TARGET_LANGS = [
+  (["--mode=decode", "--target_lang=xq"], "--target_lang: 'xq' is not a target language"),
+  (["--mode=decode"], "--target_lang: required: name one of xa, xb"),
+  (["--mode=eval", "--target_lang=xa"], "--target_lang: only --mode=decode takes it"),
+]
+
+
+def test_a_bad_target_lang_is_one_line_before_the_model_loads(multi_workdir, tmp_path):
+  """Each a child of one process that imported experiments.run (tests/helpers.py:
+  forked_command_lines), as `python -m experiments.run` but for the imports."""
+  argvs = [[f"--workdir={multi_workdir}", *args] for args, _ in BAD_TARGET_LANGS]
+  results = forked_command_lines("experiments.run", argvs, tmp_path, RUN_IMPORTS)
+  for (returncode, stderr), (_, message) in zip(results, BAD_TARGET_LANGS, strict=True):
+    assert returncode == 2 and stderr.count("\n") == 1, stderr[-2000:]
+    assert message in stderr
 
 
 def test_a_single_pair_model_takes_no_target_lang():
