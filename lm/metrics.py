@@ -5,14 +5,32 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tensorboardX import SummaryWriter
 
 from lm import classify_metrics, paths, trees
+
+
+def _import_summary_writer():
+  """tensorboardX's SummaryWriter without importing torch: tensorboardX imports torch, where
+  it is installed, only to accept torch tensors (3.5 s of CPU at every start); zerolm writes
+  numpy. A later `import torch` in the process works as usual."""
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+  else:
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError
+    try:
+      from tensorboardX import SummaryWriter
+    finally:
+      del sys.modules["torch"]
+  return SummaryWriter
+
+
+SummaryWriter = _import_summary_writer()
 
 # Dense bfloat16 matmul peak per chip, FLOP/s (vendor figures), by a substring of device_kind.
 PEAK_FLOPS = {
