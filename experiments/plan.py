@@ -80,7 +80,8 @@ class ModelShapes:
 
 def plan(cfg, chip, devices: int, headroom: float) -> tuple[list, int]:
   """(options whose predicted bytes per device fit chip.memory_bytes * (1 - headroom), best
-  (lowest predicted step time, then fewest microbatches: larger matmuls) first; how many valid options there were)."""
+  first: lowest predicted step time, then fewest microbatches (larger matmuls), then fewest
+  bytes; how many valid options there were)."""
   from lm.parallel import memory
 
   shapes = ModelShapes(cfg, chip.platform)
@@ -91,9 +92,8 @@ def plan(cfg, chip, devices: int, headroom: float) -> tuple[list, int]:
     flops = shapes.flops(c, shape["tensor"])
     options.append(memory.predict(c, dims, counts, shape, chip, flops))
   budget = chip.memory_bytes * (1 - headroom)
-  fitting = sorted(
-    (o for o in options if o.total_bytes <= budget), key=lambda o: (o.seconds, o.cfg.train.microbatches, o.total_bytes)
-  )
+  rank = lambda o: (o.seconds, o.cfg.train.microbatches, o.total_bytes)
+  fitting = sorted((o for o in options if o.total_bytes <= budget), key=rank)
   if not options:
     raise _config_error(f"no mesh of {devices} devices passes the config's checks")
   if not fitting:

@@ -95,6 +95,10 @@ def test_plan_top_option_fits_and_matches_its_compile():
   assert seconds == sorted(seconds)
   checked = plan.verify(options[0])
   assert checked["ratio"] == pytest.approx(1.0, abs=0.10), checked
+  # ZeRO-3 with tensor parallelism: the gathered parameters, sharded gradients, heads split.
+  sharded = next(o for o in options if o.cfg.zero_stage == 3 and o.mesh_shape["tensor"] == 2)
+  checked = plan.verify(sharded)
+  assert checked["ratio"] == pytest.approx(1.0, abs=0.10), (sharded.label(), checked)
 
 
 def test_plan_on_a_v4_slice_matches_its_compile(tmp_path):

@@ -261,7 +261,7 @@ CHIPS = {
   "h200": Chip("H200", 141e9, 989e12, 450e9, "gpu"),
 }
 # Without --chip: a device of the given memory ranked with these (stated in the output).
-GENERIC = Chip("generic", 0.0, 100e12, 100e9, "gpu")
+GENERIC = Chip("device (no --chip: 100 TFLOP/s, 100 GB/s links assumed)", 0.0, 100e12, 100e9, "gpu")
 
 
 def parse_bytes(text: str) -> float:
