@@ -25,6 +25,13 @@ stages a second table (JSON key `pipeline`): S, M, R, the bubble (S-1)/(M*R+S-1)
 collective-permute bytes per step beside 2 * (M*R+S-1) * one microbatch's activations per pass,
 the layer stacks' param and optimizer-state bytes per device beside the same model's without
 stages divided by S, temp bytes and dot FLOPs. JSON keys are listed in docs/parallelism.md.
+Temp bytes are printed beside lm/parallel/memory.py's formula (JSON `temp_formula`).
+
+--plan (experiments/plan.py): the options that fit a target, best first, without its devices;
+--verify compiles the top one here:
+
+  python -m experiments.bench --plan --config=experiments/wmt_ende.py:big --chip=v4-32 \
+    --verify --host_devices=16
 jax and lm are imported inside the functions: --host_devices must set XLA_FLAGS before jax loads.
 """
 
@@ -116,16 +123,11 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
   n_params = param_count(run.abstract_params)
   trainable = param_count(select(run.abstract_params, trainer.trainable))
   # Each pipeline stage holds 1/stage of the layer stacks: the formula's parameter counts.
-  counts = memory.state_counts(
-    run.logical, run.abstract_params, trainer.trainable, run.stacked(), run.mesh
-  )
-  mesh_shape = dict(run.mesh.shape)
-  formula = memory.state_bytes(counts, cfg.zero_stage, mesh_shape)
-  gathered = memory.gathered_bytes(cfg, run.dims, counts, mesh_shape)
+  counts, formula, temp_formula = memory.layout_formula(run, trainer.trainable)
   start = time.perf_counter()
   compiled = trainer.compile_train_step()
   compile_s = time.perf_counter() - start
-  memory = compiled.memory_analysis()
+  analysis = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   hlo = compiled.as_text()
@@ -159,12 +161,12 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
     "bytes_measured": measured,
     "bytes_formula": formula,
     "replicated_over_fsdp": counts["replicated"],
-    "temp_formula": memory.temp_terms(cfg, run.dims, mesh_shape, formula, gathered),
+    "temp_formula": temp_formula,
     "memory_analysis": {
-      "argument": memory.argument_size_in_bytes,
-      "output": memory.output_size_in_bytes,
-      "temp": memory.temp_size_in_bytes,
-      "alias": memory.alias_size_in_bytes,
+      "argument": analysis.argument_size_in_bytes,
+      "output": analysis.output_size_in_bytes,
+      "temp": analysis.temp_size_in_bytes,
+      "alias": analysis.alias_size_in_bytes,
     },
     "collectives": traffic,
     "gradient_bytes": 4 * trainable,

@@ -52,16 +52,8 @@ def _config(name: str, remat: str):
 
 
 def predicted_temp(trainer: Trainer) -> dict:
-  """The formula's temp terms for a built trainer, as experiments.bench computes them."""
-  run, cfg = trainer.layout, trainer.layout.cfg
-  counts = memory.state_counts(
-    run.logical, run.abstract_params, trainer.trainable, run.stacked(), run.mesh
-  )
-  shape = dict(run.mesh.shape)
-  state = memory.state_bytes(counts, cfg.zero_stage, shape)
-  return memory.temp_terms(
-    cfg, run.dims, shape, state, memory.gathered_bytes(cfg, run.dims, counts, shape)
-  )
+  """The formula's temp terms for a built trainer, as experiments.bench prints them."""
+  return memory.layout_formula(trainer.layout, trainer.trainable)[2]
 
 
 @pytest.mark.parametrize("remat", ["none", "save_dots", "full"])

@@ -439,3 +439,15 @@ def _chunk_settings(choices: dict) -> list[dict]:
   for key, values in choices.items():
     settings = [{**s, key: v} for s in settings for v in values]
   return settings
+
+
+def layout_formula(layout, trainable) -> tuple[dict, dict, dict]:
+  """(state counts, state bytes, temp terms) for a built lm.layout.Layout and its trainable
+  mask: what experiments.bench prints beside the compiled step."""
+  counts = state_counts(
+    layout.logical, layout.abstract_params, trainable, layout.stacked(), layout.mesh
+  )
+  shape = dict(layout.mesh.shape)
+  state = state_bytes(counts, layout.cfg.zero_stage, shape)
+  gathered = gathered_bytes(layout.cfg, layout.dims, counts, shape)
+  return counts, state, temp_terms(layout.cfg, layout.dims, shape, state, gathered)
