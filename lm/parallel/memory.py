@@ -22,8 +22,10 @@ import re
 
 import jax
 
+from lm import config as lmc
 from lm import trees
 from lm.config import ConfigError
+from lm.parallel import mesh as lm_mesh
 from lm.parallel import sharding
 
 _KINDS = ("params", "grads", "opt_state")
@@ -67,7 +69,7 @@ def formula_bytes(
 # a transcendental activation than of relu, and a gated MLP has two inputs); all but `d` split
 # over tensor. KEPT_PER_LAYER: what the policy keeps of every layer until its backward;
 # WORKING_SET: what one layer's backward adds (its recomputed residuals). Fitted by least
-# squares to the temp bytes of 36 CPU compiles (jax 0.10.2; docs/parallelism.md, "Memory
+# squares to the temp bytes of 37 CPU compiles (jax 0.10.2; docs/parallelism.md, "Memory
 # model"); the structure (which terms add, which overlap) is not.
 UNITS = ("d", "qkv", "scores", "mlp_relu", "mlp_gelu", "mlp_glu")
 KEPT_PER_LAYER = {  # per unit of UNITS
@@ -404,9 +406,6 @@ def candidates(cfg, devices: int):
   cfg on `devices` that passes the checks a run makes before it compiles (lm.config.validate,
   the mesh's divisibility checks on an abstract mesh of that shape); yields (cfg, mesh shape).
   ZeRO stages above 0 need fsdp > 1 (on fsdp 1 they are stage 0). No pipeline stages."""
-  from lm import config as lmc
-  from lm.parallel import mesh as lm_mesh
-
   chunk_choices = {
     k: sorted({0, cfg.model[k]}) for k in ("attention_chunk", "loss_chunk") if cfg.model.get(k, 0)
   }
