@@ -25,13 +25,19 @@ stages a second table (JSON key `pipeline`): S, M, R, the bubble (S-1)/(M*R+S-1)
 collective-permute bytes per step beside 2 * (M*R+S-1) * one microbatch's activations per pass,
 the layer stacks' param and optimizer-state bytes per device beside the same model's without
 stages divided by S, temp bytes and dot FLOPs. JSON keys are listed in docs/parallelism.md.
+Temp bytes are printed beside lm/parallel/memory.py's formula (JSON `temp_formula`).
+
+--plan (experiments/plan.py): the options that fit a target, best first, without its devices;
+--verify compiles the top one here:
+
+  python -m experiments.bench --plan --config=experiments/wmt_ende.py:big --chip=v4-32 \
+    --verify --host_devices=16
 jax and lm are imported inside the functions: --host_devices must set XLA_FLAGS before jax loads.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import sys
@@ -76,6 +82,30 @@ _MOCK_TFDS = flags.DEFINE_integer(
   "mock_tfds", 0, "With --pipeline: feed tfds sources from tfds.testing.mock_data (N examples)."
 )
 
+_PLAN = flags.DEFINE_bool(
+  "plan",
+  False,
+  "Instead of the step: the meshes, ZeRO stages, microbatches and remat policies that fit the "
+  "target (--chip, --devices, --device_memory), best first, from lm/parallel/memory.py.",
+)
+_CHIP = flags.DEFINE_string(
+  "chip", "", "With --plan: v4, v5e, v5p, v6e (or a slice: v4-32), h100, ..."
+)
+_DEVICES = flags.DEFINE_integer("devices", 0, "With --plan: devices (a slice name implies them).")
+_DEVICE_MEMORY = flags.DEFINE_string(
+  "device_memory", "", "With --plan: bytes per device (16GB, 32GiB), over the chip's."
+)
+_HEADROOM = flags.DEFINE_float(
+  "headroom", 0.1, "With --plan: the fraction of device memory kept free (fragmentation, XLA)."
+)
+_TOP = flags.DEFINE_integer("top", 10, "With --plan: how many options to print.")
+_VERIFY = flags.DEFINE_bool(
+  "verify",
+  False,
+  "With --plan: compile the top option abstractly on this process's devices (--host_devices "
+  "on CPU) and print predicted vs compiled bytes.",
+)
+
 AXES3 = ("data", "fsdp", "tensor")  # a 3-axis --meshes entry; 4-axis entries lead with stage
 
 
@@ -84,30 +114,20 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
 
   from lm import metrics
   from lm.data.synthetic import random_batch
-  from lm.parallel import report, sharding
+  from lm.parallel import memory, report
   from lm.train_step import Trainer
-  from lm.trees import param_count, param_paths, select
+  from lm.trees import param_count, select
 
   trainer = Trainer.build(cfg)
   run = trainer.layout
   n_params = param_count(run.abstract_params)
-  unsharded = sharding.replicated_over_fsdp(run.logical, run.abstract_params, run.mesh)
-  whole = sum(math.prod(shape) for shape, _ in unsharded.values())  # params ZeRO keeps whole
-  trained_paths = set(jax.tree.leaves(param_paths(select(run.abstract_params, trainer.trainable))))
   trainable = param_count(select(run.abstract_params, trainer.trainable))
-  whole_trainable = sum(math.prod(s) for p, (s, _) in unsharded.items() if p in trained_paths)
-  fsdp = run.mesh.shape["fsdp"]
   # Each pipeline stage holds 1/stage of the layer stacks: the formula's parameter counts.
-  stages = run.mesh.shape["stage"]
-  stacked = run.stacked()
-  in_stacks = param_count(select(run.abstract_params, stacked))
-  trained = select(run.abstract_params, trainer.trainable)
-  trained_in_stacks = param_count(select(trained, select(stacked, trainer.trainable)))
-  per_stage = lambda count, stack: count - stack + stack / stages
+  counts, formula, temp_formula = memory.layout_formula(run, trainer.trainable)
   start = time.perf_counter()
   compiled = trainer.compile_train_step()
   compile_s = time.perf_counter() - start
-  memory = compiled.memory_analysis()
+  analysis = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   hlo = compiled.as_text()
@@ -139,21 +159,14 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
     "num_params": n_params,
     "trainable_params": trainable,
     "bytes_measured": measured,
-    "bytes_formula": report.formula_bytes(
-      per_stage(n_params, in_stacks),
-      cfg.zero_stage,
-      fsdp,
-      run.mesh.shape["tensor"],
-      replicated=whole,
-      trainable=per_stage(trainable, trained_in_stacks),
-      replicated_trainable=whole_trainable,
-    ),
-    "replicated_over_fsdp": whole,
+    "bytes_formula": formula,
+    "replicated_over_fsdp": counts["replicated"],
+    "temp_formula": temp_formula,
     "memory_analysis": {
-      "argument": memory.argument_size_in_bytes,
-      "output": memory.output_size_in_bytes,
-      "temp": memory.temp_size_in_bytes,
-      "alias": memory.alias_size_in_bytes,
+      "argument": analysis.argument_size_in_bytes,
+      "output": analysis.output_size_in_bytes,
+      "temp": analysis.temp_size_in_bytes,
+      "alias": analysis.alias_size_in_bytes,
     },
     "collectives": traffic,
     "gradient_bytes": 4 * trainable,
@@ -320,8 +333,8 @@ def _mesh_label(mesh: dict) -> str:
 def print_table(results: list[dict]) -> None:
   print(
     "mesh([s,]d,f,t) zero | params MB (formula) | opt MB (formula) | grads MB (formula) | "
-    "arg MB | temp MB | all-reduce MB | all-gather MB | reduce-scatter MB | all-to-all MB | "
-    "compile s | step s | tokens/s | frac peak | dot GFLOP/dev"
+    "arg MB | temp MB (formula) | all-reduce MB | all-gather MB | reduce-scatter MB | "
+    "all-to-all MB | compile s | step s | tokens/s | frac peak | dot GFLOP/dev"
   )
   for r in results:
     m, b, f, c = r["mesh"], r["bytes_measured"], r["bytes_formula"], r["collectives"]
@@ -329,7 +342,7 @@ def print_table(results: list[dict]) -> None:
       f"{_mesh_label(m):<15} {r['zero_stage']:>4} |"
       f"{_mb(b['params'])} ({_mb(f['params'])}) |{_mb(b['opt_state'])} ({_mb(f['opt_state'])})"
       f" |{_mb(b['grads'])} ({_mb(f['grads'])}) |{_mb(r['memory_analysis']['argument'])} |"
-      f"{_mb(r['memory_analysis']['temp'])} |"
+      f"{_mb(r['memory_analysis']['temp'])} ({_mb(r['temp_formula']['total'])}) |"
       + " |".join(
         _mb(c[k]["bandwidth_bytes"])
         for k in ("all-reduce", "all-gather", "reduce-scatter", "all-to-all")
@@ -411,6 +424,37 @@ def bench_configs(cfg, sweep: bool, meshes: str, microbatches: list, repeats: li
   return configs
 
 
+def run_plan(cfg) -> dict:
+  """--plan: the fitting options, best first; with --verify the top one compiled here."""
+  from experiments import plan
+  from lm.config import ConfigError
+  from lm.parallel import memory
+
+  chip, devices = memory.target(_CHIP.value, _DEVICES.value, _DEVICE_MEMORY.value)
+  options, valid = plan.plan(cfg, chip, devices, _HEADROOM.value)
+  plan.print_plan(options, valid, chip, devices, _HEADROOM.value, _TOP.value)
+  result = {"chip": chip.name, "devices": devices, "options": [plan.as_json(o) for o in options]}
+  if _VERIFY.value:
+    import jax
+
+    if len(jax.devices()) < devices:
+      raise ConfigError(
+        f"--verify: the top option needs {devices} devices, this process has "
+        f"{len(jax.devices())}; pass --host_devices={devices} on CPU"
+      )
+    checked = plan.verify(options[0])
+    result["verify"] = checked
+    print(
+      f"verify (top option compiled on {devices} {checked['platform']} devices; predicted for "
+      f"that platform's dtype): predicted {checked['predicted_bytes'] / 2**20:.1f} MiB per device"
+      f" (temp {checked['predicted_temp'] / 2**20:.1f}), compiled "
+      f"{checked['compiled_bytes'] / 2**20:.1f} MiB (arguments "
+      f"{checked['compiled_argument'] / 2**20:.1f} + temp {checked['compiled_temp'] / 2**20:.1f})"
+      f": ratio {checked['ratio']:.3f}"
+    )
+  return result
+
+
 def main(argv):
   del argv
   if _HOST_DEVICES.value:
@@ -421,6 +465,16 @@ def main(argv):
   from lm.config import ConfigError
 
   cfg = _CONFIG.value
+  if _PLAN.value:
+    try:
+      result = run_plan(cfg)
+    except ConfigError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    if _JSON.value:
+      with open(_JSON.value, "w") as f:
+        json.dump(result, f, indent=2)
+    return
   if _DECODE.value:
     print(json.dumps(decode_throughput(_DECODE.value, _SENTENCES.value), indent=2))
     return

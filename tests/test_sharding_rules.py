@@ -11,7 +11,7 @@ import os
 import jax
 import pytest
 
-from lm.parallel import report, sharding
+from lm.parallel import memory, report, sharding
 from lm.train_step import Trainer
 from lm.trees import param_count
 from tests.helpers import tiny_config
@@ -78,6 +78,6 @@ def test_tensors_zero_cannot_shard_are_reported_and_counted(fsdp):
     assert nbytes == 4 * int(jax.numpy.prod(jax.numpy.asarray(shape))), name
   # The bench's formula: sharded bytes over fsdp, plus the whole tensors on every device.
   kept = sum(int(jax.numpy.prod(jax.numpy.asarray(shape))) for shape, _ in whole.values())
-  formula = report.formula_bytes(param_count(run.layout.abstract_params), 3, fsdp, replicated=kept)
+  formula = memory.formula_bytes(param_count(run.layout.abstract_params), 3, fsdp, replicated=kept)
   measured = report.sharded_bytes(run.layout.abstract_params, run.layout.shardings.params)
   assert formula["params"] == measured

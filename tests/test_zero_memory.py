@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from lm.parallel import report
+from lm.parallel import memory, report
 from lm.train_step import Trainer
 from lm.trees import param_count, select
 from tests.helpers import tiny_config
@@ -34,7 +34,7 @@ def test_state_bytes_per_device_match_formula_on_fsdp_mesh(adaptation):
     trainable = param_count(select(run.layout.abstract_params, run.trainable))
     assert (trainable == psi) == (not adaptation)
     params, opt = _state_bytes(run)
-    formula = report.formula_bytes(psi, stage, fsdp=8, trainable=trainable)
+    formula = memory.formula_bytes(psi, stage, fsdp=8, trainable=trainable)
     assert params == formula["params"], (stage, params, formula)
     assert opt == formula["opt_state"], (stage, opt, formula)
 

@@ -1,9 +1,5 @@
-"""What a compiled train step costs: per-device bytes by kind and collective traffic from HLO.
-
-Accounting (docs/architecture.md): params fp32 4 B, grads fp32 4 B, Adam m+v 8 B per parameter. Per
-device with N = fsdp size: Z0 16Ψ; Z1 8Ψ + 8Ψ/N; Z2 4Ψ + 12Ψ/N; Z3 16Ψ/N. With frozen
-parameters (train.trainable, LoRA, adapters) grads and opt_state count the T trainable ones
-only: Z0 4Ψ + 12T, ..., Z3 (4Ψ + 12T)/N.
+"""What a compiled train step costs: per-device bytes of placed arrays, collective traffic and
+matmul FLOPs from the HLO. The formulas these are held to live in lm/parallel/memory.py.
 """
 
 from __future__ import annotations
@@ -44,41 +40,6 @@ def sharded_bytes(abstract_tree, shardings) -> int:
     shape = sharding.shard_shape(leaf.shape)
     total += int(np.prod(shape)) * leaf.dtype.itemsize
   return total
-
-
-def formula_bytes(
-  num_params: int,
-  zero_stage: int,
-  fsdp: int,
-  tensor: int = 1,
-  replicated: int = 0,
-  trainable: int | None = None,
-  replicated_trainable: int | None = None,
-) -> dict:
-  """The accounting for fp32 params, fp32 grads and Adam (m, v), per device; `tensor` divides
-  everything (norm scales are the small exception, replicated over tensor). `replicated`
-  parameters have no dimension fsdp divides: a stage that shards their kind keeps them whole.
-  `trainable` (default all) of them have gradients and optimizer state, `replicated_trainable`
-  of those replicated."""
-  counts = {
-    "params": (num_params, replicated),
-    "grads": (num_params if trainable is None else trainable, replicated_trainable),
-    "opt_state": (num_params if trainable is None else trainable, replicated_trainable),
-  }
-  per_device = {}
-  for k, (count, whole) in counts.items():
-    whole = (replicated if whole is None else whole) if fsdp > 1 else 0
-    sharded = k in _STAGE_KINDS[zero_stage]
-    per_device[k] = ((count - whole) / fsdp + whole if sharded else count) / tensor
-  return {
-    "params": 4 * per_device["params"],
-    "grads": 4 * per_device["grads"],
-    "opt_state": 8 * per_device["opt_state"],
-  }
-
-
-_KINDS = ("params", "grads", "opt_state")
-_STAGE_KINDS = {0: (), 1: ("opt_state",), 2: ("opt_state", "grads"), 3: _KINDS}
 
 
 def _type_bytes(type_text: str) -> int:
