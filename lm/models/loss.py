@@ -1,8 +1,10 @@
-"""Label-smoothed cross-entropy, summed so that microbatches add up exactly."""
+"""Label-smoothed cross-entropy, summed so that microbatches add up exactly; and the sums over
+sequence chunks that keep one chunk's logits at a time."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +54,37 @@ def distill_sums(
   log_p = jax.nn.log_softmax(teacher_logits / temperature + offsets, axis=-1)
   kl = (jnp.exp(log_p) * (log_p - log_q) * real).sum(axis=-1)
   return (kl * weights).sum() * temperature**2
+
+
+def chunked_sums(sums_of: Callable, chunk: int, *per_position) -> tuple[jax.Array, ...]:
+  """`sums_of(*per_position)` (a tuple of sums over positions) added up over chunks of `chunk`
+  positions along axis 1 of every array ([batch, length, ...]; None passes through).
+
+  A `lax.scan` whose body is rematerialized: the forward keeps no chunk's intermediates (its
+  logits) and the backward recomputes one chunk at a time, so at most one chunk's logits and
+  their gradient exist; gradients of what `sums_of` closes over (the head's weights) add up
+  over the chunks. The last chunk is padded with zeros, which `sums_of` must weigh as nothing
+  (weights 0). chunk 0: one call over all positions.
+  """
+  if not chunk:
+    return sums_of(*per_position)
+  length = jax.tree.leaves(per_position)[0].shape[1]
+  chunk = min(chunk, length)
+  count = -(-length // chunk)
+
+  def split(x):  # [batch, length, ...] -> [count, batch, chunk, ...]
+    x = jnp.pad(x, [(0, 0), (0, count * chunk - length)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(x.shape[0], count, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+  def body(_, chunks):
+    return None, sums_of(*chunks)
+
+  # Per-chunk sums as the scan's outputs, not a carry: no initial value to match the manual
+  # region's varying axes.
+  _, per_chunk = jax.lax.scan(
+    jax.checkpoint(body, prevent_cse=False), None, jax.tree.map(split, per_position)
+  )
+  return tuple(s.sum(axis=0) for s in per_chunk)
 
 
 def _class_offsets(logits: jax.Array, classes: int) -> tuple[jax.Array, jax.Array]:
