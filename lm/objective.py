@@ -57,7 +57,19 @@ def loss_sums(
   """(loss sum, (target tokens, correct tokens)) of one batch (task=classify: examples, not
   tokens); with the `teacher`'s outputs for the batch, the distillation mix
   (train.distill_weight, train.distill_temperature)."""
-  features, head = model_outputs(layout, params, batch, dropout_key)
+  outputs = model_outputs(layout, params, batch, dropout_key)
+  return output_loss_sums(layout, outputs, batch, label_smoothing, teacher)
+
+
+def output_loss_sums(
+  layout: Layout,
+  outputs: Outputs,
+  batch: dict,
+  label_smoothing: float,
+  teacher: Outputs | None = None,
+):
+  """loss_sums from the model's outputs for the batch (model_outputs)."""
+  features, head = outputs
   limit, chunk = layout.vocab_limit, layout.cfg.model.loss_chunk
   if layout.cfg.task == "classify":
     # One label per row: its class logits as one position; the counts are examples (padding
