@@ -2,6 +2,7 @@
 and holds one chunk's logits."""
 
 import functools
+import re
 import types
 
 import jax
@@ -159,6 +160,30 @@ def test_zero3_gathers_the_tied_head_once_per_microbatch_whatever_the_chunk_coun
     with jax.set_mesh(run.layout.mesh):
       jaxpr = jax.make_jaxpr(run.train_step)(run.abstract_state(), run.layout.abstract_batch())
     counts[chunk] = _executed_all_gathers(jaxpr.jaxpr)
+  assert counts[0] > 0 and len(set(counts.values())) == 1, counts
+
+
+def _all_gathers_in_hlo(hlo: str, trip_count: int) -> tuple[int, list[int]]:
+  """(all-gathers in the compiled program, those in the body of each of its loops of
+  `trip_count` iterations)."""
+  computations = {b.split(" ", 2)[int(b.startswith("ENTRY"))]: b for b in hlo.split("\n\n")}
+  bodies = re.findall(rf'body=(%[\w.\-]+).*?known_trip_count":{{"n":"{trip_count}"', hlo)
+  return hlo.count(" all-gather("), [computations[b].count(" all-gather(") for b in bodies]
+
+
+def test_zero3_evaluation_gathers_the_tied_head_outside_the_chunk_loop():
+  """In evaluation the partitioner places the gathers: the compiled program has as many for 4
+  and 8 chunks as for none, and none in the chunk loop's body."""
+  counts = {}
+  for chunk, chunks in ((0, 0), (4, 4), (2, 8)):
+    cfg = _config("lm", chunk, mesh=(1, 4, 2), stage=3)
+    cfg.model.tie_embeddings = True
+    layout = Layout.build(cfg, devices=_devices(cfg))
+    nll = jax.jit(lambda p, b, layout=layout: objective.nll_sums(layout, p, b))
+    with jax.set_mesh(layout.mesh):
+      compiled = nll.lower(layout.placed_params(), layout.abstract_batch(8)).compile()
+    counts[chunk], in_chunk_loops = _all_gathers_in_hlo(compiled.as_text(), chunks)
+    assert chunks == 0 or in_chunk_loops == [0], in_chunk_loops  # one loop, no gather in it
   assert counts[0] > 0 and len(set(counts.values())) == 1, counts
 
 
