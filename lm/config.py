@@ -82,6 +82,10 @@ def _base() -> ml_collections.ConfigDict:
       start_id=2,
       dropout_rate=0.1,
       label_smoothing=0.1,
+      # Positions per chunk of the loss: each chunk's logits [rows, chunk, vocab] are computed,
+      # used for the loss and its gradient, and dropped; 0 = all at once (short sequences' programs
+      # as they were; chunks cost no step time, measured, and pay when the logits are large).
+      loss_chunk=0,
       dtype="auto",  # compute dtype; auto = bfloat16 on TPU/GPU, float32 on CPU
       param_dtype="float32",
       # Recompute in the backward pass: none (keep activations), full (keep only layer inputs),
@@ -360,6 +364,7 @@ INFERENCE_FIELDS = (
   "data.eval_examples",
   "train.global_batch_size",
   "train.microbatches",
+  "model.loss_chunk",  # how the loss is computed, not what: evaluation may chunk otherwise
 )
 # How the layers lie on the mesh's pipeline stages: the mesh's, taken with it.
 PIPELINE_FIELDS = ("model.pipeline_repeats", "train.pipeline_microbatches", "train.pipeline_gather")
@@ -425,7 +430,7 @@ def validate(cfg: ml_collections.ConfigDict, training: bool = True) -> None:
   m = cfg.model
   for field in ("vocab_size", "d_model", "num_heads", "mlp_dim", "dec_layers", "max_len"):
     _check_positive(cfg, "model." + field)
-  for field in ("head_dim", "enc_layers", "num_kv_heads", "start_id"):
+  for field in ("head_dim", "enc_layers", "num_kv_heads", "start_id", "loss_chunk"):
     _check_positive(cfg, "model." + field, allow_zero=True)
   if m.num_kv_heads and m.num_heads % m.num_kv_heads:
     _fail(

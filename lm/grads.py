@@ -51,9 +51,9 @@ def summed_grads(
   summed over data, and the sums come per replica: [data, 3].
 
   Only the trainable parameters (`trainable`) get gradients, accumulators and reductions;
-  frozen ones enter the loss as constants. With a teacher, its logits for each microbatch are
-  computed in the same region, under stop_gradient; `teacher_params` are its parameters as
-  the step's argument.
+  frozen ones enter the loss as constants. With a teacher, its hidden states for each
+  microbatch are computed in the same region, without gradient, and its head runs on each of
+  the loss's chunks; `teacher_params` are its parameters as the step's argument.
   """
   cfg = layout.cfg
   k = cfg.train.microbatches
@@ -80,9 +80,10 @@ def summed_grads(
   def over_tensor(tree):
     return jax.lax.with_sharding_constraint(tree, tensor_specs)
 
-  def loss_of(params, trained, microbatch, keys, teacher_logits):
+  def loss_of(params, trained, microbatch, keys, teacher_params):
     full = layout.gathered(trees.merge(params, trained))
-    return objective.training_loss_sums(layout, full, microbatch, keys, teacher_logits)
+    taught = teacher.outputs(teacher_params, microbatch) if teacher else None
+    return objective.training_loss_sums(layout, full, microbatch, keys, taught)
 
   def local(params, batch, teacher_params):
     rows = jax.tree.leaves(batch)[0].shape[0]
@@ -94,19 +95,15 @@ def summed_grads(
       params = jax.tree.map(lambda p: p[0], params)  # this replica's own copy
     params = jax.tree.map(varying, params)
     trained = trees.select(params, trainable)  # the rest is frozen: no gradient
-    grad_fn = jax.value_and_grad(
-      lambda t, mb, keys, teacher_logits: loss_of(params, t, mb, keys, teacher_logits),
-      has_aux=True,
-    )
     teacher_params = jax.tree.map(varying, teacher_params)
+    grad_fn = jax.value_and_grad(
+      lambda t, mb, keys: loss_of(params, t, mb, keys, teacher_params), has_aux=True
+    )
 
     def accumulate(carry, microbatch):
       acc, sums = carry
       mb, mb_keys = microbatch
-      teacher_logits = None
-      if teacher:  # frozen: its logits are constants of the student's gradient
-        teacher_logits = jax.lax.stop_gradient(teacher.logits(teacher_params, mb))
-      (loss, (tokens, correct)), grads = grad_fn(trained, mb, mb_keys, teacher_logits)
+      (loss, (tokens, correct)), grads = grad_fn(trained, mb, mb_keys)
       grads = jax.tree.map(
         lambda g, p: p.per_microbatch(g, reduce_dtype).astype(jnp.float32),
         over_tensor(grads),

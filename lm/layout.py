@@ -8,6 +8,7 @@ export and serving need nothing more; training adds its optimizer on top (`lm.tr
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -177,8 +178,18 @@ class Layout:
       return jax.jit(self.fresh_params, out_shardings=self.shardings.params)()
 
   def logits(self, params, batch: dict, dropout_key=None) -> jax.Array:
-    """[batch, length, vocab] float32; dropout only with a key."""
+    """[batch, length, vocab] float32 (a classifier's: [batch, classes]); dropout only with a
+    key."""
     return nnx.merge(self.graphdef, params)(batch, dropout_key)
+
+  def hidden(self, params, batch: dict, dropout_key=None) -> jax.Array:
+    """A sequence model's final hidden states [batch, length, embed]: the head's input."""
+    return nnx.merge(self.graphdef, params).hidden(batch, dropout_key)
+
+  def head(self, params) -> Callable[[jax.Array], jax.Array]:
+    """A sequence model's output head: hidden states [batch, positions, embed] -> logits
+    [batch, positions, vocab] float32, its weights read (gathered) once for all calls."""
+    return nnx.merge(self.graphdef, params).head()
 
   def gathered(self, params):
     """Inside the training step's manual region under ZeRO-3: the parameters outside the layer

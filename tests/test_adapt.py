@@ -152,9 +152,10 @@ def test_distillation_loss_is_cross_entropy_plus_kl_and_weight_zero_is_plain_tra
   params = run.init_state().params
   batch = {k: np.asarray(v) for k, v in random_batch(cfg, seed=2, padding=3).items()}
   teacher_logits = np.random.RandomState(0).normal(size=(*batch["targets"].shape, 128)) * 3
-  loss, (tokens, _) = jax.jit(functools.partial(objective.training_loss_sums, run.layout))(
-    params, batch, None, teacher_logits
-  )
+  # The teacher's outputs as (features, head): its logits themselves and the identity.
+  loss, (tokens, _) = jax.jit(
+    lambda p, b, t: objective.training_loss_sums(run.layout, p, b, None, (t, lambda x: x))
+  )(params, batch, teacher_logits)
 
   logits = np.asarray(nnx.merge(run.layout.graphdef, params)(batch, None), np.float64)[..., :64]
   weights = batch["targets"] > 0

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lm.parallel.sharding import constrain, fsdp_specs, gather_layer, manual_axes
+from lm.parallel.sharding import constrain, fsdp_specs, manual_axes
 
 
 def _param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
@@ -379,7 +379,7 @@ class Mlp(nnx.Module):
 
 
 class Embedding(nnx.Module):
-  """Token table [vocab, embed]; with tying it also produces the output logits."""
+  """Token table [vocab, embed]; with tying also the output head's (`_Model.head`)."""
 
   def __init__(self, dims, rngs: nnx.Rngs):
     shape, init = (dims.vocab_size, dims.d_model), _fan_in_init(dims.d_model)
@@ -389,13 +389,6 @@ class Embedding(nnx.Module):
 
   def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
     return lookup(self.table[...], ("vocab", "embed"), tokens, dtype, self.params_sharded)
-
-  def attend(self, x: jax.Array) -> jax.Array:
-    """[b, l, embed] -> logits [b, l, vocab]."""
-    table = self.table[...]
-    if self.params_sharded:
-      table = gather_layer(table, ("vocab", "embed"), self.shape)
-    return jnp.einsum("ble,ve->blv", x, table.astype(x.dtype))
 
 
 def lookup(

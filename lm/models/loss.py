@@ -1,8 +1,10 @@
-"""Label-smoothed cross-entropy, summed so that microbatches add up exactly."""
+"""Label-smoothed cross-entropy, summed so that microbatches add up exactly; and the sums over
+sequence chunks that keep one chunk's logits at a time."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +54,74 @@ def distill_sums(
   log_p = jax.nn.log_softmax(teacher_logits / temperature + offsets, axis=-1)
   kl = (jnp.exp(log_p) * (log_p - log_q) * real).sum(axis=-1)
   return (kl * weights).sum() * temperature**2
+
+
+def chunked_sums(sums_of: Callable, chunk: int, *per_position) -> tuple[jax.Array, ...]:
+  """`sums_of(*per_position)` (a tuple of sums over positions, the first differentiable: the
+  loss) added up over chunks of `chunk` positions along axis 1 of every array ([batch, length,
+  ...]; None passes through). Gradients flow to the first array (the hidden states) and to what
+  `sums_of` closes over (the head's weights).
+
+  A `lax.scan` over the chunks with a custom VJP: under differentiation each chunk's gradient
+  is taken as its sums are (`jax.vjp` inside the scan), so one chunk's logits serve its forward
+  and its backward, then are dropped; the weights' gradient adds up over the chunks, and the
+  backward only scales what the forward kept by the loss's cotangent. No chunk is recomputed.
+  The last chunk is padded with zeros, which `sums_of` must weigh as nothing (weights 0).
+  chunk 0: one call over all positions.
+  """
+  if not chunk:
+    return sums_of(*per_position)
+  length = jax.tree.leaves(per_position)[0].shape[1]
+  chunk = min(chunk, length)
+  count = -(-length // chunk)
+
+  def split(x):  # [batch, length, ...] -> [count, batch, chunk, ...]
+    x = jnp.pad(x, [(0, 0), (0, count * chunk - length)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(x.shape[0], count, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+  chunks = jax.tree.map(split, per_position)
+  # The closed-over values that carry gradient (the head's weights) become arguments, so that
+  # the custom VJP can return their gradient.
+  converted, weights = jax.closure_convert(sums_of, *jax.tree.map(lambda x: x[0], chunks))
+  return _chunk_sums(converted, chunks, *weights)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunk_sums(sums_of, chunks, *weights):
+  # Per-chunk sums as the scan's outputs, not a carry: no initial value to match the manual
+  # region's varying axes.
+  _, per_chunk = jax.lax.scan(lambda _, c: (None, sums_of(*c, *weights)), None, chunks)
+  return tuple(s.sum(axis=0) for s in per_chunk)
+
+
+def _chunk_sums_forward(sums_of, chunks, *weights):
+  def body(grad_w, c):  # this chunk's sums and the loss's gradient (features, weights)
+    others = c[1:]
+    sums, vjp = jax.vjp(lambda x, w: sums_of(x, *others, *w), c[0], weights)
+    grad_x, chunk_grad_w = vjp((jnp.ones_like(sums[0]), *map(jnp.zeros_like, sums[1:])))
+    return jax.tree.map(jnp.add, grad_w, chunk_grad_w), (sums, grad_x)
+
+  # Inside a manual region the carry varies over the axes its summands vary over.
+  leaves = jax.tree.leaves((chunks, weights))
+  varying = frozenset().union(*(jax.typeof(x).mat.varying for x in leaves))
+  zeros = tuple(_varying(jnp.zeros(w.shape, w.dtype), varying) for w in weights)
+  grad_w, (per_chunk, grad_x) = jax.lax.scan(body, zeros, chunks)
+  others = jax.tree.map(lambda _: None, chunks[1:])  # no gradient: targets, weights, teacher
+  return tuple(s.sum(axis=0) for s in per_chunk), (grad_x, grad_w, others)
+
+
+def _varying(x: jax.Array, axes: frozenset) -> jax.Array:
+  missing = tuple(sorted(axes - jax.typeof(x).mat.varying))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _chunk_sums_backward(sums_of, residuals, cotangents):
+  grad_x, grad_w, others = residuals
+  scale = cotangents[0]  # only the loss carries gradient
+  return ((grad_x * scale, *others), *jax.tree.map(lambda g: g * scale, grad_w))
+
+
+_chunk_sums.defvjp(_chunk_sums_forward, _chunk_sums_backward)
 
 
 def _class_offsets(logits: jax.Array, classes: int) -> tuple[jax.Array, jax.Array]:

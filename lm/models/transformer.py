@@ -9,6 +9,7 @@ Batches are dicts of [batch, length] int32 arrays: `inputs`, `targets` and, for 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -544,15 +545,35 @@ class _Model(nnx.Module):
       x = x + lookup(table, ("length", "embed"), positions, d.dtype, d.params_sharded)
     return constrain(x, ("batch", "length", "embed"))
 
+  def __call__(self, batch: dict, dropout_key=None) -> jax.Array:
+    """Logits [batch, length, vocab] float32."""
+    return self.logits(self.hidden(batch, dropout_key))
+
   def logits(self, x) -> jax.Array:
-    if self.dims.tie_embeddings:
-      out = self.embed.attend(x)
+    """[batch, length, embed] -> [batch, length, vocab] float32."""
+    return self.head()(x)
+
+  def head(self) -> Callable[[jax.Array], jax.Array]:
+    """The output projection as a function of hidden states [batch, positions, embed], its
+    weights read (and gathered, under ZeRO-3 outside the step's region) once: a loss looping
+    over sequence chunks calls it per chunk without gathering per chunk."""
+    d = self.dims
+    if d.tie_embeddings:  # the table [vocab, embed]
+      table = self.embed.table[...]
+      if d.params_sharded:
+        table = gather_layer(table, ("vocab", "embed"), self.embed.shape)
+      kernel, spec = table, "ble,ve->blv"
     else:
-      out = x @ self.output[...].astype(x.dtype)
-    out = out.astype(jnp.float32)
-    if self.dims.logits_bias:
-      out = out + self.logits_bias[...].astype(jnp.float32)
-    return constrain(out, ("batch", "length", "vocab"))
+      kernel, spec = self.output[...], "ble,ev->blv"
+    bias = self.logits_bias[...].astype(jnp.float32) if d.logits_bias else None
+
+    def logits(x):
+      out = jnp.einsum(spec, x, kernel.astype(x.dtype)).astype(jnp.float32)
+      if bias is not None:
+        out = out + bias
+      return constrain(out, ("batch", "length", "vocab"))
+
+    return logits
 
   def final_norm(self, x, norm) -> jax.Array:
     """Pre-norm stacks end with a norm; post-norm ones have normed every block already."""
@@ -585,7 +606,7 @@ class EncoderDecoder(_Model):
       encoded=encoded,
       cross_mask=attention_mask(segments, input_segments, causal=False),
     )
-    return self.logits(self.final_norm(x, self.decoder_norm))
+    return self.final_norm(x, self.decoder_norm)
 
   def encode_source(self, inputs, lengths) -> dict:
     """Encodes the source (`lengths` [batch] tokens of each row of `inputs`) once: the
@@ -605,7 +626,8 @@ class EncoderDecoder(_Model):
     (attending over the cache's first `span` positions: see DecoderLayer.decode_step)."""
     return _decode_step(self, tokens, index, cache, cross_mask=cache["cross_mask"], span=span)
 
-  def __call__(self, batch: dict, dropout_key=None) -> jax.Array:
+  def hidden(self, batch: dict, dropout_key=None) -> jax.Array:
+    """The decoder's final hidden states [batch, length, embed] (after its final norm)."""
     k_enc, k_dec = split_keys(dropout_key, 2)
     in_seg, in_pos = _segments_and_positions(batch, "inputs")
     tgt_seg, tgt_pos = _segments_and_positions(batch, "targets")
@@ -644,7 +666,8 @@ class Decoder(_Model):
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
     return self.logits(self.final_norm(last, self.decoder_norm))[:, 0], cached
 
-  def __call__(self, batch: dict, dropout_key=None) -> jax.Array:
+  def hidden(self, batch: dict, dropout_key=None) -> jax.Array:
+    """The final hidden states [batch, length, embed] (after the final norm)."""
     k_embed, k_layers = split_keys(dropout_key, 2)
     segments, positions = _segments_and_positions(batch, "targets")
     tokens = shift_right(batch["targets"], positions, self.dims.start_id)
@@ -656,7 +679,7 @@ class Decoder(_Model):
     else:
       mask = attention_mask(segments, segments, causal=True)
       x = self.decoder(x, k_layers, mask=mask, positions=positions)
-    return self.logits(self.final_norm(x, self.decoder_norm))
+    return self.final_norm(x, self.decoder_norm)
 
 
 def _causal_layer_inputs(rows: dict) -> dict:
