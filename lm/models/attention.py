@@ -121,9 +121,15 @@ def attend(q, k, v, mask: AttentionMask, *, implementation: str, chunk: int = 0)
     _log_once("cuDNN attention takes no packed rows: packed batches use XLA attention")
   if implementation == "splash" and mask.q_positions is None:
     block = _splash_block(q.shape[1], k.shape[1])
-    if block:
+    if manual_axes():
+      # Inside the train step's region (manual over the batch axes): in jax 0.10 a pallas_call
+      # declares no varying axes, and a check_vma=False region nested in the step's checked
+      # one transposes to cotangents of the wrong type. Until then training uses XLA here.
+      _log_once("splash attention inside a manual region (the train step): XLA attention")
+    elif block:
       return _splash(q, k, v, mask, block)
-    _log_once("splash attention needs lengths that are multiples of 128: XLA attention here")
+    else:
+      _log_once("splash attention needs lengths that are multiples of 128: XLA attention")
   return _xla(q, k, v, mask, chunk)
 
 
@@ -185,13 +191,15 @@ def _splash_block(t: int, s: int) -> int:
 
 
 def _splash(q, k, v, mask: AttentionMask, block: int) -> jax.Array:
-  """Splash attention (a Pallas TPU kernel) in a shard_map over the mesh axes not already
-  manual, so each device runs it on its own rows and heads."""
+  """Splash attention (a Pallas TPU kernel) in a shard_map over the mesh, so each device runs
+  it on its own rows and heads."""
   mesh = jax.sharding.get_abstract_mesh()
-  free = set() if mesh.empty else set(mesh.axis_names) - manual_axes()
+  free = set() if mesh.empty else set(mesh.axis_names)
   h, g = q.shape[2], k.shape[2]
+  local = functools.partial(_splash_local, causal=mask.causal, block=block, heads=h, kv_heads=g)
+  segments = (mask.q_segments, mask.kv_segments)
   if not free:
-    return _splash_local(q, k, v, mask.q_segments, mask.kv_segments, mask, block, h, g)
+    return local(q, k, v, *segments)
 
   def spec(names, shape):
     return keep_axes(spec_for(names, shape, mesh, False), free)
@@ -199,18 +207,36 @@ def _splash(q, k, v, mask: AttentionMask, block: int) -> jax.Array:
   q_spec = spec(("batch", "length", "heads", "kv"), q.shape)
   kv_spec = spec(("batch", "length", "kv_heads", "kv"), k.shape)
   seg_spec = spec(("batch", "length"), mask.q_segments.shape)
-  local = functools.partial(_splash_local, mask=mask, block=block, heads=h, kv_heads=g)
-  region = jax.shard_map(
-    lambda q, k, v, qs, ks: local(q, k, v, qs, ks),
-    in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
-    out_specs=q_spec,
-    axis_names=free,
-    check_vma=False,
-  )
-  return region(q, k, v, mask.q_segments, mask.kv_segments)
+  # Axes that split query heads but not key/value heads: each device's k/v gradient is a part.
+  partial_over = tuple(a for a in free if a in jax.tree.leaves(q_spec[2]) and a not in kv_spec)
+  inputs = (q_spec, kv_spec, kv_spec, seg_spec, seg_spec)
+  # check_vma=False: a pallas_call declares no varying axes. The backward is a region of its
+  # own (the kernel's vjp inside), which sums the k/v gradient parts explicitly.
+  region = functools.partial(jax.shard_map, axis_names=free, check_vma=False)
+  forward = region(local, in_specs=inputs, out_specs=q_spec)
+
+  def backward_local(q, k, v, qs, ks, dy):
+    _, vjp = jax.vjp(lambda q, k, v: local(q, k, v, qs, ks), q, k, v)
+    dq, dk, dv = vjp(dy)
+    return dq, *(jax.lax.psum(x, partial_over) if partial_over else x for x in (dk, dv))
+
+  backward = region(backward_local, in_specs=(*inputs, q_spec), out_specs=inputs[:3])
+
+  @jax.custom_vjp
+  def run(q, k, v, qs, ks):
+    return forward(q, k, v, qs, ks)
+
+  def run_fwd(q, k, v, qs, ks):
+    return run(q, k, v, qs, ks), (q, k, v, qs, ks)
+
+  def run_bwd(saved, dy):
+    return (*backward(*saved, dy), None, None)
+
+  run.defvjp(run_fwd, run_bwd)
+  return run(q, k, v, *segments)
 
 
-def _splash_local(q, k, v, q_segments, kv_segments, mask, block, heads, kv_heads):
+def _splash_local(q, k, v, q_segments, kv_segments, *, causal, block, heads, kv_heads):
   """One device's rows and heads: q [b, t, hl, kv], k/v [b, s, gl, kv]."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
@@ -224,7 +250,7 @@ def _splash_local(q, k, v, q_segments, kv_segments, mask, block, heads, kv_heads
     k, v, gl = jnp.take(k, own, axis=2), jnp.take(v, own, axis=2), hl
   r = hl // gl
   shape = (t, s)
-  head_mask = sm.CausalMask(shape) if mask.causal else sm.FullMask(shape)
+  head_mask = sm.CausalMask(shape) if causal else sm.FullMask(shape)
   sizes = sk.BlockSizes(*(min(block, 512),) * 8)
   make = sk.make_splash_mqa if r > 1 else sk.make_splash_mha
   kernel = make(
