@@ -114,6 +114,8 @@ def _config(task, packed, mesh=(1, 1, 1), stage=0, attention_choice="xla", chunk
 
 def _batch(cfg, step: int, packed: bool) -> dict:
   batch = random_batch(cfg, seed=step, padding=2, packed=packed)
+  if packed and "inputs" in batch:  # a packed row holds whole pairs: each target has its source
+    batch["inputs_segment_ids"] = batch["targets_segment_ids"].copy()
   if packed:  # two examples in every row: segments 1 and 2, positions restarting at the second
     for side in [s for s in ("inputs", "targets") if s in batch]:
       t = batch[side].shape[1]
