@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from lm import config as lmc
-from lm import decode
+from lm import decode, engine
 from lm.data.synthetic import random_batch
 from lm.data.tokenizer import BOS_ID, EOS_ID
 from lm.layout import Layout
@@ -261,6 +261,24 @@ def test_decode_steps_and_prefill_with_chunked_attention_equal_the_forward_pass(
     np.testing.assert_allclose(jnp.stack(steps, 1), full, rtol=1e-5, atol=2e-5)
     logits[chunk] = full
   np.testing.assert_allclose(logits[3], logits[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("task", ["lm", "translation"])
+def test_the_engine_with_chunked_attention_serves_what_today_decodes(task):
+  from tests import test_engine
+
+  chunked = test_engine._decoder(task, attention="xla", attention_chunk=3)
+  today = test_engine._decoder(task, attention="xla", attention_chunk=0)
+  eng = engine.Engine(chunked, 4, 2, prefill_rows=4)  # prefill widths of 8+: chunked
+  eng.warm_up()
+  requests = test_engine._requests(task, 8, seed=3)
+  eng.start()
+  try:
+    results = test_engine._run(eng, requests)
+  finally:
+    eng.stop()
+  for r, (tokens, _) in zip(requests, results):
+    assert tokens == test_engine._alone(today, r), r
 
 
 # Memory: one attention layer's forward and backward, compiled on one device.
