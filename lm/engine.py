@@ -458,7 +458,9 @@ def _insert(layout, specials, vocab_limit, max_len, params, state, rows):
     source = model.encode_source(rows["tokens"], lengths)
     for name in ("cross_k", "cross_v"):
       cache[name] = _scatter_rows(cache[name], source[name], slots, axis=1)
-    real = source["cross_segments"].astype(cache["cross_segments"].dtype)
+    # The slot's whole width: a narrower bucket must not leave a former row's source visible.
+    width = cache["cross_segments"].shape[-1]
+    real = (jnp.arange(width)[None, :] < lengths[:, None]).astype(jnp.int32)
     cache["cross_segments"] = _scatter_rows(cache["cross_segments"], real, slots)
     limit = jnp.ceil(o.max_len_a * lengths + o.max_len_b).astype(jnp.int32)
     limit = jnp.clip(jnp.where(caps > 0, jnp.minimum(limit, caps), limit), 1, max_len)
