@@ -17,6 +17,7 @@ POSITIONS = ("sinusoidal", "learned", "rotary")
 NORMS = ("layernorm", "rmsnorm")
 REMAT = ("auto", "none", "full", "save_dots")
 DTYPES = ("auto", "float32", "bfloat16")
+ATTENTION = ("auto", "xla", "cudnn", "splash")  # lm/models/attention.py
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "adafactor")
 SCHEDULES = ("constant", "rsqrt", "cosine", "linear")
 # task=classify: the stack under the pooled head, and the poolings each body allows.
@@ -53,6 +54,12 @@ def _base() -> ml_collections.ConfigDict:
       # heads; 0 = num_heads (multi-head attention).
       num_kv_heads=0,
       head_dim=0,  # 0 = d_model // num_heads
+      # The attention kernel: auto = cuDNN flash on GPU, splash on TPU, XLA on CPU (and where
+      # the platform's kernel cannot take the model); xla, cudnn or splash to insist.
+      attention="auto",
+      # Query positions per step of XLA attention (scores [b, h, chunk, length] at a time, in
+      # the backward too); 0 = all at once. 512: lengths up to 512 run whole, as before.
+      attention_chunk=512,
       mlp_dim=2048,
       enc_layers=6,  # ignored by the decoder-only LM
       dec_layers=6,
@@ -365,6 +372,8 @@ INFERENCE_FIELDS = (
   "train.global_batch_size",
   "train.microbatches",
   "model.loss_chunk",  # how the loss is computed, not what: evaluation may chunk otherwise
+  "model.attention",  # the kernel belongs to the platform that runs the model, not its checkpoint
+  "model.attention_chunk",
 )
 # How the layers lie on the mesh's pipeline stages: the mesh's, taken with it.
 PIPELINE_FIELDS = ("model.pipeline_repeats", "train.pipeline_microbatches", "train.pipeline_gather")
@@ -463,6 +472,14 @@ def validate(cfg: ml_collections.ConfigDict, training: bool = True) -> None:
   _check_choice(cfg, "model.embed_scale", ("auto", "sqrt_d", "none"))
   _check_choice(cfg, "model.sinusoid", ("t2t", "marian"))
   _check_choice(cfg, "model.remat", REMAT)
+  _check_choice(cfg, "model.attention", ATTENTION)
+  _check_positive(cfg, "model.attention_chunk", allow_zero=True)
+  if m.attention == "cudnn" and cfg.data.pack:
+    _fail(
+      "model.attention",
+      "cudnn takes no packed rows (jax.nn.dot_product_attention has lengths, not segments); "
+      "set data.pack=False or model.attention=auto",
+    )
   _check_choice(cfg, "model.dtype", DTYPES)
   _check_choice(cfg, "model.param_dtype", ("float32", "bfloat16"))
   _check_choice(cfg, "model.quantize", ("", "int8"))

@@ -232,9 +232,8 @@ def sample(
 
 def _repeat_rows(cache: dict, beam: int) -> dict:
   """Each batch row's cache repeated `beam` times, beams of one row adjacent."""
-  return {
-    name: jnp.repeat(x, beam, axis=0 if name == "cross_mask" else 1) for name, x in cache.items()
-  }
+  rows_axis = lambda name: 0 if name == "cross_segments" else 1  # the rest: [layers, b, ...]
+  return {name: jnp.repeat(x, beam, axis=rows_axis(name)) for name, x in cache.items()}
 
 
 def beam_search(

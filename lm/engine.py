@@ -140,14 +140,14 @@ class Engine:
     if self.task == "translation":
       cross = (d.dec_layers, s, self.decoder.src_len, d.num_kv_heads, d.head_dim)
       shapes |= {"cross_k": (cross, d.dtype), "cross_v": (cross, d.dtype)}
-      shapes["cross_mask"] = ((s, 1, 1, self.decoder.src_len), jnp.bool_)
+      shapes["cross_segments"] = ((s, self.decoder.src_len), jnp.int32)
     return {"cache": shapes, **{name: ((s,), dtype) for name, dtype, _ in _SLOT_FIELDS}}
 
   def _shardings(self) -> dict:
     mesh = self.layout.mesh
     names = {
       "k": ("layers", "batch", "length", "kv_heads", "kv"),
-      "cross_mask": ("batch", None, None, None),
+      "cross_segments": ("batch", None),
     }
     names["v"] = names["cross_k"] = names["cross_v"] = names["k"]
 
@@ -458,9 +458,10 @@ def _insert(layout, specials, vocab_limit, max_len, params, state, rows):
     source = model.encode_source(rows["tokens"], lengths)
     for name in ("cross_k", "cross_v"):
       cache[name] = _scatter_rows(cache[name], source[name], slots, axis=1)
-    width = cache["cross_mask"].shape[-1]
-    real = jnp.arange(width)[None, :] < lengths[:, None]
-    cache["cross_mask"] = _scatter_rows(cache["cross_mask"], real[:, None, None, :], slots)
+    # The slot's whole width: a narrower bucket must not leave a former row's source visible.
+    width = cache["cross_segments"].shape[-1]
+    real = (jnp.arange(width)[None, :] < lengths[:, None]).astype(jnp.int32)
+    cache["cross_segments"] = _scatter_rows(cache["cross_segments"], real, slots)
     limit = jnp.ceil(o.max_len_a * lengths + o.max_len_b).astype(jnp.int32)
     limit = jnp.clip(jnp.where(caps > 0, jnp.minimum(limit, caps), limit), 1, max_len)
     t = jnp.zeros_like(lengths)

@@ -20,9 +20,9 @@ from tests.helpers import tiny_config
 WORDS = [f"w{i}" for i in range(100)]
 
 
-def _decoder(task: str, mesh=(1, 1, 1), width: int = 24) -> decode.Decoder:
+def _decoder(task: str, mesh=(1, 1, 1), width: int = 24, **model) -> decode.Decoder:
   """An untrained tiny model. The LM's decode width is `width` (prompts of up to 23 tokens)."""
-  cfg = tiny_config(task)
+  cfg = tiny_config(task, **model)
   if task == "lm":
     cfg.data.seq_len, cfg.decode.max_len, cfg.model.max_len = 32, width, max(64, width)
   cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])

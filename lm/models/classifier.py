@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lm.models.layers import Embedding, Norm, attention_mask, dropout, split_keys
+from lm.models.attention import AttentionMask
+from lm.models.layers import Embedding, Norm, dropout, split_keys
 from lm.models.transformer import (
   DecoderLayer,
   EncoderLayer,
@@ -71,15 +72,14 @@ class SequenceClassifier(_Model):
     positions = default_positions(inputs)
     if d.classifier_body == "encoder":
       x = dropout(self.embed_tokens(inputs, positions), d.dropout_rate, k_embed)
-      mask = attention_mask(segments, segments, causal=False)
+      mask = AttentionMask(segments, segments)
       x = self.encoder(x, k_layers, mask=mask, positions=positions)
       return self.final_norm(x, self.encoder_norm)
     # As the LM reads text: the start token, then the text (its EOS last, which shifts out).
     tokens = shift_right(inputs, positions, d.start_id)
     x = dropout(self.embed_tokens(tokens, positions), d.dropout_rate, k_embed)
-    x = self.decoder(
-      x, k_layers, mask=attention_mask(segments, segments, causal=True), positions=positions
-    )
+    mask = AttentionMask(segments, segments, causal=True)
+    x = self.decoder(x, k_layers, mask=mask, positions=positions)
     return self.final_norm(x, self.decoder_norm)
 
   def pool(self, x, segments) -> jax.Array:

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lm.models import attention
+from lm.models.attention import AttentionMask
 from lm.parallel.sharding import constrain, fsdp_specs, manual_axes
 
 
@@ -263,6 +265,7 @@ class Attention(nnx.Module):
   def __init__(self, cfg, rngs: nnx.Rngs, block: str = "attn"):
     d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.use_rotary = cfg.positions == "rotary"
+    self.implementation, self.chunk = cfg.attention, cfg.attention_chunk
     self.rope_theta = cfg.rope_theta
     init_in, init_out = _fan_in_init(d), _fan_in_init(h * k)
     for name, heads in (("query", "heads"), ("key", "kv_heads"), ("value", "kv_heads")):
@@ -306,10 +309,11 @@ class Attention(nnx.Module):
   def rotate(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     return rotary(x, positions, self.rope_theta)
 
-  def attend(self, q, k, v, mask) -> jax.Array:
-    """q [b, t, h, kv], k/v [b, s, kv heads, kv], mask [b, 1, t, s] -> [b, t, embed]; each
-    key/value head serves h / kv heads consecutive query heads."""
-    y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+  def attend(self, q, k, v, mask: AttentionMask) -> jax.Array:
+    """q [b, t, h, kv], k/v [b, s, kv heads, kv] -> [b, t, embed]; each key/value head serves
+    h / kv heads consecutive query heads."""
+    y = attention.attend(q, k, v, mask, implementation=self.implementation, chunk=self.chunk)
+    y = constrain(y, ("batch", "length", "heads", "kv"))
     out = jnp.einsum("blhk,hke->ble", y, weight(self, "out", y.dtype))
     if self.out_lora is not None:
       out = out + self.out_lora(y)
@@ -422,15 +426,3 @@ def lookup(
 
   rows.defvjp(fwd, bwd)
   return rows(table, ids).astype(dtype)
-
-
-def attention_mask(q_segments, kv_segments, causal: bool) -> jax.Array:
-  """[b, 1, t, s] boolean: same non-padding segment (packing), and causal if asked.
-
-  Segment id 0 marks padding; packed examples in one row carry ids 1, 2, ...
-  """
-  mask = (q_segments[:, :, None] == kv_segments[:, None, :]) & (kv_segments[:, None, :] > 0)
-  if causal:
-    t, s = q_segments.shape[1], kv_segments.shape[1]
-    mask = mask & (jnp.arange(t)[:, None] >= jnp.arange(s)[None, :])
-  return mask[:, None]

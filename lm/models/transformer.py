@@ -9,6 +9,7 @@ Batches are dicts of [batch, length] int32 arrays: `inputs`, `targets` and, for 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -16,13 +17,14 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 from jax.sharding import PartitionSpec
 
+from lm.models import attention
+from lm.models.attention import AttentionMask
 from lm.models.layers import (
   Attention,
   Embedding,
   Mlp,
   Norm,
   adapter,
-  attention_mask,
   dropout,
   lookup,
   sinusoidal,
@@ -74,6 +76,8 @@ class ModelDims:
   dtype: jnp.dtype
   param_dtype: jnp.dtype
   remat: str  # resolved: none, full or save_dots
+  attention: str  # resolved: xla, cudnn or splash (lm/models/attention.py)
+  attention_chunk: int  # query positions per step of XLA attention; 0 = the whole length
   # ZeRO-3 on fsdp > 1: parameters are stored sharded, so every layer, embedding and lookup
   # gathers its weights before use and reduce-scatters their gradient.
   params_sharded: bool = False
@@ -111,13 +115,15 @@ class ModelDims:
       remat = "save_dots" if params_sharded else "none"
       if pipeline:  # each pipeline iteration is rematerialized whole: its layers keep nothing
         remat = "none"
+    platform = platform or jax.default_backend()
+    head_dim = m.head_dim or m.d_model // m.num_heads
     scaled = m.embed_scale == "sqrt_d" or (m.embed_scale == "auto" and m.positions == "sinusoidal")
     return cls(
       vocab_size=vocab_size or m.vocab_size,
       d_model=m.d_model,
       num_heads=m.num_heads,
       num_kv_heads=m.num_kv_heads or m.num_heads,
-      head_dim=m.head_dim or m.d_model // m.num_heads,
+      head_dim=head_dim,
       mlp_dim=m.mlp_dim,
       enc_layers=m.enc_layers,
       dec_layers=m.dec_layers,
@@ -139,6 +145,8 @@ class ModelDims:
       dtype=jnp.dtype(dtype),
       param_dtype=jnp.dtype(m.param_dtype),
       remat=remat,
+      attention=attention.resolve(m.attention, platform, dtype, head_dim),
+      attention_chunk=m.attention_chunk,
       params_sharded=params_sharded,
       grad_reduce_dtype=jnp.dtype(grad_reduce_dtype),
       lora_rank=m.lora_rank,
@@ -273,11 +281,7 @@ class DecoderLayer(nnx.Module):
       q, k, v = self._self_qkv(h, positions)
       cache["k"], cache["v"] = write(cache["k"], k), write(cache["v"], v)
       width = span or cache["k"].shape[2]
-      length = jnp.arange(width)
-      if per_row:
-        visible = (length[None, :] <= index[:, None])[:, None, None, :]
-      else:
-        visible = (length <= index)[None, None, None, :]
+      visible = AttentionMask.decode(index, q.shape[0], width)  # cache positions <= index
       keys, values = (cache[n][layer][:, :width] for n in ("k", "v"))
       y = self.self_attn.attend(q, keys, values, visible)
       return _adapted(self.self_attn_adapter, y)
@@ -588,32 +592,34 @@ class EncoderDecoder(_Model):
     self.decoder = LayerStack(lambda r: DecoderLayer(dims, True, r), dims.dec_layers, dims, rngs)
     self.decoder_norm = None if dims.post_norm else Norm(dims, rngs)
 
-  def encode(self, inputs, segments, positions, key=None) -> jax.Array:
+  def encode(self, inputs, segments, positions, key=None, packed=False) -> jax.Array:
     k_embed, k_layers = split_keys(key, 2)
     x = dropout(self.embed_tokens(inputs, positions), self.dims.dropout_rate, k_embed)
-    mask = attention_mask(segments, segments, causal=False)
+    mask = AttentionMask(segments, segments, packed=packed)
     x = self.encoder(x, k_layers, mask=mask, positions=positions)
     return self.final_norm(x, self.encoder_norm)
 
-  def decode(self, encoded, input_segments, decoder_inputs, segments, positions, key=None):
+  def decode(
+    self, encoded, input_segments, decoder_inputs, segments, positions, key=None, packed=False
+  ):
     k_embed, k_layers = split_keys(key, 2)
     x = dropout(self.embed_tokens(decoder_inputs, positions), self.dims.dropout_rate, k_embed)
     x = self.decoder(
       x,
       k_layers,
-      mask=attention_mask(segments, segments, causal=True),
+      mask=AttentionMask(segments, segments, causal=True, packed=packed),
       positions=positions,
       encoded=encoded,
-      cross_mask=attention_mask(segments, input_segments, causal=False),
+      cross_mask=AttentionMask(segments, input_segments, packed=packed),
     )
     return self.final_norm(x, self.decoder_norm)
 
   def encode_source(self, inputs, lengths) -> dict:
     """Encodes the source (`lengths` [batch] tokens of each row of `inputs`) once: the
-    cross-attention keys/values of every layer and which source positions are real."""
+    cross-attention keys/values of every layer and the source's segment ids (1 real, 0 not)."""
     in_seg, in_pos = length_segments(inputs, lengths), default_positions(inputs)
     cross_k, cross_v = self.decoder.cross_keys_values(self.encode(inputs, in_seg, in_pos))
-    return {"cross_k": cross_k, "cross_v": cross_v, "cross_mask": (in_seg > 0)[:, None, None, :]}
+    return {"cross_k": cross_k, "cross_v": cross_v, "cross_segments": in_seg}
 
   def init_cache(self, inputs, lengths, max_len: int) -> dict:
     """The source's cross-attention cache (encode_source) and empty self caches."""
@@ -624,16 +630,19 @@ class EncoderDecoder(_Model):
   def decode_step(self, tokens, index, cache, span=None) -> tuple[jax.Array, dict]:
     """Logits [b, vocab] for the next position after `tokens` [b] at position `index`
     (attending over the cache's first `span` positions: see DecoderLayer.decode_step)."""
-    return _decode_step(self, tokens, index, cache, cross_mask=cache["cross_mask"], span=span)
+    source = cache["cross_segments"]  # [b, s]: the target's one query sees the real ones
+    cross_mask = AttentionMask(jnp.ones_like(source[:, :1]), source)
+    return _decode_step(self, tokens, index, cache, cross_mask=cross_mask, span=span)
 
   def hidden(self, batch: dict, dropout_key=None) -> jax.Array:
     """The decoder's final hidden states [batch, length, embed] (after its final norm)."""
     k_enc, k_dec = split_keys(dropout_key, 2)
     in_seg, in_pos = _segments_and_positions(batch, "inputs")
     tgt_seg, tgt_pos = _segments_and_positions(batch, "targets")
-    encoded = self.encode(batch["inputs"], in_seg, in_pos, k_enc)
+    packed = is_packed(batch)
+    encoded = self.encode(batch["inputs"], in_seg, in_pos, k_enc, packed)
     decoder_inputs = shift_right(batch["targets"], tgt_pos, self.dims.start_id)
-    return self.decode(encoded, in_seg, decoder_inputs, tgt_seg, tgt_pos, k_dec)
+    return self.decode(encoded, in_seg, decoder_inputs, tgt_seg, tgt_pos, k_dec, packed)
 
 
 class Decoder(_Model):
@@ -661,7 +670,7 @@ class Decoder(_Model):
     positions = default_positions(inputs)
     segments = length_segments(inputs, lengths)
     x = self.embed_tokens(inputs, positions)
-    mask = attention_mask(segments, segments, causal=True)
+    mask = AttentionMask(segments, segments, causal=True)
     x, cached = self.decoder.prefill(x, mask=mask, positions=positions)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
     return self.logits(self.final_norm(last, self.decoder_norm))[:, 0], cached
@@ -672,20 +681,23 @@ class Decoder(_Model):
     segments, positions = _segments_and_positions(batch, "targets")
     tokens = shift_right(batch["targets"], positions, self.dims.start_id)
     x = dropout(self.embed_tokens(tokens, positions), self.dims.dropout_rate, k_embed)
+    packed = is_packed(batch)
     if self.dims.pipeline:
+      layer_inputs = functools.partial(causal_layer_inputs, packed=packed)
       x = self.decoder.pipelined(
-        x, k_layers, {"segments": segments, "positions": positions}, _causal_layer_inputs
+        x, k_layers, {"segments": segments, "positions": positions}, layer_inputs
       )
     else:
-      mask = attention_mask(segments, segments, causal=True)
+      mask = AttentionMask(segments, segments, causal=True, packed=packed)
       x = self.decoder(x, k_layers, mask=mask, positions=positions)
     return self.final_norm(x, self.decoder_norm)
 
 
-def _causal_layer_inputs(rows: dict) -> dict:
+def causal_layer_inputs(rows: dict, packed: bool) -> dict:
   """A decoder-only layer's keyword arguments from one microbatch's segments and positions."""
   segments = rows["segments"]
-  return {"mask": attention_mask(segments, segments, causal=True), "positions": rows["positions"]}
+  mask = AttentionMask(segments, segments, causal=True, packed=packed)
+  return {"mask": mask, "positions": rows["positions"]}
 
 
 def _empty_self_cache(dims: ModelDims, batch: int, max_len: int, dtype) -> dict:
@@ -698,7 +710,7 @@ def _decode_step(model, tokens, index, cache, cross_mask=None, span=None):
   index = jnp.asarray(index, jnp.int32)
   positions = jnp.broadcast_to(index.reshape(-1, 1), (tokens.shape[0], 1))
   x = model.embed_tokens(tokens[:, None], positions)
-  self_cache = {k: v for k, v in cache.items() if k != "cross_mask"}
+  self_cache = {k: v for k, v in cache.items() if k != "cross_segments"}
   x, self_cache = model.decoder.decode_step(
     x, self_cache, index=index, positions=positions, cross_mask=cross_mask, span=span
   )
@@ -710,6 +722,12 @@ def segment_ids(batch: dict, name: str) -> jax.Array:
   padding: in an imported vocabulary id 0 may be a real token (GPT-2's "!")."""
   segments = batch.get(name + "_segment_ids")
   return jnp.ones_like(batch[name]) if segments is None else segments
+
+
+def is_packed(batch: dict) -> bool:
+  """Whether rows may hold several examples: packed batches carry positions (a trace-time
+  fact: unpacked rows are one example, then padding, as cuDNN's lengths describe)."""
+  return any(name.endswith("_positions") for name in batch)
 
 
 def _segments_and_positions(batch: dict, name: str):
