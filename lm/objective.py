@@ -86,7 +86,8 @@ def output_loss_sums(
     logits = head(features)  # [batch, positions, vocab] float32
     loss, tokens, correct = cross_entropy_sums(logits, targets, weights, label_smoothing, limit)
     if teacher_head is not None:
-      taught = teacher_head(teacher_features)
+      # stop_gradient: the chunks' vjp then builds no gradient of the teacher's head at all.
+      taught = jax.lax.stop_gradient(teacher_head(teacher_features))
       kl = distill_sums(logits, taught, weights, t.distill_temperature, limit)
       loss = (1.0 - t.distill_weight) * loss + t.distill_weight * kl
     return loss, tokens, correct

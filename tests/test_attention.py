@@ -2,6 +2,7 @@
 serves as today's whole-length XLA attention did, in bounded memory when chunked."""
 
 import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -144,9 +145,19 @@ def _train(cfg, packed: bool):
   return grads, losses, scales
 
 
+def _todays_attend(q, k, v, mask, *, implementation, chunk):
+  """The layer's attention before masks became segment ids: jax.nn's default call on the
+  whole [b, 1, t, s] mask."""
+  del implementation, chunk
+  return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(mask.q_segments, mask.positions()))
+
+
 @functools.cache
 def _reference(task, packed, seq_len):
-  return _train(_config(task, packed, seq_len=seq_len), packed)
+  """One device, and every layer's attention through _todays_attend: the reference is today's
+  arithmetic, not the new path at another setting."""
+  with mock.patch.object(attention, "attend", _todays_attend):
+    return _train(_config(task, packed, seq_len=seq_len), packed)
 
 
 def _assert_trains_like_today(task, packed, cfg):

@@ -211,9 +211,13 @@ def random_batch(cfg, seed: int = 0, padding: int = 0, packed: bool = False) -> 
   if padding:
     tokens[:, -padding:] = 0
     tokens[0, shape[1] // 3 :] = 0
-  sides = (
-    {"targets": tokens} if cfg.task == "lm" else {"inputs": tokens[:, ::-1], "targets": tokens}
-  )
+  # A source differs from its target: the row's real tokens reversed, padding still last (an
+  # unpacked row is one example then padding, as the pipeline makes it and cuDNN assumes).
+  lengths = (tokens > 0).sum(axis=1)
+  sources = np.zeros_like(tokens)
+  for row, n in enumerate(lengths):
+    sources[row, :n] = tokens[row, :n][::-1]
+  sides = {"targets": tokens} if cfg.task == "lm" else {"inputs": sources, "targets": tokens}
   batch = {}
   for side, ids in sides.items():
     batch[side] = np.ascontiguousarray(ids)

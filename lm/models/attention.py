@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.config import ConfigError
+from lm.parallel.memory import balanced_chunks
 from lm.parallel.sharding import keep_axes, manual_axes, spec_for
 
 _PLATFORM_PICK = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}
@@ -97,9 +98,18 @@ def _cudnn_limit(dtype, head_dim: int) -> str | None:
   fused_attention_stablehlo.check_layout / check_is_flash_attention)."""
   if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f"takes bfloat16 or float16, not model.dtype={dtype}"
-  if head_dim % 8 or head_dim > 256:
-    return f"needs a head dimension that is a multiple of 8 up to 256, not {head_dim}"
+  most = _cudnn_max_head_dim()
+  if head_dim % 8 or head_dim > most:
+    return f"needs a head dimension that is a multiple of 8 up to {most} here, not {head_dim}"
   return None
+
+
+def _cudnn_max_head_dim() -> int:
+  """256 on Hopper (compute capability 9.0) and later, 128 before (jax's check)."""
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  if capability is None:  # not a CUDA device: resolve() has refused cudnn already
+    return 256
+  return 256 if float(capability) >= 9.0 else 128
 
 
 @functools.cache
@@ -111,9 +121,12 @@ def attend(q, k, v, mask: AttentionMask, *, implementation: str, chunk: int = 0)
   """q [b, t, h, kv], k/v [b, s, kv heads, kv] -> [b, t, h, kv]; each key/value head serves
   h / kv heads consecutive query heads. `implementation`: a resolved one (xla, cudnn, splash);
   `chunk`: query positions per step of the XLA path (0 = all at once)."""
-  # A decode step (one query over a cache, q_positions set) takes the XLA path everywhere: a
-  # single query row has nothing for a flash kernel to tile.
-  if implementation == "cudnn" and mask.q_positions is None:
+  # A decode step (one query over a cache: the self-attention's q_positions set, or
+  # cross-attention's single query) takes the XLA path everywhere: a single query row has
+  # nothing for a flash kernel to tile.
+  if mask.q_positions is not None or q.shape[1] == 1:
+    return _xla(q, k, v, mask, chunk)
+  if implementation == "cudnn":
     if not mask.packed:
       return _cudnn(q, k, v, mask)
     # jax.nn.dot_product_attention takes lengths only; cuDNN's packed layout (q/kv offsets)
@@ -136,14 +149,15 @@ def attend(q, k, v, mask: AttentionMask, *, implementation: str, chunk: int = 0)
 def _xla(q, k, v, mask: AttentionMask, chunk: int) -> jax.Array:
   """Query-chunked attention: a scan over chunks of `chunk` queries whose body is
   rematerialized, so neither pass holds more than one chunk's [b, h, chunk, s] scores. A
-  length that `chunk` does not divide is padded with padding queries (sliced off after)."""
+  length that `chunk` does not divide splits into equal chunks (balanced_chunks), the last one
+  padded with padding queries (sliced off after)."""
   b, t, h, d = q.shape
   g = k.shape[2]
   q = q.reshape(b, t, g, h // g, d)  # [b, t, kv heads, group, kv]: no copy of k or v per head
   segments, positions = mask.q_segments, mask.positions()
   if chunk == 0 or chunk >= t:
     return _xla_block(q, k, v, mask, segments, positions).reshape(b, t, h, d)
-  n = -(-t // chunk)
+  n, chunk = balanced_chunks(t, chunk)
   pad = n * chunk - t
 
   def chunked(x):  # [b, t, ...] -> [n, b, chunk, ...]

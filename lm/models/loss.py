@@ -9,6 +9,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from lm.parallel.memory import balanced_chunks
+
 
 def cross_entropy_sums(
   logits: jax.Array,
@@ -72,8 +74,7 @@ def chunked_sums(sums_of: Callable, chunk: int, *per_position) -> tuple[jax.Arra
   if not chunk:
     return sums_of(*per_position)
   length = jax.tree.leaves(per_position)[0].shape[1]
-  chunk = min(chunk, length)
-  count = -(-length // chunk)
+  count, chunk = balanced_chunks(length, chunk)
 
   def split(x):  # [batch, length, ...] -> [count, batch, chunk, ...]
     x = jnp.pad(x, [(0, 0), (0, count * chunk - length)] + [(0, 0)] * (x.ndim - 2))
@@ -99,13 +100,16 @@ def _chunk_sums_forward(sums_of, chunks, *weights):
     others = c[1:]
     sums, vjp = jax.vjp(lambda x, w: sums_of(x, *others, *w), c[0], weights)
     grad_x, chunk_grad_w = vjp((jnp.ones_like(sums[0]), *map(jnp.zeros_like, sums[1:])))
-    return jax.tree.map(jnp.add, grad_w, chunk_grad_w), (sums, grad_x)
+    added = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_w, chunk_grad_w)
+    return added, (sums, grad_x)
 
-  # Inside a manual region the carry varies over the axes its summands vary over.
+  # Inside a manual region the carry varies over the axes its summands vary over. float32
+  # whatever the weights' dtype: a bfloat16 sum over many chunks would lose what one dot keeps.
   leaves = jax.tree.leaves((chunks, weights))
   varying = frozenset().union(*(jax.typeof(x).mat.varying for x in leaves))
-  zeros = tuple(_varying(jnp.zeros(w.shape, w.dtype), varying) for w in weights)
+  zeros = tuple(_varying(jnp.zeros(w.shape, jnp.float32), varying) for w in weights)
   grad_w, (per_chunk, grad_x) = jax.lax.scan(body, zeros, chunks)
+  grad_w = tuple(g.astype(w.dtype) for g, w in zip(grad_w, weights, strict=True))
   others = jax.tree.map(lambda _: None, chunks[1:])  # no gradient: targets, weights, teacher
   return tuple(s.sum(axis=0) for s in per_chunk), (grad_x, grad_w, others)
 

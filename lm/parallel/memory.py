@@ -89,8 +89,18 @@ MLP_KINDS = {"relu": "relu", "gelu": "gelu", "gelu_exact": "gelu", "silu": "gelu
 UPDATE_TEMPORARIES = 1.73
 
 
+def balanced_chunks(length: int, chunk: int) -> tuple[int, int]:
+  """(count, size): `length` positions in chunks of at most `chunk` (0 = one chunk), all of one
+  size, so padding the last costs fewer than `count` positions (513 at 512: 2 x 257, not
+  2 x 512). Chunked attention, the chunked loss and this formula split alike."""
+  if not chunk or chunk >= length:
+    return 1, length
+  count = -(-length // chunk)
+  return count, -(-length // count)
+
+
 def _resolved_chunk(chunk: int, length: int) -> int:
-  return length if not chunk or chunk >= length else chunk
+  return balanced_chunks(length, chunk)[1]
 
 
 def _layer_widths(dims, tensor: int, key_length: int, mlp: bool = True) -> dict:
@@ -152,10 +162,15 @@ def activation_terms(cfg, dims, mesh_shape: dict) -> dict:
       rows * _resolved_chunk(cfg.model.get("loss_chunk", 0), length),
       dims.vocab_size / tensor,
     )
+  loss = 2 * loss_tokens * vocab * 4
+  if cfg.task != "classify" and loss_tokens < tokens:
+    # Chunked: the head's float32 gradient summed over the chunks beside one chunk's, and the
+    # hidden states' gradient, which the forward keeps for the backward.
+    loss += 2 * vocab * dims.d_model * 4 + tokens * dims.d_model * 4
   return {
     "layers": tokens * layers * itemsize,
     "working": tokens * work * itemsize,
-    "loss": 2 * loss_tokens * vocab * 4,
+    "loss": loss,
   }
 
 
