@@ -242,38 +242,6 @@ def test_decoding_with_chunked_attention_equals_today(task, beam):
   np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
-@pytest.mark.parametrize("task", ["translation", "lm"])
-def test_decode_steps_and_prefill_with_chunked_attention_equal_the_forward_pass(task):
-  logits = {}
-  for chunk in (0, 3):
-    cfg = tiny_config(task, num_kv_heads=2, attention="xla", attention_chunk=chunk)
-    run = Layout.build(cfg, devices=jax.devices()[:1])
-    model = nnx.merge(run.graphdef, run.init_params())
-    targets = jnp.asarray(np.random.RandomState(1).randint(4, 60, (2, 9)), jnp.int32)
-    if task == "translation":
-      inputs = jnp.asarray(np.random.RandomState(2).randint(4, 60, (2, 7)), jnp.int32)
-      lengths = jnp.asarray([7, 5])
-      segments = (jnp.arange(7)[None] < lengths[:, None]).astype(jnp.int32)
-      full = model({"inputs": inputs, "inputs_segment_ids": segments, "targets": targets})
-      cache = model.init_cache(inputs, lengths, 9)
-    else:
-      full = model({"targets": targets})
-      starts = jnp.concatenate([jnp.full((2, 1), BOS_ID), targets[:, :5]], axis=1)
-      first, _ = model.prefill(starts, jnp.asarray([6, 4]))
-      np.testing.assert_allclose(
-        first, full[jnp.arange(2), jnp.asarray([5, 3])], rtol=1e-5, atol=2e-5
-      )
-      cache = model.init_cache(2, 9)
-    previous, steps = jnp.full((2,), BOS_ID, jnp.int32), []
-    for t in range(9):
-      step_logits, cache = model.decode_step(previous, t, cache)
-      steps.append(step_logits)
-      previous = targets[:, t]
-    np.testing.assert_allclose(jnp.stack(steps, 1), full, rtol=1e-5, atol=2e-5)
-    logits[chunk] = full
-  np.testing.assert_allclose(logits[3], logits[0], rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("task", ["lm", "translation"])
 def test_the_engine_with_chunked_attention_serves_what_today_decodes(task):
   from tests import test_engine

@@ -45,8 +45,11 @@ def _full(inputs):
 @pytest.mark.parametrize(
   "task,positions", [("translation", "sinusoidal"), ("lm", "rotary"), ("lm", "learned")]
 )
-def test_cached_decoding_matches_the_full_forward_pass(task, positions):
-  run, model = _model(task, positions=positions)
+@pytest.mark.parametrize("chunk", [0, 3])  # model.attention_chunk: 3 splits the forward's 9
+def test_cached_decoding_matches_the_full_forward_pass(task, positions, chunk):
+  """Decode steps (and an LM's prefill) give the forward pass's logits, with grouped-query
+  attention, whole or query-chunked."""
+  run, model = _model(task, positions=positions, num_kv_heads=2, attention_chunk=chunk)
   targets = _tokens(1, (2, 9))
   if task == "translation":
     inputs = _tokens(2, (2, 7)).at[1, 5:].set(0)  # padded source
@@ -56,6 +59,9 @@ def test_cached_decoding_matches_the_full_forward_pass(task, positions):
     cache = model.init_cache(inputs, lengths, 9)
   else:
     full = model({"targets": targets})
+    starts = jnp.concatenate([jnp.full((2, 1), BOS_ID), targets[:, :5]], axis=1)
+    first, _ = model.prefill(starts, jnp.asarray([6, 4]))  # row 1 padded after 4 inputs
+    np.testing.assert_allclose(first, full[jnp.arange(2), jnp.asarray([5, 3])], atol=2e-5)
     cache = model.init_cache(2, 9)
   previous = jnp.full((2,), BOS_ID, jnp.int32)
   for t in range(9):

@@ -12,7 +12,7 @@ import sys
 import jax
 import pytest
 
-from experiments import plan
+from experiments import memory_calibration, plan
 from lm.config import ConfigError
 from lm.parallel import memory
 from lm.train_step import Trainer
@@ -25,22 +25,7 @@ FORMULA_CONFIGS = {
   # encoder-decoder (cross-attention), relu, sinusoids
   "translation": ("translation", dict(WIDE, enc_layers=3, dec_layers=2), 96, 8),
   # grouped-query attention, swiglu, rmsnorm, rotary
-  "gqa_swiglu": (
-    "lm",
-    dict(
-      WIDE,
-      dec_layers=3,
-      num_heads=8,
-      num_kv_heads=2,
-      activation="swiglu",
-      mlp_dim=768,
-      norm="rmsnorm",
-      positions="rotary",
-      use_bias=False,
-    ),
-    192,
-    8,
-  ),
+  "gqa_swiglu": ("lm", dict(WIDE, dec_layers=3, **memory_calibration.GQA), 192, 8),
 }
 
 
