@@ -150,6 +150,8 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
     jax.block_until_ready(step_metrics)
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times[1:])
+  # The allocator's high-water mark where the platform keeps one (GPU, TPU; not CPU).
+  stats = jax.local_devices()[0].memory_stats() or {}
   flops = metrics.model_flops(cfg, run.abstract_params)
   tokens = cfg.train.global_batch_size * cfg.data.seq_len * (1 if cfg.task == "lm" else 2)
   result = {
@@ -170,6 +172,7 @@ def bench_one(cfg, steps: int, peak: float) -> dict:
     },
     "collectives": traffic,
     "gradient_bytes": 4 * trainable,
+    "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
     "compile_seconds": compile_s,
     "step_seconds": step_s,
     "tokens_per_second": tokens / step_s,
