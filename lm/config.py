@@ -480,6 +480,12 @@ def validate(cfg: ml_collections.ConfigDict, training: bool = True) -> None:
       "cudnn takes no packed rows (jax.nn.dot_product_attention has lengths, not segments); "
       "set data.pack=False or model.attention=auto",
     )
+  if m.attention == "splash" and cfg.data.seq_len % 128:
+    _fail(
+      "model.attention",
+      f"splash tiles lengths by 128 but data.seq_len={cfg.data.seq_len} is not a multiple of "
+      "128; set data.seq_len to one or model.attention=auto",
+    )
   _check_choice(cfg, "model.dtype", DTYPES)
   _check_choice(cfg, "model.param_dtype", ("float32", "bfloat16"))
   _check_choice(cfg, "model.quantize", ("", "int8"))

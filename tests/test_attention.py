@@ -101,8 +101,11 @@ def test_splash_attention_equals_xla_on_real_positions(splash_interpreted, g):
 # attention (2 KV heads for 4 query heads), against one device with today's form.
 
 
-def _config(task, packed, mesh=(1, 1, 1), stage=0, attention_choice="xla", chunk=0, seq_len=16):
-  cfg = tiny_config(task, num_kv_heads=2, attention=attention_choice, attention_chunk=chunk)
+def _config(
+  task, packed, mesh=(1, 1, 1), stage=0, attention_choice="xla", chunk=0, seq_len=16, **model
+):
+  model = {"num_kv_heads": 2, **model}
+  cfg = tiny_config(task, attention=attention_choice, attention_chunk=chunk, **model)
   cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
   cfg.zero_stage = stage
   cfg.data.update(seq_len=seq_len, pack=packed)
@@ -153,16 +156,20 @@ def _todays_attend(q, k, v, mask, *, implementation, chunk):
 
 
 @functools.cache
-def _reference(task, packed, seq_len):
+def _reference(task, packed, seq_len, kv_heads, layers):
   """One device, and every layer's attention through _todays_attend: the reference is today's
   arithmetic, not the new path at another setting."""
+  cfg = _config(task, packed, seq_len=seq_len, num_kv_heads=kv_heads)
+  cfg.model.update(enc_layers=layers, dec_layers=layers)
   with mock.patch.object(attention, "attend", _todays_attend):
-    return _train(_config(task, packed, seq_len=seq_len), packed)
+    return _train(cfg, packed)
 
 
 def _assert_trains_like_today(task, packed, cfg):
   grads, losses, _ = _train(cfg, packed)
-  ref_grads, ref_losses, scales = _reference(task, packed, cfg.data.seq_len)
+  ref_grads, ref_losses, scales = _reference(
+    task, packed, cfg.data.seq_len, cfg.model.num_kv_heads, cfg.model.dec_layers
+  )
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   for step_grads, ref_step_grads in zip(grads, ref_grads):  # every step's gradient
     for a, b, scale in zip(step_grads, ref_step_grads, scales):
@@ -176,6 +183,23 @@ def _assert_trains_like_today(task, packed, cfg):
 @pytest.mark.parametrize("chunk", [4, 5])  # 5 does not divide the length 16
 def test_chunked_xla_attention_trains_like_today_under_zero3_and_tensor(task, packed, chunk):
   cfg = _config(task, packed, (2, 2, 2), 3, "xla", chunk)
+  _assert_trains_like_today(task, packed, cfg)
+
+
+# Splash inside the train step's region (manual over the batch axes, tensor automatic): 2 key/value
+# heads split over tensor like the query heads, and 1 replicated while tensor splits the queries.
+# Each family packed and unpacked, each with both head layouts across the pair (interpret
+# mode is slow: 4 of the 8 combinations).
+@pytest.mark.parametrize(
+  "task,packed,kv_heads",
+  [("translation", False, 1), ("translation", True, 2), ("lm", False, 2), ("lm", True, 1)],
+)
+def test_splash_attention_trains_like_today_under_zero3_and_tensor(
+  splash_interpreted, task, packed, kv_heads
+):
+  cfg = _config(task, packed, (2, 2, 2), 3, "splash", seq_len=128, num_kv_heads=kv_heads)
+  cfg.model.update(enc_layers=1, dec_layers=1)
+  assert Layout.build(cfg, devices=jax.devices()).dims.attention == "splash"
   _assert_trains_like_today(task, packed, cfg)
 
 
@@ -304,8 +328,8 @@ def test_bad_attention_values_are_one_line_errors(field, value, words):
 
 @pytest.mark.parametrize("choice,needs", [("cudnn", "GPU"), ("splash", "TPU")])
 def test_a_kernel_the_platform_lacks_is_a_config_error(choice, needs):
-  cfg = tiny_config("lm", attention=choice)
-  cfg.data.pack = False
+  cfg = tiny_config("lm", attention=choice, max_len=128)
+  cfg.data.update(pack=False, seq_len=128)
   with pytest.raises(lmc.ConfigError, match=f"config.model.attention: '{choice}' needs a {needs}"):
     Layout.build(cfg, devices=jax.devices()[:1])
 
@@ -320,3 +344,19 @@ def test_auto_on_cpu_is_xla_and_cudnn_takes_no_packed_rows():
   cfg = tiny_config("lm", attention="cudnn")
   with pytest.raises(lmc.ConfigError, match="config.model.attention: cudnn takes no packed"):
     lmc.validate(cfg)
+
+
+def test_splash_on_a_length_it_cannot_tile_is_a_config_error_and_auto_falls_back(caplog):
+  cfg = tiny_config("lm", attention="splash")  # data.seq_len 16
+  with pytest.raises(lmc.ConfigError, match="config.model.attention: .*data.seq_len=16") as e:
+    lmc.validate(cfg)
+  assert "\n" not in str(e.value)
+  q, k, v = _qkv(t=16, s=16)
+  segments = jnp.ones((2, 16), jnp.int32)
+  mask = AttentionMask(segments, segments, causal=True)
+  attention._log_once.cache_clear()  # the line is logged once per process
+  with caplog.at_level("INFO"):
+    got = attention.attend(q, k, v, mask, implementation="splash")  # as auto resolves on TPU
+  want = attention.attend(q, k, v, mask, implementation="xla")
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert [r.message for r in caplog.records if "multiples of 128" in r.message]

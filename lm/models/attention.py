@@ -18,7 +18,7 @@ import numpy as np
 
 from lm.config import ConfigError
 from lm.parallel.memory import balanced_chunks
-from lm.parallel.sharding import keep_axes, manual_axes, spec_for
+from lm.parallel.sharding import keep_axes, spec_for
 
 _PLATFORM_PICK = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}
 # Tests run splash attention's Pallas kernel in interpret mode on CPU by setting this.
@@ -134,15 +134,9 @@ def attend(q, k, v, mask: AttentionMask, *, implementation: str, chunk: int = 0)
     _log_once("cuDNN attention takes no packed rows: packed batches use XLA attention")
   if implementation == "splash" and mask.q_positions is None:
     block = _splash_block(q.shape[1], k.shape[1])
-    if manual_axes():
-      # Inside the train step's region (manual over the batch axes): in jax 0.10 a pallas_call
-      # declares no varying axes, and a check_vma=False region nested in the step's checked
-      # one transposes to cotangents of the wrong type. Until then training uses XLA here.
-      _log_once("splash attention inside a manual region (the train step): XLA attention")
-    elif block:
+    if block:
       return _splash(q, k, v, mask, block)
-    else:
-      _log_once("splash attention needs lengths that are multiples of 128: XLA attention")
+    _log_once("splash attention needs lengths that are multiples of 128: XLA attention")
   return _xla(q, k, v, mask, chunk)
 
 
@@ -205,10 +199,11 @@ def _splash_block(t: int, s: int) -> int:
 
 
 def _splash(q, k, v, mask: AttentionMask, block: int) -> jax.Array:
-  """Splash attention (a Pallas TPU kernel) in a shard_map over the mesh, so each device runs
-  it on its own rows and heads."""
+  """Splash attention (a Pallas TPU kernel) in a shard_map over the mesh axes not yet manual,
+  so each device runs it on its own rows and heads: all axes outside any region, tensor inside
+  the train step's (manual over the batch axes, whose rows are already local)."""
   mesh = jax.sharding.get_abstract_mesh()
-  free = set() if mesh.empty else set(mesh.axis_names)
+  free = set() if mesh.empty else set(mesh.axis_names) - set(mesh.manual_axes)
   h, g = q.shape[2], k.shape[2]
   local = functools.partial(_splash_local, causal=mask.causal, block=block, heads=h, kv_heads=g)
   segments = (mask.q_segments, mask.kv_segments)
@@ -224,12 +219,15 @@ def _splash(q, k, v, mask: AttentionMask, block: int) -> jax.Array:
   # Axes that split query heads but not key/value heads: each device's k/v gradient is a part.
   partial_over = tuple(a for a in free if a in jax.tree.leaves(q_spec[2]) and a not in kv_spec)
   inputs = (q_spec, kv_spec, kv_spec, seg_spec, seg_spec)
-  # check_vma=False: a pallas_call declares no varying axes. The backward is a region of its
-  # own (the kernel's vjp inside), which sums the k/v gradient parts explicitly.
+  # check_vma=False: a pallas_call's outputs need a declared vma (jax 0.10: the kernel's
+  # ShapeDtypeStructs declare none), so the regions are unchecked and `run` types their
+  # results (_vary_like) for an enclosing checked region. The backward is a region of its own
+  # (the kernel's vjp inside), which sums the k/v gradient parts explicitly.
   region = functools.partial(jax.shard_map, axis_names=free, check_vma=False)
-  forward = region(local, in_specs=inputs, out_specs=q_spec)
+  forward = region(lambda *args: local(*map(_untyped, args)), in_specs=inputs, out_specs=q_spec)
 
-  def backward_local(q, k, v, qs, ks, dy):
+  def backward_local(*args):
+    q, k, v, qs, ks, dy = map(_untyped, args)
     _, vjp = jax.vjp(lambda q, k, v: local(q, k, v, qs, ks), q, k, v)
     dq, dk, dv = vjp(dy)
     return dq, *(jax.lax.psum(x, partial_over) if partial_over else x for x in (dk, dv))
@@ -238,16 +236,36 @@ def _splash(q, k, v, mask: AttentionMask, block: int) -> jax.Array:
 
   @jax.custom_vjp
   def run(q, k, v, qs, ks):
-    return forward(q, k, v, qs, ks)
+    varying = frozenset().union(*(_vma(x) for x in (q, k, v, qs, ks)))
+    return _vary_like(forward(q, k, v, qs, ks), varying)
 
   def run_fwd(q, k, v, qs, ks):
     return run(q, k, v, qs, ks), (q, k, v, qs, ks)
 
   def run_bwd(saved, dy):
-    return (*backward(*saved, dy), None, None)
+    grads = backward(*saved, dy)
+    return (*(_vary_like(d, _vma(x)) for d, x in zip(grads, saved)), None, None)
 
   run.defvjp(run_fwd, run_bwd)
   return run(q, k, v, *segments)
+
+
+def _vma(x) -> frozenset:
+  """The manual axes `x` varies over (none outside a checked region)."""
+  return frozenset(jax.typeof(x).mat.varying)
+
+
+def _untyped(x):
+  """`x` typed as varying over no axis, as an unchecked region types every primitive's result
+  (its inputs keep the enclosing region's types, which a vjp inside would then mismatch)."""
+  return x * jnp.ones_like(x)
+
+
+def _vary_like(x, varying: frozenset):
+  """An unchecked region's result typed as varying over `varying`: its values are per device
+  already, so the cast moves no data."""
+  missing = tuple(sorted(varying - _vma(x)))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def _splash_local(q, k, v, q_segments, kv_segments, *, causal, block, heads, kv_heads):
