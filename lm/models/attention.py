@@ -132,7 +132,7 @@ def attend(q, k, v, mask: AttentionMask, *, implementation: str, chunk: int = 0)
     # jax.nn.dot_product_attention takes lengths only; cuDNN's packed layout (q/kv offsets)
     # is private jax API and Hopper-only.
     _log_once("cuDNN attention takes no packed rows: packed batches use XLA attention")
-  if implementation == "splash" and mask.q_positions is None:
+  if implementation == "splash":
     block = _splash_block(q.shape[1], k.shape[1])
     if block:
       return _splash(q, k, v, mask, block)
