@@ -14,6 +14,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # and an entry a killed process left half-written fails to read with a warning and compiles
 # again.
 import atexit
+import fcntl
 import json
 import shutil
 import tempfile
@@ -30,8 +31,13 @@ os.environ["XLA_FLAGS"] = _flags + " --xla_backend_optimization_level=0"
 jax.devices()  # the backend reads XLA_FLAGS once, here
 os.environ["XLA_FLAGS"] = _flags
 
-_cache = tempfile.mkdtemp(prefix="zerolm-xla-cache-")
-atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+# One directory for the whole run (the cache, the workers' locks): pytest-xdist's workers
+# inherit it from the process that starts them, which alone removes it at exit.
+_run = os.environ.get("ZEROLM_TEST_RUN_DIR")
+if not _run:
+  _run = os.environ["ZEROLM_TEST_RUN_DIR"] = tempfile.mkdtemp(prefix="zerolm-tests-")
+  atexit.register(shutil.rmtree, _run, ignore_errors=True)
+_cache = os.path.join(_run, "xla-cache")
 os.environ.update(
   JAX_COMPILATION_CACHE_DIR=_cache,
   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -40,6 +46,36 @@ os.environ.update(
 jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+  """`-n auto`: a worker a core, at most 4. Each holds 8 host devices and some tests start
+  several processes of their own, so more workers buy little and cost memory."""
+  return max(1, min(os.cpu_count() or 1, 4))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  """A readers-writer lock across pytest-xdist's workers, held over each test's whole setup,
+  call and teardown: shared by every test, exclusive for a test marked `alone` (it asserts on
+  wall-clock time), so no other worker's compile slows it. A turnstile stops new shared holders
+  while an exclusive one waits."""
+  if not hasattr(item.config, "workerinput"):  # one process: nothing runs beside a test
+    yield
+    return
+  locks = os.path.join(_run, "alone.lock"), os.path.join(_run, "turnstile.lock")
+  with open(locks[0], "a") as lock, open(locks[1], "a") as gate:
+    fcntl.flock(gate, fcntl.LOCK_EX)
+    if item.get_closest_marker("alone"):
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      fcntl.flock(gate, fcntl.LOCK_UN)
+    else:
+      fcntl.flock(gate, fcntl.LOCK_UN)
+      fcntl.flock(lock, fcntl.LOCK_SH)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")

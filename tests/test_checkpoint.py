@@ -252,6 +252,7 @@ def test_best_metric_keeps_the_best_checkpoint_beside_the_latest(tmp_path, monke
   assert kept == [4, 8], kept  # the best (step 4, loss 1.0) and the latest
 
 
+@pytest.mark.alone
 def test_sigterm_exits_within_a_step_and_a_save(tmp_path):
   """The loop keeps at most 2 steps in flight, so a stop waits for those, not for the up to
   log_every steps the host could otherwise have queued (measured before the bound: 9.2 s)."""

@@ -22,6 +22,9 @@ from starlette.routing import Route
 from experiments import loadtest
 from tests.helpers import ROOT, free_port
 
+# Latencies to the millisecond: no other worker's test runs beside these (tests/conftest.py).
+pytestmark = pytest.mark.alone
+
 FIRST = 0.1  # s from a request's arrival to its first text chunk
 GAP = 0.05  # s between text chunks
 LAST = 0.15  # s from the last text chunk to a final empty one (finish_reason): no token
