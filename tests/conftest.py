@@ -63,8 +63,10 @@ def pytest_runtest_protocol(item, nextitem):
   if not hasattr(item.config, "workerinput"):  # one process: nothing runs beside a test
     yield
     return
-  locks = os.path.join(_run, "alone.lock"), os.path.join(_run, "turnstile.lock")
-  with open(locks[0], "a") as lock, open(locks[1], "a") as gate:
+  with (
+    open(os.path.join(_run, "alone.lock"), "a") as lock,
+    open(os.path.join(_run, "turnstile.lock"), "a") as gate,
+  ):
     fcntl.flock(gate, fcntl.LOCK_EX)
     if item.get_closest_marker("alone"):
       fcntl.flock(lock, fcntl.LOCK_EX)

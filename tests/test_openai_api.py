@@ -194,6 +194,11 @@ def _slots_in_use(url: str) -> float:
   return float(re.search(r"^zerolm_slots_in_use ([0-9.e+]+)$", metrics, re.M).group(1))
 
 
+def _generated(url: str) -> float:
+  metrics = httpx.get(f"{url}/metrics").text
+  return float(re.search(r"^zerolm_output_tokens_total ([0-9.e+]+)$", metrics, re.M).group(1))
+
+
 def test_a_short_request_does_not_wait_for_long_ones(keyed_server):
   """8 generations of 240 tokens run; a 4-token request sent meanwhile ends while they are under
   half done. Counted in decode steps (the server's token counter), not seconds, so a loaded
@@ -223,11 +228,6 @@ def test_a_short_request_does_not_wait_for_long_ones(keyed_server):
   assert ended_first == 0
   # At one token a slot a step, 8 long rows make 8 tokens a step: under 120 steps.
   assert during < 8 * 120, during
-
-
-def _generated(url: str) -> float:
-  metrics = httpx.get(f"{url}/metrics").text
-  return float(re.search(r"^zerolm_output_tokens_total ([0-9.e+]+)$", metrics, re.M).group(1))
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_slot(keyed_server):
